@@ -1,0 +1,29 @@
+"""tether: post-training for transformer language models, with TRL's names and call shapes.
+
+Public names are imported on first use, so `import tether` (and the CLI's start) stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SFTConfig": "tether.trainers.sft",
+    "SFTTrainer": "tether.trainers.sft",
+    "DatasetError": "tether.data.formats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tether' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,150 @@
+"""Dataset formats: detect which of the known types a dataset is, and reject bad ones early.
+
+Types, by columns:
+- language modeling: `text` (or the configured text field), or `messages` (a conversation)
+- prompt-completion: `prompt`, `completion`
+- prompt-only: `prompt`
+- preference: `prompt`, `chosen`, `rejected`, or implicit prompt: `chosen`, `rejected`
+- unpaired preference: `prompt`, `completion`, `label`
+
+Each text column holds either strings (plain) or lists of {"role", "content"} dicts (conversational).
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# How many rows are type-checked one by one; Arrow already gives every row of a column one type.
+_ROWS_CHECKED = 1000
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be trained on; the message names the column or row and the fix."""
+
+
+class DatasetType(str, enum.Enum):
+    LANGUAGE_MODELING = "language modeling"
+    PROMPT_COMPLETION = "prompt-completion"
+    PROMPT_ONLY = "prompt-only"
+    PREFERENCE = "preference"
+    UNPAIRED_PREFERENCE = "unpaired preference"
+
+
+# The columns that make each type, in the order detection tries them (most specific first).
+_SIGNATURES: list[tuple[DatasetType, tuple[str, ...]]] = [
+    (DatasetType.PREFERENCE, ("prompt", "chosen", "rejected")),
+    (DatasetType.UNPAIRED_PREFERENCE, ("prompt", "completion", "label")),
+    (DatasetType.PREFERENCE, ("chosen", "rejected")),
+    (DatasetType.PROMPT_COMPLETION, ("prompt", "completion")),
+    (DatasetType.LANGUAGE_MODELING, ("messages",)),
+    (DatasetType.PROMPT_ONLY, ("prompt",)),
+]
+_KNOWN_COLUMNS = {"text", "messages", "prompt", "completion", "chosen", "rejected", "label"}
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    type: DatasetType
+    conversational: bool
+    text_columns: tuple[str, ...]  # the columns that carry text or messages
+
+    @property
+    def implicit_prompt(self) -> bool:
+        return self.type is DatasetType.PREFERENCE and "prompt" not in self.text_columns
+
+
+def _column_names(dataset: Any) -> list[str]:
+    names = getattr(dataset, "column_names", None)
+    if names is None:
+        raise DatasetError(f"Expected a datasets.Dataset (or a dict of columns), got {type(dataset).__name__}.")
+    return list(names)
+
+
+def _rows(dataset: Any, column: str) -> Iterable[tuple[int, Any]]:
+    return enumerate(dataset[column][:_ROWS_CHECKED] if len(dataset) > _ROWS_CHECKED else dataset[column])
+
+
+def is_conversation(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    )
+
+
+def _column_hint(columns: list[str]) -> str:
+    hints = []
+    for column in columns:
+        if column in _KNOWN_COLUMNS:
+            continue
+        close = difflib.get_close_matches(column, _KNOWN_COLUMNS, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"column {column!r} looks like a misspelling of {close[0]!r}")
+    return (" Note: " + "; ".join(hints) + ".") if hints else ""
+
+
+def detect_format(dataset: Any, text_field: str = "text", expected: Iterable[DatasetType] | None = None,
+                  ) -> DatasetFormat:
+    """Detect and validate the dataset's type; raise DatasetError naming the problem and the fix.
+
+    `expected` lists the types the calling trainer accepts.
+    """
+    columns = _column_names(dataset)
+    if len(dataset) == 0:
+        raise DatasetError("The dataset is empty (0 rows). Fix: pass a dataset with at least one example.")
+    signatures = [(DatasetType.LANGUAGE_MODELING, (text_field,)), *_SIGNATURES]
+    found = next(((t, cols) for t, cols in signatures if all(c in columns for c in cols)), None)
+    expected = list(expected) if expected is not None else None
+    if found is None or (expected is not None and found[0] not in expected):
+        wanted = expected or [t for t, _ in signatures]
+        described = "; ".join(
+            f"{t.value}: {', '.join(repr(c) for c in cols)}" for t, cols in signatures if t in wanted
+        )
+        what = f"It looks like a {found[0].value} dataset. " if found else ""
+        raise DatasetError(
+            f"The dataset's columns {columns} do not match a format this trainer accepts. {what}"
+            f"Accepted formats and their columns: {described}.{_column_hint(columns)} "
+            "Fix: rename the columns (dataset.rename_column(old, new)) or set the text field option."
+        )
+    dataset_type, text_columns = found
+    text_columns = tuple(c for c in text_columns if c != "label")
+    conversational = _check_column_types(dataset, text_columns)
+    if dataset_type is DatasetType.UNPAIRED_PREFERENCE:
+        _check_labels(dataset)
+    return DatasetFormat(dataset_type, conversational, text_columns)
+
+
+def _check_column_types(dataset: Any, text_columns: tuple[str, ...]) -> bool:
+    kinds = set()
+    for column in text_columns:
+        for row, value in _rows(dataset, column):
+            if isinstance(value, str):
+                kinds.add("plain")
+            elif is_conversation(value):
+                kinds.add("conversational")
+            else:
+                shown = repr(value)[:80]
+                raise DatasetError(
+                    f"Row {row} of column {column!r} holds {type(value).__name__} {shown}, but each value must be "
+                    "a string or a list of {'role': ..., 'content': ...} messages. "
+                    "Fix: clean or filter that row (dataset.filter(...))."
+                )
+    if len(kinds) > 1:
+        raise DatasetError(
+            f"Columns {list(text_columns)} mix plain strings and message lists. "
+            "Fix: use one representation for every text column."
+        )
+    return kinds == {"conversational"}
+
+
+def _check_labels(dataset: Any) -> None:
+    for row, value in _rows(dataset, "label"):
+        if not isinstance(value, bool) and value not in (0, 1):
+            raise DatasetError(
+                f"Row {row} of column 'label' is {value!r}; unpaired preference labels must be booleans "
+                "(True = desirable). Fix: map the column to bool."
+            )

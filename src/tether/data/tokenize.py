@@ -1,0 +1,158 @@
+"""Turn text or conversations into token ids with a loss mask, the same way for every trainer.
+
+Convention: `loss_mask[j]` is True when token j is a training target (predicted from tokens < j).
+The first token of every sequence is never a target, so sequences can be packed end to end.
+
+Conversations are rendered with the tokenizer's chat template. A prompt and its completion are
+tokenized separately and concatenated, which is also how generation sees them (prompt ids, then
+sampled ids), so training and sampling agree on token boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from .formats import DatasetError
+
+Messages = list[dict[str, Any]]
+
+
+def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DatasetError(
+            "The dataset is conversational (lists of role/content messages) but the tokenizer has no chat "
+            "template. Fix: set tokenizer.chat_template, or convert the messages to plain text first."
+        )
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Messages, add_generation_prompt: bool = False,
+                **template_kwargs: Any) -> str:
+    _require_chat_template(tokenizer)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
+    )
+
+
+def split_rendered(tokenizer: PreTrainedTokenizerBase, prompt: Messages, completion: Messages) -> tuple[str, str]:
+    """Render a conversational prompt and completion as (prompt text, completion text)."""
+    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    full_text = render_chat(tokenizer, prompt + completion)
+    if not full_text.startswith(prompt_text):
+        raise DatasetError(
+            "The chat template renders the prompt differently when the completion follows it, so the "
+            "completion cannot be separated. Fix: use a template whose rendering of a conversation "
+            "starts with the rendering of its prompt plus the generation prompt."
+        )
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def _with_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        return [*ids, eos]
+    return ids
+
+
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) -> list[int]:
+    """Ids of a prompt as generation sees it (chat template with the generation prompt)."""
+    if isinstance(prompt, list):
+        return _ids(tokenizer, render_chat(tokenizer, prompt, add_generation_prompt=True), False)
+    return _ids(tokenizer, prompt, True)
+
+
+def tokenize_prompt_completion(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | Messages,
+    completion: str | Messages,
+    completion_only_loss: bool = True,
+) -> dict[str, list]:
+    """{"input_ids", "loss_mask", "prompt_length"} for prompt followed by completion (+ EOS if plain)."""
+    if isinstance(prompt, list):
+        prompt_text, completion_text = split_rendered(tokenizer, prompt, completion)
+        prompt_ids = _ids(tokenizer, prompt_text, False)
+        completion_ids = _ids(tokenizer, completion_text, False)
+    else:
+        prompt_ids = _ids(tokenizer, prompt, True)
+        completion_ids = _with_eos(tokenizer, _ids(tokenizer, completion, False))
+    prompt_counts = not completion_only_loss
+    loss_mask = [prompt_counts] * len(prompt_ids) + [True] * len(completion_ids)
+    loss_mask[0] = False
+    return {"input_ids": prompt_ids + completion_ids, "loss_mask": loss_mask, "prompt_length": len(prompt_ids)}
+
+
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> dict[str, list]:
+    ids = _with_eos(tokenizer, _ids(tokenizer, text, True))
+    return {"input_ids": ids, "loss_mask": [False] + [True] * (len(ids) - 1)}
+
+
+def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages,
+                          assistant_only_loss: bool = False) -> dict[str, list]:
+    """A whole conversation; with `assistant_only_loss`, only assistant turns (and their end-of-turn
+    markup) are targets. Spans come from rendering growing prefixes of the conversation."""
+    full_text = render_chat(tokenizer, messages)
+    if not assistant_only_loss:
+        ids = _ids(tokenizer, full_text, False)
+        return {"input_ids": ids, "loss_mask": [False] + [True] * (len(ids) - 1)}
+    input_ids: list[int] = []
+    loss_mask: list[bool] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        end = len(render_chat(tokenizer, messages[: i + 1]))
+        if not (cursor <= start <= end <= len(full_text)):
+            raise DatasetError(
+                "The chat template does not render a conversation as the concatenation of its turns, so "
+                "assistant turns cannot be located. Fix: set assistant_only_loss=False or use a "
+                "prefix-stable chat template."
+            )
+        for text, counts in ((full_text[cursor:start], False), (full_text[start:end], True)):
+            if text:
+                ids = _ids(tokenizer, text, False)
+                input_ids += ids
+                loss_mask += [counts] * len(ids)
+        cursor = end
+    if cursor < len(full_text):
+        ids = _ids(tokenizer, full_text[cursor:], False)
+        input_ids += ids
+        loss_mask += [False] * len(ids)
+    if loss_mask:
+        loss_mask[0] = False
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
+def truncate(example: dict[str, list], max_length: int | None) -> dict[str, list]:
+    if max_length is None or len(example["input_ids"]) <= max_length:
+        return example
+    return {k: (v[:max_length] if isinstance(v, list) else v) for k, v in example.items()}
+
+
+def formatting_func_to_text(func: Callable, dataset: Any) -> tuple[Callable[[dict], dict], bool]:
+    """Adapt a user `formatting_func` into a batched map function producing a `text` column.
+
+    The function may format one example (returning a string) or a batch (returning a list of
+    strings); which one is found by calling it on a one-row batch.
+    """
+    probe = func(dataset[:1])
+    if isinstance(probe, list):
+        if len(probe) != 1 or not isinstance(probe[0], str):
+            raise DatasetError(
+                "formatting_func returned a list that is not one string per example of the batch. "
+                "Fix: return a string per example, or a list of strings for a batch."
+            )
+        return (lambda batch: {"text": func(batch)}), True
+    return (lambda example: {"text": _checked_str(func(example))}), False
+
+
+def _checked_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise DatasetError(f"formatting_func returned {type(value).__name__}; it must return a string.")
+    return value

@@ -1,0 +1,1 @@
+"""Offline demo helpers: a synthetic corpus and the pieces that let the demo run without a model hub."""

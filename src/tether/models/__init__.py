@@ -1,0 +1,1 @@
+"""Loading models and tokenizers, and running them for per-token log-probs."""

@@ -1,0 +1,178 @@
+"""Run a language model and return per-token log-probs of the tokens that count, nothing more.
+
+The LM head is applied by `ops.logprobs` to the final hidden states of the positions selected by the
+loss mask only (no prompt, no padding), in chunks. Models whose head cannot be split off safely (a
+wrapped or quantized head, soft-capped or scaled logits, seq2seq heads) take the full-logits path,
+which gives the same numbers.
+
+Shapes: b = batch, t = tokens, h = hidden, n = selected target tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from ..ops.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    TokenStats,
+    linear_cross_entropy,
+    linear_log_probs,
+    log_probs_from_logits,
+)
+
+# Config fields that change logits after the head; where set, the head cannot be applied on its own.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP/compile/PEFT wrappers (PEFT layers stay injected in it)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+@lru_cache(maxsize=64)
+def _forward_accepts_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def splittable_head(model: nn.Module) -> nn.Linear | None:
+    """The plain linear LM head when logits == head(final hidden state) exactly, else None."""
+    inner = unwrap_model(model)
+    if getattr(inner.config, "is_encoder_decoder", False):
+        return None
+    if not _forward_accepts_logits_to_keep(type(inner)):
+        return None
+    if any(getattr(inner.config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    head = inner.get_output_embeddings()
+    return head if type(head) is nn.Linear else None
+
+
+@dataclass
+class TokenLogProbs:
+    """Log-probs of the selected target tokens, flattened, with where they came from.
+
+    logps [n] float32 (differentiable), stats (detached), rows [n] batch row of each token,
+    positions [n] position of each target token in its row.
+    """
+
+    logps: torch.Tensor
+    stats: TokenStats
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+    def to_padded(self, shape: tuple[int, int], fill: float = 0.0) -> torch.Tensor:
+        """Scatter back to [b, t] (target positions), `fill` elsewhere."""
+        out = self.logps.new_full(shape, fill)
+        return out.index_put((self.rows, self.positions), self.logps)
+
+    def sum_per_row(self, num_rows: int) -> torch.Tensor:
+        """Sum of log-probs per batch row, [b]."""
+        return self.logps.new_zeros(num_rows).index_add(0, self.rows, self.logps)
+
+
+def _final_hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states [b, t, h], running the model through its outermost wrapper (DDP hooks fire)
+    but with `logits_to_keep` selecting no position, so the head computes nothing."""
+    inner = unwrap_model(model)
+    backbone = inner.get_decoder()
+    captured: list[torch.Tensor] = []
+
+    def keep_output(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = backbone.register_forward_hook(keep_output)
+    try:
+        no_position = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+        model(**inputs, logits_to_keep=no_position, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+
+
+def _targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, positions, target ids) of the tokens whose loss_mask is True; position 0 never counts
+    because nothing precedes it."""
+    loss_mask = batch["loss_mask"].bool().clone()
+    loss_mask[:, 0] = False
+    rows, positions = loss_mask.nonzero(as_tuple=True)
+    return rows, positions, batch["input_ids"][rows, positions]
+
+
+def causal_token_log_probs(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> TokenLogProbs:
+    """log p(token_j | tokens_<j) for every j with batch["loss_mask"][row, j] True.
+
+    batch: input_ids [b, t], loss_mask [b, t], and attention_mask [b, t] or position_ids [b, t]
+    (packed rows, one sequence per run of increasing positions).
+    """
+    rows, positions, targets = _targets(batch)
+    head = splittable_head(model)
+    if head is None:
+        logits = model(**_model_inputs(batch), use_cache=False).logits  # [b, t, v]
+        logps, stats = log_probs_from_logits(logits[rows, positions - 1], targets, temperature)
+        return TokenLogProbs(logps, stats, rows, positions)
+    hidden = _final_hidden_states(model, _model_inputs(batch))  # [b, t, h]
+    logps, stats = linear_log_probs(
+        hidden[rows, positions - 1], head.weight, targets, head.bias, temperature, chunk_size
+    )
+    return TokenLogProbs(logps, stats, rows, positions)
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    normalizer: torch.Tensor | float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, TokenStats]:
+    """sum of -log p over the loss-masked tokens, divided by `normalizer` (a token count).
+
+    Same value as `-causal_token_log_probs(...).logps.sum() / normalizer`, but on the fused path whose
+    gradient is formed during the forward pass (no recompute of the vocabulary projection).
+    """
+    rows, positions, targets = _targets(batch)
+    head = splittable_head(model)
+    if head is None:
+        logits = model(**_model_inputs(batch), use_cache=False).logits  # [b, t, v]
+        logps, stats = log_probs_from_logits(logits[rows, positions - 1], targets)
+        return -logps.sum() / normalizer, stats
+    hidden = _final_hidden_states(model, _model_inputs(batch))  # [b, t, h]
+    weights = torch.full(targets.shape, 1.0, device=hidden.device) / normalizer
+    return linear_cross_entropy(hidden[rows, positions - 1], head.weight, targets, weights, head.bias, chunk_size)
+
+
+def seq2seq_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                            ) -> TokenLogProbs:
+    """log p(label_j | labels_<j, encoder input) for every label with decoder_loss_mask True.
+
+    batch: input_ids/attention_mask [b, s] (encoder), labels [b, t], decoder_loss_mask [b, t].
+    """
+    labels = batch["labels"]
+    decoder_input_ids = unwrap_model(model).prepare_decoder_input_ids_from_labels(
+        labels=labels.masked_fill(~batch["decoder_loss_mask"].bool(), 0)
+    )
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        decoder_input_ids=decoder_input_ids, decoder_attention_mask=batch["decoder_attention_mask"],
+        use_cache=False,
+    ).logits  # [b, t, v]
+    rows, positions = batch["decoder_loss_mask"].bool().nonzero(as_tuple=True)
+    logps, stats = log_probs_from_logits(logits[rows, positions], labels[rows, positions], temperature)
+    return TokenLogProbs(logps, stats, rows, positions)

@@ -1,0 +1,1 @@
+"""Pure tensor math with no trainer state."""

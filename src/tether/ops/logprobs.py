@@ -1,0 +1,210 @@
+"""Per-token log-probabilities without materialising [batch, seq, vocab] logits.
+
+Shapes: n = tokens (flattened), h = hidden size, v = vocabulary size, b = batch, t = sequence length.
+
+The naive computation these functions must equal is
+
+    logits = hidden @ weight.T + bias                       # [n, v]
+    logp   = log_softmax(logits / temperature)[arange(n), targets]
+
+Here the vocabulary projection runs `chunk_size` tokens at a time, so the largest temporary is
+[chunk_size, v] in float32. Two autograd strategies, by what the caller knows at forward time:
+
+- `linear_log_probs` (any downstream loss): the backward pass recomputes each chunk's logits.
+- `linear_cross_entropy` (a loss that is a weighted sum of token NLLs, e.g. SFT): the gradient is known
+  during the forward pass, so it is computed there and backward only rescales it; no recompute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass
+class TokenStats:
+    """Detached per-token diagnostics from the same pass, [n] each."""
+
+    entropy: torch.Tensor
+    correct: torch.Tensor  # bool: argmax prediction equals the target
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  temperature: float) -> torch.Tensor:
+    logits = hidden @ weight.T  # [c, v]
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
+
+
+def _chunk_stats(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    probs = torch.exp(logits - lse[:, None])  # [c, v]
+    entropy = lse - (probs * logits).sum(-1)
+    correct = logits.argmax(-1) == targets
+    return probs, entropy, correct
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
+        n = hidden.shape[0]
+        logps = hidden.new_empty(n, dtype=torch.float32)
+        lse_all = hidden.new_empty(n, dtype=torch.float32)
+        entropy = hidden.new_empty(n, dtype=torch.float32)
+        correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        with torch.no_grad():
+            for start in range(0, n, chunk_size):
+                sl = slice(start, start + chunk_size)
+                logits = _chunk_logits(hidden[sl], weight, bias, temperature)
+                lse = torch.logsumexp(logits, dim=-1)
+                logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse
+                lse_all[sl] = lse
+                _, entropy[sl], correct[sl] = _chunk_stats(logits, lse, targets[sl])
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy, correct)
+        return logps, entropy, correct
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropy, _grad_correct):
+        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+        grads = _backward_chunks(
+            hidden, weight, bias, targets, grad_logps.float(), ctx.temperature, ctx.chunk_size,
+            ctx.needs_input_grad, lse_all=lse_all,
+        )
+        return (*grads, None, None, None)
+
+
+def _backward_chunks(hidden, weight, bias, targets, token_grads, temperature, chunk_size, needs_grad,
+                     lse_all=None):
+    """d(sum_i token_grads_i * logp_i) with respect to hidden, weight and bias.
+
+    d logp_i / d logits_i = onehot(target_i) - softmax(logits_i), divided by the temperature.
+    """
+    grad_hidden = torch.empty_like(hidden) if needs_grad[0] else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs_grad[2] else None
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        logits = _chunk_logits(hidden[sl], weight, bias, temperature)
+        lse = lse_all[sl] if lse_all is not None else torch.logsumexp(logits, dim=-1)
+        grad_logits = torch.exp(logits - lse[:, None]).mul_(-token_grads[sl, None])  # [c, v]
+        grad_logits.scatter_add_(-1, targets[sl, None], token_grads[sl, None])
+        if temperature != 1.0:
+            grad_logits /= temperature
+        if grad_hidden is not None:
+            grad_hidden[sl] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+        if grad_weight is not None:
+            grad_weight += grad_logits.T @ hidden[sl].float()
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+    return (
+        grad_hidden,
+        grad_weight.to(weight.dtype) if grad_weight is not None else None,
+        grad_bias.to(bias.dtype) if grad_bias is not None else None,
+    )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = -sum_i token_weights_i * logp_i, with gradients computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, token_weights, chunk_size):
+        n = hidden.shape[0]
+        needs = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        entropy = hidden.new_empty(n, dtype=torch.float32)
+        correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        with torch.no_grad():
+            for start in range(0, n, chunk_size):
+                sl = slice(start, start + chunk_size)
+                w = token_weights[sl].float()
+                logits = _chunk_logits(hidden[sl], weight, bias, 1.0)
+                lse = torch.logsumexp(logits, dim=-1)
+                logp = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse
+                loss -= (w * logp).sum()
+                probs, entropy[sl], correct[sl] = _chunk_stats(logits, lse, targets[sl])
+                # d loss / d logits = w * (softmax - onehot); reuse the probs buffer.
+                grad_logits = probs.mul_(w[:, None])
+                grad_logits.scatter_add_(-1, targets[sl, None], -w[:, None])
+                if grad_hidden is not None:
+                    grad_hidden[sl] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += grad_logits.T @ hidden[sl].float()
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(entropy, correct)
+        return loss, entropy, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_entropy, _grad_correct):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_loss.float()
+        out_hidden = grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None
+        out_weight = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
+        out_bias = (grad_bias * scale).to(ctx.weight_dtype) if grad_bias is not None else None
+        return out_hidden, out_weight, out_bias, None, None, None
+
+
+def linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, TokenStats]:
+    """log softmax(hidden @ weight.T + bias)[targets], chunked over tokens.
+
+    hidden [n, h], weight [v, h], targets [n] -> (logps [n] float32, detached TokenStats).
+    Differentiable with respect to hidden, weight and bias.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        logps, entropy, correct = _LinearLogProbs.apply(hidden, weight, bias, targets, temperature, chunk_size)
+    return logps, TokenStats(entropy=entropy, correct=correct)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, TokenStats]:
+    """-sum_i token_weights_i * log softmax(hidden_i @ weight.T + bias)[targets_i], chunked.
+
+    hidden [n, h], weight [v, h], targets [n], token_weights [n] (e.g. loss_mask / num_tokens)
+    -> (scalar loss float32, detached TokenStats). The weights are constants (no gradient).
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, entropy, correct = _LinearCrossEntropy.apply(
+            hidden, weight, bias, targets, token_weights.detach(), chunk_size
+        )
+    return loss, TokenStats(entropy=entropy, correct=correct)
+
+
+def log_probs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                          ) -> tuple[torch.Tensor, TokenStats]:
+    """The full-logits path, for models whose head cannot be split off: logits [..., v], targets [...]."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        correct = logits.argmax(-1) == targets
+    return logps, TokenStats(entropy=entropy, correct=correct)

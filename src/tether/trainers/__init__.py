@@ -1,0 +1,1 @@
+"""One module per training method, each a thin subclass of `TetherTrainer`."""

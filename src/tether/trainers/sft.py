@@ -1,0 +1,159 @@
+"""Supervised fine-tuning: next-token cross-entropy on the tokens that count."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, TrainingArguments
+
+from ..data import LanguageModelingCollator, Seq2SeqCollator, prepare_language_modeling, prepare_seq2seq
+from ..models.forward import causal_lm_loss, seq2seq_token_log_probs
+from ..models.loading import is_encoder_decoder
+from ..ops.logprobs import DEFAULT_CHUNK_SIZE
+from .base import TetherTrainer, apply_legacy_kwargs
+
+
+@dataclass
+class SFTConfig(TrainingArguments):
+    """Configuration of `SFTTrainer`; every `TrainingArguments` field applies too."""
+
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Keyword arguments for from_pretrained when `model` is a name or path "
+                                        "(e.g. dtype, attn_implementation, trust_remote_code)."})
+    dataset_text_field: str = field(default="text", metadata={"help": "Column holding the text of language "
+                                                                        "modeling data."})
+    max_length: int | None = field(default=1024, metadata={"help": "Truncate tokenized examples to this many "
+                                                                     "tokens; the row length when packing."})
+    packing: bool = field(default=False, metadata={"help": "Pack examples into rows of max_length (best fit "
+                                                             "decreasing); packed sequences do not attend to "
+                                                             "each other."})
+    padding_free: bool = field(default=False, metadata={"help": "Put each batch in a single row with "
+                                                                  "position_ids, no padding (best with flash "
+                                                                  "attention)."})
+    completion_only_loss: bool | None = field(default=None, metadata={"help": "On prompt-completion data, "
+                                                                                "train on the completion only "
+                                                                                "(default: yes)."})
+    assistant_only_loss: bool = field(default=False, metadata={"help": "On conversations, train on assistant "
+                                                                         "turns only."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    logprob_chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "Tokens per chunk of the "
+                                                                                    "vocabulary projection."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs "
+                                                                           "the tokenized columns."})
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
+        if self.packing and self.max_length is None:
+            raise ValueError("packing=True needs max_length (the packed row length).")
+        if self.logprob_chunk_size < 1:
+            raise ValueError("logprob_chunk_size must be positive.")
+        super().__post_init__()
+
+
+# Old SFTTrainer keywords and the SFTConfig fields they now are.
+_LEGACY_RENAMES = {"max_seq_length": "max_length"}
+
+
+class SFTTrainer(TetherTrainer):
+    """Supervised fine-tuning on language modeling, prompt-completion or conversational data.
+
+    `SFTTrainer("path/or/id", train_dataset=ds)` is enough; see `SFTConfig` for the options.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        args: SFTConfig | TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        peft_config: Any = None,
+        formatting_func: Callable | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **legacy_kwargs: Any,
+    ) -> None:
+        args = _as_sft_config(args, model)
+        args = apply_legacy_kwargs(args, legacy_kwargs, _LEGACY_RENAMES, "SFTTrainer")
+        if train_dataset is None:
+            raise ValueError("SFTTrainer needs a train_dataset.")
+        processing_class = processing_class or tokenizer
+        super().__init__(model, args, processing_class, peft_config, compute_metrics=compute_metrics,
+                         callbacks=callbacks, optimizers=optimizers, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, data_collator=data_collator)
+        self._seq2seq = is_encoder_decoder(self.model)
+        self._formatting_func = formatting_func
+        self.train_dataset = self._prepare(train_dataset, "train")
+        if eval_dataset is not None:
+            self.eval_dataset = (
+                {k: self._prepare(v, f"eval {k}") for k, v in eval_dataset.items()}
+                if isinstance(eval_dataset, dict) else self._prepare(eval_dataset, "eval")
+            )
+        if data_collator is None:
+            self.data_collator = self._default_collator()
+        self._num_tokens_seen = 0
+
+    def _prepare(self, dataset: Any, what: str) -> Any:
+        args, tok = self.args, self.processing_class
+        if self._seq2seq:
+            return prepare_seq2seq(dataset, tok, max_length=args.max_length, num_proc=args.dataset_num_proc,
+                                   what=what)
+        return prepare_language_modeling(
+            dataset, tok, text_field=args.dataset_text_field, formatting_func=self._formatting_func,
+            max_length=args.max_length, packing=args.packing, completion_only_loss=args.completion_only_loss,
+            assistant_only_loss=args.assistant_only_loss, num_proc=args.dataset_num_proc, what=what,
+        )
+
+    def _default_collator(self) -> Callable:
+        pad_id = self.processing_class.pad_token_id
+        if self._seq2seq:
+            return Seq2SeqCollator(pad_id)
+        attention = str(getattr(self.model.config, "_attn_implementation", ""))
+        # Packed rows can always be one row per batch with flash attention's variable-length kernels;
+        # with SDPA/eager one long row costs attention over all of it, so rows stay separate.
+        flatten = self.args.padding_free or (self.args.packing and "flash" in attention)
+        return LanguageModelingCollator(pad_id, flatten=flatten)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> torch.Tensor:
+        if self._seq2seq:
+            token_logps = seq2seq_token_log_probs(model, inputs)
+            count = inputs["decoder_loss_mask"].sum().clamp(min=1)
+            loss, stats = -token_logps.logps.sum() / count, token_logps.stats
+            tokens = int(inputs["attention_mask"].sum() + inputs["decoder_attention_mask"].sum())
+        else:
+            normalizer = self._token_normalizer(inputs, num_items_in_batch)
+            loss, stats = causal_lm_loss(model, inputs, normalizer, self.args.logprob_chunk_size)
+            tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
+        if self.model.training:
+            self._num_tokens_seen += tokens * self.args.world_size
+        self.record_metrics(
+            entropy=stats.entropy.mean() if stats.entropy.numel() else 0.0,
+            mean_token_accuracy=stats.correct.float().mean() if stats.correct.numel() else 0.0,
+        )
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            logs["num_tokens"] = float(self._num_tokens_seen)
+        super().log(logs, start_time)
+
+
+def _as_sft_config(args: TrainingArguments | None, model: Any) -> SFTConfig:
+    if isinstance(args, SFTConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        return SFTConfig(output_dir=f"{(name or 'model').rstrip('/').split('/')[-1]}-SFT")
+    values = {f.name: getattr(args, f.name) for f in args.__dataclass_fields__.values() if f.init}
+    return SFTConfig(**values)
