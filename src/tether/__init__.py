@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "SFTConfig": "tether.trainers.sft",
     "SFTTrainer": "tether.trainers.sft",
+    "RewardConfig": "tether.trainers.reward",
+    "RewardTrainer": "tether.trainers.reward",
+    "RewardModelScorer": "tether.rollout.rewards",
+    "RewardFunctionError": "tether.rollout.rewards",
     "DatasetError": "tether.data.formats",
 }
 

@@ -40,8 +40,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 @lru_cache(maxsize=64)
-def _forward_accepts_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def accepts_argument(model: nn.Module, name: str) -> bool:
+    """Whether the transformers model inside any wrappers takes `name` in its forward."""
+    return name in _forward_parameters(type(unwrap_model(model)))
 
 
 def splittable_head(model: nn.Module) -> nn.Linear | None:
@@ -49,7 +54,7 @@ def splittable_head(model: nn.Module) -> nn.Linear | None:
     inner = unwrap_model(model)
     if getattr(inner.config, "is_encoder_decoder", False):
         return None
-    if not _forward_accepts_logits_to_keep(type(inner)):
+    if not accepts_argument(inner, "logits_to_keep"):
         return None
     if any(getattr(inner.config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
         return None
@@ -99,8 +104,18 @@ def _final_hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> t
     return captured[-1]
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded sequence gets the positions it would
+    have unpadded: [b, t] -> [b, t] (padding positions set to 1; they are masked anyway)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    if "position_ids" not in inputs and "attention_mask" in inputs:
+        inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
+    return inputs
 
 
 def _targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -101,3 +101,17 @@ def is_peft_model(model: Any) -> bool:
     except ImportError:  # peft is a dependency, but keep import-time failures out of unrelated paths
         return False
     return isinstance(model, PeftModel)
+
+
+def load_reward_model(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
+    """A sequence-classification model with one output, the scalar reward."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **model_init_kwargs(kwargs))
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off: pairwise losses compare two forward passes, which dropout noise would decorrelate."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

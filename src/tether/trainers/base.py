@@ -47,8 +47,25 @@ def apply_legacy_kwargs(args: TrainingArguments, legacy: dict[str, Any], renames
     return type(args)(**init_values)
 
 
+def as_config(config_class: type[TrainingArguments], args: TrainingArguments | None, model: Any,
+              suffix: str) -> Any:
+    """`args` as `config_class`: kept if it is one, converted from plain TrainingArguments, or the
+    defaults with an output dir named after the model (`<name>-<suffix>`, as TRL does)."""
+    if isinstance(args, config_class):
+        return args
+    if args is None:
+        name = model_name(model).rstrip("/").split("/")[-1] or "model"
+        return config_class(output_dir=f"{name}-{suffix}")
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+
+
 class TetherTrainer(Trainer):
     """Base of the tether trainers: subclasses prepare datasets and define `compute_loss`."""
+
+    @staticmethod
+    def load_model(name_or_path: str, init_kwargs: dict[str, Any]) -> nn.Module:
+        """How this method loads a model given by name or path (a language model by default)."""
+        return load_language_model(name_or_path, **init_kwargs)
 
     def __init__(
         self,
@@ -59,7 +76,7 @@ class TetherTrainer(Trainer):
         **trainer_kwargs: Any,
     ) -> None:
         if isinstance(model, str):
-            model = load_language_model(model, **(getattr(args, "model_init_kwargs", None) or {}))
+            model = self.load_model(model, getattr(args, "model_init_kwargs", None) or {})
         elif getattr(args, "model_init_kwargs", None):
             warnings.warn("model_init_kwargs is used only when `model` is a name or path; it was ignored.",
                           UserWarning, stacklevel=2)
@@ -70,8 +87,6 @@ class TetherTrainer(Trainer):
             model = apply_peft(model, peft_config, args.activation_checkpointing or False)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(model=model, args=args, processing_class=processing_class, **trainer_kwargs)
-        # Our losses divide by the global token count themselves (see `_token_normalizer`).
-        self.loss_is_scaled_for_ga = True
 
     # ----- loss normalisation -----------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:

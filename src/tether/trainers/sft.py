@@ -14,7 +14,7 @@ from ..data import LanguageModelingCollator, Seq2SeqCollator, prepare_language_m
 from ..models.forward import causal_lm_loss, seq2seq_token_log_probs
 from ..models.loading import is_encoder_decoder
 from ..ops.logprobs import DEFAULT_CHUNK_SIZE
-from .base import TetherTrainer, apply_legacy_kwargs
+from .base import TetherTrainer, apply_legacy_kwargs, as_config
 
 
 @dataclass
@@ -83,7 +83,7 @@ class SFTTrainer(TetherTrainer):
         tokenizer: PreTrainedTokenizerBase | None = None,
         **legacy_kwargs: Any,
     ) -> None:
-        args = _as_sft_config(args, model)
+        args = as_config(SFTConfig, args, model, "SFT")
         args = apply_legacy_kwargs(args, legacy_kwargs, _LEGACY_RENAMES, "SFTTrainer")
         if train_dataset is None:
             raise ValueError("SFTTrainer needs a train_dataset.")
@@ -102,6 +102,8 @@ class SFTTrainer(TetherTrainer):
         if data_collator is None:
             self.data_collator = self._default_collator()
         self._num_tokens_seen = 0
+        # The loss divides by the step's global token count itself (see `_token_normalizer`).
+        self.loss_is_scaled_for_ga = True
 
     def _prepare(self, dataset: Any, what: str) -> Any:
         args, tok = self.args, self.processing_class
@@ -147,13 +149,3 @@ class SFTTrainer(TetherTrainer):
         if self.model.training:
             logs["num_tokens"] = float(self._num_tokens_seen)
         super().log(logs, start_time)
-
-
-def _as_sft_config(args: TrainingArguments | None, model: Any) -> SFTConfig:
-    if isinstance(args, SFTConfig):
-        return args
-    if args is None:
-        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
-        return SFTConfig(output_dir=f"{(name or 'model').rstrip('/').split('/')[-1]}-SFT")
-    values = {f.name: getattr(args, f.name) for f in args.__dataclass_fields__.values() if f.init}
-    return SFTConfig(**values)

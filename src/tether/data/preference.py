@@ -1,0 +1,113 @@
+"""Preference pairs (prompt, chosen, rejected): tokenized once, collated chosen-then-rejected so that
+both halves of every pair go through the model in one forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .collate import LanguageModelingCollator
+from .formats import DatasetError, DatasetType, detect_format
+from .prepare import drop_untrainable
+from .tokenize import tokenize_conversation, tokenize_prompt_completion, tokenize_text
+
+_SIDES = ("chosen", "rejected")
+
+
+def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen completion, rejected completion) from two texts that share a beginning.
+
+    Conversations split at the longest common run of whole messages; strings at the last whitespace
+    inside their longest common prefix, so each completion starts at a word boundary.
+    """
+    if isinstance(chosen, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(" ", 0, n + 1) if n < len(chosen) or n < len(rejected) else n
+    cut = max(cut, 0)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _tokenize_side(tokenizer: PreTrainedTokenizerBase, prompt: Any, completion: Any) -> dict[str, list]:
+    if (isinstance(prompt, list) and len(prompt) == 0) or prompt == "":
+        # No shared prompt: the whole text is the completion.
+        whole = tokenize_conversation(tokenizer, completion) if isinstance(completion, list) else (
+            tokenize_text(tokenizer, completion))
+        return {**whole, "prompt_length": 1}
+    return tokenize_prompt_completion(tokenizer, prompt, completion, completion_only_loss=True)
+
+
+def prepare_preference(
+    dataset: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int | None = 1024,
+    max_prompt_length: int | None = None,
+    num_proc: int | None = None,
+    what: str = "train",
+) -> Any:
+    """Rows with `{chosen,rejected}_input_ids`, `{chosen,rejected}_loss_mask` (completion tokens),
+    `prompt_length`, and `margin` when the dataset has that column.
+
+    The prompt keeps its last `max_prompt_length` tokens; each whole sequence its first `max_length`.
+    """
+    fmt = detect_format(dataset, expected=(DatasetType.PREFERENCE,))
+    has_margin = "margin" in dataset.column_names
+
+    def tokenize(row: dict[str, Any]) -> dict[str, Any]:
+        if fmt.implicit_prompt:
+            prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+        else:
+            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+        out: dict[str, Any] = {}
+        for side, completion in zip(_SIDES, (chosen, rejected)):
+            tokens = _tokenize_side(tokenizer, prompt, completion)
+            ids, mask, prompt_length = tokens["input_ids"], tokens["loss_mask"], tokens["prompt_length"]
+            if max_prompt_length is not None and prompt_length > max_prompt_length:
+                cut = prompt_length - max_prompt_length
+                ids, mask, prompt_length = ids[cut:], mask[cut:], max_prompt_length
+            if max_length is not None:
+                ids, mask = ids[:max_length], mask[:max_length]
+            out[f"{side}_input_ids"], out[f"{side}_loss_mask"] = ids, mask
+        out["prompt_length"] = prompt_length
+        if has_margin:
+            out["margin"] = float(row["margin"])
+            if not torch.isfinite(torch.tensor(out["margin"])):
+                raise DatasetError(f"Column 'margin' holds {row['margin']!r}; margins must be finite numbers. "
+                                   "Fix: fill or drop those rows.")
+        return out
+
+    dataset = dataset.map(tokenize, remove_columns=dataset.column_names, num_proc=num_proc,
+                          desc=f"Tokenizing {what} preference pairs")
+    for side in _SIDES:
+        dataset = drop_untrainable(dataset, max_length, f"{what} ({side})", mask_column=f"{side}_loss_mask")
+    return dataset
+
+
+@dataclass
+class PreferenceCollator:
+    """[2b, t] batch: the b chosen sequences, then the b rejected ones, padded together.
+
+    Keys: input_ids, attention_mask, loss_mask (completion tokens), and margin [b] if present.
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences = [
+            {"input_ids": e[f"{side}_input_ids"], "loss_mask": e[f"{side}_loss_mask"]}
+            for side in _SIDES for e in examples
+        ]
+        batch = LanguageModelingCollator(self.pad_token_id, padding_side=self.padding_side)(sequences)
+        if "margin" in examples[0]:
+            batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+        return batch

@@ -1,0 +1,52 @@
+"""Scalar scores from sequence-classification (reward) models, read at each sequence's last real token.
+
+transformers pools decoder classifiers at the last token that is not the pad id, which goes wrong
+when pad and EOS share an id (GPT-2 style tokenizers) and the text ends with EOS. Here the score head's
+per-position output is captured and read where the attention mask says the sequence ends, whatever
+the padding side. Encoder classifiers (BERT style) pool internally and are used as they are.
+
+Shapes: b = batch, t = tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .forward import accepts_argument, position_ids_from_mask, unwrap_model
+
+_SCORE_HEAD_NAMES = ("score", "v_head")
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position with attention_mask 1 in each row: [b, t] -> [b]."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(-1)
+
+
+def _score_head(model: nn.Module) -> nn.Module | None:
+    inner = unwrap_model(model)
+    for name in _SCORE_HEAD_NAMES:
+        head = getattr(inner, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per sequence, [b] (float32), differentiable. input_ids, attention_mask: [b, t]."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if accepts_argument(model, "position_ids"):
+        inputs["position_ids"] = position_ids_from_mask(attention_mask)
+    head = _score_head(model)
+    if head is None:
+        return model(**inputs).logits[:, 0].float()  # [b, num_labels=1] -> [b]
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, _a, output: captured.append(output))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    per_position = captured[-1][..., 0]  # [b, t]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return per_position[rows, last_token_index(attention_mask)].float()

@@ -1,0 +1,103 @@
+"""Rewards for online methods: trained reward models as scorers, and plain Python reward functions.
+
+A reward function is any callable `f(prompts, completions, **columns) -> list[float]`, one number per
+completion; extra dataset columns arrive as keyword lists aligned with the completions. A trained
+reward model becomes one through `RewardModelScorer`, which re-tokenizes text with its own tokenizer,
+so it may differ from the policy's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..data.tokenize import render_chat
+from ..models.loading import ensure_pad_token, load_reward_model, load_tokenizer, model_name
+from ..models.scoring import sequence_scores
+
+RewardFunction = Callable[..., Sequence[float]]
+
+
+class RewardFunctionError(ValueError):
+    """A reward function raised, or returned something other than one finite number per completion."""
+
+
+def reward_function_name(func: Any) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def call_reward_function(func: RewardFunction, prompts: list[Any], completions: list[Any],
+                         **columns: list[Any]) -> torch.Tensor:
+    """Call `func` and check its output: [n] float32, one finite value per completion."""
+    name = reward_function_name(func)
+    try:
+        values = func(prompts=prompts, completions=completions, **columns)
+    except Exception as error:  # re-raised with the function named, the original chained
+        raise RewardFunctionError(f"Reward function {name!r} raised {type(error).__name__}: {error}") from error
+    if hasattr(values, "tolist"):  # tensors and numpy arrays
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise RewardFunctionError(
+            f"Reward function {name!r} returned {type(values).__name__}; it must return a list of "
+            f"{len(completions)} floats, one per completion."
+        )
+    if len(values) != len(completions):
+        raise RewardFunctionError(
+            f"Reward function {name!r} returned {len(values)} values for {len(completions)} completions. "
+            "Fix: return exactly one float per completion, in order."
+        )
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RewardFunctionError(
+                f"Reward function {name!r} returned {value!r} for completion {i}; each reward must be a "
+                "finite number (no NaN, inf, None or lists). Fix the function for that input."
+            )
+    return torch.tensor(values, dtype=torch.float32)
+
+
+class RewardModelScorer:
+    """Scores text with a trained reward model: batched, without gradients, in its own tokenization.
+
+    `scorer(prompts, completions)` follows the reward-function signature; `scorer.score_texts(texts)`
+    scores whole texts. Conversational prompts/completions are rendered with the reward tokenizer's
+    chat template.
+    """
+
+    def __init__(self, model: PreTrainedModel | str, tokenizer: PreTrainedTokenizerBase | None = None,
+                 batch_size: int = 32, max_length: int | None = None) -> None:
+        if isinstance(model, str):
+            model = load_reward_model(model)
+        self.model = model.eval()
+        self.tokenizer = tokenizer or load_tokenizer(model_name(model))
+        ensure_pad_token(self.tokenizer, self.model)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.__name__ = f"reward_model:{model_name(model)}"
+
+    @torch.no_grad()
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        device = next(self.model.parameters()).device
+        encoded = [self.tokenizer(t, truncation=self.max_length is not None, max_length=self.max_length)["input_ids"]
+                   for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths pad less
+        scores = [0.0] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt")
+            values = sequence_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            for i, value in zip(chunk, values.tolist()):
+                scores[i] = value
+        return scores
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **_columns: Any) -> list[float]:
+        texts = []
+        for prompt, completion in zip(prompts, completions):
+            if isinstance(completion, list):
+                texts.append(render_chat(self.tokenizer, list(prompt) + list(completion)))
+            else:
+                texts.append(prompt + completion)
+        return self.score_texts(texts)
