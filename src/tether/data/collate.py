@@ -80,10 +80,16 @@ class LanguageModelingCollator:
     pad_to_multiple_of: int | None = None
     flatten: bool = False
 
+    def __post_init__(self):
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}.")
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [list(e["input_ids"]) for e in examples]
-        masks = [list(e["loss_mask"]) for e in examples]
-        positions = [list(e["position_ids"]) if "position_ids" in e else list(range(len(i))) for e, i in zip(examples, ids)]
+        # The first token of a sequence is never a target (nothing of its own precedes it).
+        masks = [[False, *m[1:]] if m else [] for m in (list(e["loss_mask"]) for e in examples)]
+        positions = [list(e["position_ids"]) if "position_ids" in e else list(range(len(i)))
+                     for e, i in zip(examples, ids, strict=True)]
         if self.flatten:
             ids, masks, positions = [sum(ids, [])], [sum(masks, [])], [sum(positions, [])]
         width = max(len(i) for i in ids)
@@ -95,9 +101,12 @@ class LanguageModelingCollator:
             "loss_mask": _pad(masks, False, width, left, torch.bool),
         }
         if self.flatten or "position_ids" in examples[0]:
-            # Padding becomes one more (masked-out) sequence: positions restart at 0.
-            positions = [p + list(range(width - len(p))) for p in positions]
+            # Padding becomes one more (masked-out) sequence: positions restart at 0, on the side
+            # where the padding is.
+            padding = [list(range(width - len(p))) for p in positions]
+            positions = [pad + p if left else p + pad for p, pad in zip(positions, padding, strict=True)]
             batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
+            batch["loss_mask"] &= batch["position_ids"] != 0  # likewise for each packed sequence
         else:
             batch["attention_mask"] = _pad([[1] * len(i) for i in ids], 0, width, left, torch.long)
         return batch

@@ -76,12 +76,21 @@ def is_conversation(value: Any) -> bool:
     )
 
 
-def _column_hint(columns: list[str]) -> str:
+def _column_hint(columns: list[str], signatures: list[tuple[DatasetType, tuple[str, ...]]]) -> str:
+    """Name the columns missing for the closest accepted format, and likely misspellings."""
     hints = []
+    overlap = [(sum(c in columns for c in cols), t, cols) for t, cols in signatures]
+    best = max((o for o in overlap if o[0] > 0), key=lambda o: o[0], default=None)
+    if best is not None:
+        _, closest, cols = best
+        missing = [c for c in cols if c not in columns]
+        hints.append(f"the closest accepted format, {closest.value}, also needs column(s) "
+                     f"{', '.join(repr(c) for c in missing)}")
+    known = {c for _, cols in signatures for c in cols} | _KNOWN_COLUMNS
     for column in columns:
-        if column in _KNOWN_COLUMNS:
+        if column in known:
             continue
-        close = difflib.get_close_matches(column, _KNOWN_COLUMNS, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(column, sorted(known), n=1, cutoff=0.6)
         if close:
             hints.append(f"column {column!r} looks like a misspelling of {close[0]!r}")
     return (" Note: " + "; ".join(hints) + ".") if hints else ""
@@ -91,7 +100,9 @@ def detect_format(dataset: Any, text_field: str = "text", expected: Iterable[Dat
                   ) -> DatasetFormat:
     """Detect and validate the dataset's type; raise DatasetError naming the problem and the fix.
 
-    `expected` lists the types the calling trainer accepts.
+    `expected` lists the types the calling trainer accepts. A trainer that accepts prompt-only data
+    takes any dataset with a `prompt` column (the other columns are extra data, e.g. for reward
+    functions), as TRL's online trainers do.
     """
     columns = _column_names(dataset)
     if len(dataset) == 0:
@@ -99,15 +110,19 @@ def detect_format(dataset: Any, text_field: str = "text", expected: Iterable[Dat
     signatures = [(DatasetType.LANGUAGE_MODELING, (text_field,)), *_SIGNATURES]
     found = next(((t, cols) for t, cols in signatures if all(c in columns for c in cols)), None)
     expected = list(expected) if expected is not None else None
+    if expected is not None and DatasetType.PROMPT_ONLY in expected and found and found[0] not in expected \
+            and "prompt" in columns:
+        found = (DatasetType.PROMPT_ONLY, ("prompt",))
     if found is None or (expected is not None and found[0] not in expected):
         wanted = expected or [t for t, _ in signatures]
         described = "; ".join(
             f"{t.value}: {', '.join(repr(c) for c in cols)}" for t, cols in signatures if t in wanted
         )
         what = f"It looks like a {found[0].value} dataset. " if found else ""
+        hint = _column_hint(columns, [(t, cols) for t, cols in signatures if t in wanted])
         raise DatasetError(
             f"The dataset's columns {columns} do not match a format this trainer accepts. {what}"
-            f"Accepted formats and their columns: {described}.{_column_hint(columns)} "
+            f"Accepted formats and their columns: {described}.{hint} "
             "Fix: rename the columns (dataset.rename_column(old, new)) or set the text field option."
         )
     dataset_type, text_columns = found
@@ -146,5 +161,5 @@ def _check_labels(dataset: Any) -> None:
         if not isinstance(value, bool) and value not in (0, 1):
             raise DatasetError(
                 f"Row {row} of column 'label' is {value!r}; unpaired preference labels must be booleans "
-                "(True = desirable). Fix: map the column to bool."
+                "(True = desirable; 0/1 are read as False/True). Fix: map the column to bool."
             )

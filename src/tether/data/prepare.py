@@ -12,11 +12,13 @@ from .collate import pack_examples
 from .formats import DatasetError, DatasetType, detect_format
 from .tokenize import (
     formatting_func_to_text,
+    require_chat_template,
     tokenize_conversation,
     tokenize_prompt,
     tokenize_prompt_completion,
     tokenize_text,
     truncate,
+    with_eos,
 )
 
 logger = logging.getLogger(__name__)
@@ -24,9 +26,9 @@ logger = logging.getLogger(__name__)
 LANGUAGE_MODELING_TYPES = (DatasetType.LANGUAGE_MODELING, DatasetType.PROMPT_COMPLETION)
 
 
-def _drop_untrainable(dataset: Any, max_length: int | None, what: str) -> Any:
+def drop_untrainable(dataset: Any, max_length: int | None, what: str, mask_column: str = "loss_mask") -> Any:
     """Drop rows left with no target token after truncation; fail if that is every row."""
-    keep = [any(mask[1:]) for mask in dataset["loss_mask"]]
+    keep = [any(mask[1:]) for mask in dataset[mask_column]]
     dropped = len(keep) - sum(keep)
     if dropped == len(keep):
         raise DatasetError(
@@ -65,16 +67,24 @@ def prepare_language_modeling(
         to_text, batched = formatting_func_to_text(formatting_func, dataset)
         dataset = dataset.map(to_text, batched=batched, remove_columns=dataset.column_names, num_proc=num_proc)
         text_field = "text"
+    if packing and max_length is None:
+        raise DatasetError("packing=True needs max_length, the length of a packed row. Fix: set max_length.")
     fmt = detect_format(dataset, text_field=text_field, expected=LANGUAGE_MODELING_TYPES)
     if assistant_only_loss and not fmt.conversational:
         raise DatasetError(
             "assistant_only_loss=True needs conversational data (a `messages` column of role/content turns). "
             "Fix: set assistant_only_loss=False, or use completion_only_loss with prompt-completion data."
         )
+    if fmt.conversational:
+        require_chat_template(tokenizer)  # fail here, not inside dataset.map
     completion_only = completion_only_loss is not False
 
     def tokenize(row: dict[str, Any]) -> dict[str, list]:
-        if fmt.type is DatasetType.PROMPT_COMPLETION:
+        if fmt.type is DatasetType.PROMPT_COMPLETION and fmt.conversational and assistant_only_loss \
+                and not completion_only:
+            # Every assistant turn of prompt and completion counts, and nothing else.
+            out = tokenize_conversation(tokenizer, row["prompt"] + row["completion"], True)
+        elif fmt.type is DatasetType.PROMPT_COMPLETION:
             out = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"], completion_only)
             out.pop("prompt_length")
         elif fmt.conversational:
@@ -85,10 +95,8 @@ def prepare_language_modeling(
 
     dataset = dataset.map(tokenize, remove_columns=dataset.column_names, num_proc=num_proc,
                           desc=f"Tokenizing {what} dataset")
-    dataset = _drop_untrainable(dataset, max_length, what)
+    dataset = drop_untrainable(dataset, max_length, what)
     if packing:
-        if max_length is None:
-            raise DatasetError("packing=True needs max_length, the length of a packed row.")
         dataset = dataset.map(lambda cols: pack_examples(cols, max_length), batched=True, batch_size=10_000,
                               num_proc=num_proc, desc=f"Packing {what} dataset")
     return dataset
@@ -104,15 +112,18 @@ def prepare_seq2seq(
 ) -> Any:
     """Rows with encoder `input_ids` (the prompt) and decoder `labels` (the completion + EOS)."""
     fmt = detect_format(dataset, expected=(DatasetType.PROMPT_COMPLETION,))
+    if fmt.conversational:
+        require_chat_template(tokenizer)
 
     def tokenize(row: dict[str, Any]) -> dict[str, list]:
         completion = row["completion"]
         if fmt.conversational:
             completion = "".join(m["content"] for m in completion)
-        labels = tokenizer(completion)["input_ids"][:max_length]
+        # EOS ends every target, whether or not the tokenizer appends it itself (T5's does).
+        labels = with_eos(tokenizer, tokenizer(completion)["input_ids"])[:max_length]
         return {"input_ids": tokenize_prompt(tokenizer, row["prompt"])[:max_length], "labels": labels,
                 "loss_mask": [False, *([True] * len(labels))]}
 
     dataset = dataset.map(tokenize, remove_columns=dataset.column_names, num_proc=num_proc,
                           desc=f"Tokenizing {what} dataset")
-    return _drop_untrainable(dataset, max_length, what).remove_columns("loss_mask")
+    return drop_untrainable(dataset, max_length, what).remove_columns("loss_mask")

@@ -20,7 +20,7 @@ from .formats import DatasetError
 Messages = list[dict[str, Any]]
 
 
-def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise DatasetError(
             "The dataset is conversational (lists of role/content messages) but the tokenizer has no chat "
@@ -30,7 +30,7 @@ def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Messages, add_generation_prompt: bool = False,
                 **template_kwargs: Any) -> str:
-    _require_chat_template(tokenizer)
+    require_chat_template(tokenizer)
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
     )
@@ -53,7 +53,7 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool
     return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def _with_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+def with_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         return [*ids, eos]
@@ -80,7 +80,7 @@ def tokenize_prompt_completion(
         completion_ids = _ids(tokenizer, completion_text, False)
     else:
         prompt_ids = _ids(tokenizer, prompt, True)
-        completion_ids = _with_eos(tokenizer, _ids(tokenizer, completion, False))
+        completion_ids = with_eos(tokenizer, _ids(tokenizer, completion, False))
     prompt_counts = not completion_only_loss
     loss_mask = [prompt_counts] * len(prompt_ids) + [True] * len(completion_ids)
     loss_mask[0] = False
@@ -88,7 +88,7 @@ def tokenize_prompt_completion(
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> dict[str, list]:
-    ids = _with_eos(tokenizer, _ids(tokenizer, text, True))
+    ids = with_eos(tokenizer, _ids(tokenizer, text, True))
     return {"input_ids": ids, "loss_mask": [False] + [True] * (len(ids) - 1)}
 
 
@@ -106,9 +106,11 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(render_chat(tokenizer, messages[: i + 1]))
-        if not (cursor <= start <= end <= len(full_text)):
+        before = _text_before_assistant_content(tokenizer, messages, i)
+        through = render_chat(tokenizer, messages[: i + 1])
+        start, end = (len(before) if before is not None else -1), len(through)
+        prefix_stable = before is not None and full_text.startswith(before) and full_text.startswith(through)
+        if not (prefix_stable and cursor <= start <= end):
             raise DatasetError(
                 "The chat template does not render a conversation as the concatenation of its turns, so "
                 "assistant turns cannot be located. Fix: set assistant_only_loss=False or use a "
@@ -129,27 +131,71 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages
     return {"input_ids": input_ids, "loss_mask": loss_mask}
 
 
+_SENTINEL = "\u2063tether-assistant-content\u2063"
+
+
+def _text_before_assistant_content(tokenizer: PreTrainedTokenizerBase, messages: Messages, i: int,
+                                   ) -> str | None:
+    """The rendered text that precedes assistant turn i's content (its header included).
+
+    After an earlier turn it is the rendered prefix plus the generation prompt. A first turn has no
+    prefix (templates refuse empty conversations), so its header is found by rendering the turn with a
+    sentinel as content; None when the template does not show the content verbatim."""
+    if i:
+        return render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+    probe = render_chat(tokenizer, [{**messages[0], "content": _SENTINEL}])
+    start = probe.find(_SENTINEL)
+    return probe[:start] if start >= 0 else None
+
+
 def truncate(example: dict[str, list], max_length: int | None) -> dict[str, list]:
+    """Keep the first `max_length` tokens of every per-token list; `prompt_length` stays within them."""
     if max_length is None or len(example["input_ids"]) <= max_length:
         return example
-    return {k: (v[:max_length] if isinstance(v, list) else v) for k, v in example.items()}
+    out = {k: (v[:max_length] if isinstance(v, list) else v) for k, v in example.items()}
+    if "prompt_length" in out:
+        out["prompt_length"] = min(out["prompt_length"], max_length)
+    return out
 
 
 def formatting_func_to_text(func: Callable, dataset: Any) -> tuple[Callable[[dict], dict], bool]:
-    """Adapt a user `formatting_func` into a batched map function producing a `text` column.
+    """Adapt a user `formatting_func` into a map function producing a `text` column.
 
     The function may format one example (returning a string) or a batch (returning a list of
-    strings); which one is found by calling it on a one-row batch.
+    strings). Which one is found by calling it on the first example, then, if that did not give a
+    string, on a one-row batch. (Probing with the batch first misreads per-example functions whose
+    expressions also work on lists, e.g. `ex["question"] + ex["answer"]`.)
+
+    Returns (map function, batched).
     """
-    probe = func(dataset[:1])
-    if isinstance(probe, list):
-        if len(probe) != 1 or not isinstance(probe[0], str):
-            raise DatasetError(
-                "formatting_func returned a list that is not one string per example of the batch. "
-                "Fix: return a string per example, or a list of strings for a batch."
-            )
-        return (lambda batch: {"text": func(batch)}), True
-    return (lambda example: {"text": _checked_str(func(example))}), False
+    try:
+        single, single_error = func(dataset[0]), None
+    except Exception as error:  # a batched function may fail on a single example
+        single, single_error = None, error
+    if isinstance(single, str):
+        return (lambda example: {"text": _checked_str(func(example))}), False
+    try:
+        batch = func(dataset[:1])
+    except Exception:
+        batch = None
+    if isinstance(batch, list) and len(batch) == 1 and isinstance(batch[0], str):
+        return (lambda rows: {"text": _checked_strs(func(rows), len(next(iter(rows.values()))))}), True
+    if single_error is not None:
+        raise single_error
+    raise DatasetError(
+        f"formatting_func returned {type(single).__name__} {repr(single)[:60]} for the first example "
+        f"(and {type(batch).__name__} for a one-example batch); it must return a string per example, "
+        "or a list of one string per example of a batch. Fix: make it return the formatted text."
+    )
+
+
+def _checked_strs(values: Any, expected: int) -> list[str]:
+    if not isinstance(values, list) or len(values) != expected or not all(isinstance(v, str) for v in values):
+        raise DatasetError(
+            f"formatting_func (batched) returned {type(values).__name__} for a batch of {expected} examples; "
+            f"it must return a list of {expected} strings."
+        )
+    return values
 
 
 def _checked_str(value: Any) -> str:

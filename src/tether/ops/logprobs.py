@@ -33,31 +33,39 @@ class TokenStats:
     correct: torch.Tensor  # bool: argmax prediction equals the target
 
 
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (and float32), float64 for float64 (so gradcheck works)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   temperature: float) -> torch.Tensor:
     logits = hidden @ weight.T  # [c, v]
     if bias is not None:
         logits = logits + bias
-    logits = logits.float()
+    logits = logits.to(_compute_dtype(logits))
     if temperature != 1.0:
         logits = logits / temperature
     return logits
 
 
 def _chunk_stats(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    probs = torch.exp(logits - lse[:, None])  # [c, v]
-    entropy = lse - (probs * logits).sum(-1)
+    """(probs [c, v], entropy [c], correct [c]). The entropy is -sum p * log p with log p formed first:
+    the algebraically equal lse - sum p * logits loses ~1e-5 to cancellation when logits are large."""
     correct = logits.argmax(-1) == targets
+    logp = logits - lse[:, None]  # [c, v]
+    probs = logp.exp()
+    entropy = -(probs * logp).sum(-1)
     return probs, entropy, correct
 
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
-        n = hidden.shape[0]
-        logps = hidden.new_empty(n, dtype=torch.float32)
-        lse_all = hidden.new_empty(n, dtype=torch.float32)
-        entropy = hidden.new_empty(n, dtype=torch.float32)
+        n, dtype = hidden.shape[0], _compute_dtype(hidden)
+        logps = hidden.new_empty(n, dtype=dtype)
+        lse_all = hidden.new_empty(n, dtype=dtype)
+        entropy = hidden.new_empty(n, dtype=dtype)
         correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
         with torch.no_grad():
             for start in range(0, n, chunk_size):
@@ -76,7 +84,7 @@ class _LinearLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logps, _grad_entropy, _grad_correct):
         hidden, weight, bias, targets, lse_all = ctx.saved_tensors
         grads = _backward_chunks(
-            hidden, weight, bias, targets, grad_logps.float(), ctx.temperature, ctx.chunk_size,
+            hidden, weight, bias, targets, grad_logps.to(lse_all.dtype), ctx.temperature, ctx.chunk_size,
             ctx.needs_input_grad, lse_all=lse_all,
         )
         return (*grads, None, None, None)
@@ -88,9 +96,10 @@ def _backward_chunks(hidden, weight, bias, targets, token_grads, temperature, ch
 
     d logp_i / d logits_i = onehot(target_i) - softmax(logits_i), divided by the temperature.
     """
+    acc = _compute_dtype(weight)
     grad_hidden = torch.empty_like(hidden) if needs_grad[0] else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad[1] else None
-    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs_grad[2] else None
+    grad_weight = torch.zeros_like(weight, dtype=acc) if needs_grad[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and needs_grad[2] else None
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         logits = _chunk_logits(hidden[sl], weight, bias, temperature)
@@ -102,9 +111,9 @@ def _backward_chunks(hidden, weight, bias, targets, token_grads, temperature, ch
         if grad_hidden is not None:
             grad_hidden[sl] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
         if grad_weight is not None:
-            grad_weight += grad_logits.T @ hidden[sl].float()
+            grad_weight += grad_logits.T.to(acc) @ hidden[sl].to(acc)
         if grad_bias is not None:
-            grad_bias += grad_logits.sum(0)
+            grad_bias += grad_logits.sum(0).to(acc)
     return (
         grad_hidden,
         grad_weight.to(weight.dtype) if grad_weight is not None else None,
@@ -117,18 +126,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, token_weights, chunk_size):
-        n = hidden.shape[0]
+        n, dtype, acc = hidden.shape[0], _compute_dtype(hidden), _compute_dtype(weight)
         needs = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        entropy = hidden.new_empty(n, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=acc) if needs[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and needs[2] else None
+        loss = hidden.new_zeros((), dtype=dtype)
+        entropy = hidden.new_empty(n, dtype=dtype)
         correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
         with torch.no_grad():
             for start in range(0, n, chunk_size):
                 sl = slice(start, start + chunk_size)
-                w = token_weights[sl].float()
+                w = token_weights[sl].to(dtype)
                 logits = _chunk_logits(hidden[sl], weight, bias, 1.0)
                 lse = torch.logsumexp(logits, dim=-1)
                 logp = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse
@@ -140,9 +149,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[sl] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight += grad_logits.T @ hidden[sl].float()
+                    grad_weight += grad_logits.T.to(acc) @ hidden[sl].to(acc)
                 if grad_bias is not None:
-                    grad_bias += grad_logits.sum(0)
+                    grad_bias += grad_logits.sum(0).to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(entropy, correct)
@@ -151,7 +160,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_entropy, _grad_correct):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_loss.float()
+        scale = grad_loss  # [] in the loss's dtype (float32, or float64 for float64 inputs)
         out_hidden = grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None
         out_weight = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
         out_bias = (grad_bias * scale).to(ctx.weight_dtype) if grad_bias is not None else None
@@ -168,7 +177,8 @@ def linear_log_probs(
 ) -> tuple[torch.Tensor, TokenStats]:
     """log softmax(hidden @ weight.T + bias)[targets], chunked over tokens.
 
-    hidden [n, h], weight [v, h], targets [n] -> (logps [n] float32, detached TokenStats).
+    hidden [n, h], weight [v, h], targets [n] -> (logps [n] float32 (float64 for float64 inputs),
+    detached TokenStats).
     Differentiable with respect to hidden, weight and bias.
     """
     with torch.autocast(hidden.device.type, enabled=False):
@@ -188,7 +198,13 @@ def linear_cross_entropy(
 
     hidden [n, h], weight [v, h], targets [n], token_weights [n] (e.g. loss_mask / num_tokens)
     -> (scalar loss float32, detached TokenStats). The weights are constants (no gradient).
+    Under torch.no_grad() (evaluation) no gradient is formed: only the projection and the loss run.
     """
+    if not torch.is_grad_enabled():
+        # Inside a Function's forward, needs_input_grad still reports requires_grad under no_grad, so
+        # the gradient work would be done and thrown away; detached inputs switch it off.
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
     with torch.autocast(hidden.device.type, enabled=False):
         loss, entropy, correct = _LinearCrossEntropy.apply(
             hidden, weight, bias, targets, token_weights.detach(), chunk_size
@@ -199,7 +215,7 @@ def linear_cross_entropy(
 def log_probs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                           ) -> tuple[torch.Tensor, TokenStats]:
     """The full-logits path, for models whose head cannot be split off: logits [..., v], targets [...]."""
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
