@@ -119,10 +119,12 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, positions, target ids) of the tokens whose loss_mask is True; position 0 never counts
-    because nothing precedes it."""
+    """(rows, positions, target ids) of the tokens whose loss_mask is True; the first token of a
+    sequence never counts because nothing precedes it."""
     loss_mask = batch["loss_mask"].bool().clone()
     loss_mask[:, 0] = False
+    if batch.get("position_ids") is not None:  # a packed sequence's first token has nothing before it
+        loss_mask &= batch["position_ids"] != 0
     rows, positions = loss_mask.nonzero(as_tuple=True)
     return rows, positions, batch["input_ids"][rows, positions]
 
