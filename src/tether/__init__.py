@@ -17,6 +17,15 @@ _EXPORTS = {
     "RewardTrainer": "tether.trainers.reward",
     "RewardModelScorer": "tether.rollout.rewards",
     "RewardFunctionError": "tether.rollout.rewards",
+    "DPOConfig": "tether.trainers.dpo",
+    "DPOTrainer": "tether.trainers.dpo",
+    "ORPOConfig": "tether.trainers.orpo",
+    "ORPOTrainer": "tether.trainers.orpo",
+    "CPOConfig": "tether.trainers.cpo",
+    "CPOTrainer": "tether.trainers.cpo",
+    "KTOConfig": "tether.trainers.kto",
+    "KTOTrainer": "tether.trainers.kto",
+    "create_reference_model": "tether.models.reference",
     "DatasetError": "tether.data.formats",
 }
 

@@ -15,6 +15,8 @@ from .prepare import drop_untrainable
 from .tokenize import tokenize_conversation, tokenize_prompt_completion, tokenize_text
 
 _SIDES = ("chosen", "rejected")
+# Scalar columns carried into batches as [b] tensors: the reward margin, precomputed reference log-probs.
+_PER_PAIR_VALUES = ("margin", "ref_chosen_logps", "ref_rejected_logps")
 
 
 def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
@@ -96,7 +98,8 @@ def prepare_preference(
 class PreferenceCollator:
     """[2b, t] batch: the b chosen sequences, then the b rejected ones, padded together.
 
-    Keys: input_ids, attention_mask, loss_mask (completion tokens), and margin [b] if present.
+    Keys: input_ids, attention_mask, loss_mask (completion tokens), and the per-pair values present
+    (margin, ref_chosen_logps, ref_rejected_logps) as [b].
     """
 
     pad_token_id: int
@@ -108,6 +111,85 @@ class PreferenceCollator:
             for side in _SIDES for e in examples
         ]
         batch = LanguageModelingCollator(self.pad_token_id, padding_side=self.padding_side)(sequences)
-        if "margin" in examples[0]:
-            batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+        for key in _PER_PAIR_VALUES:
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        return batch
+
+
+# ----- unpaired preference (KTO) ---------------------------------------------------------------------
+def unpair_preference(dataset: Any) -> Any:
+    """Paired rows (prompt, chosen, rejected) -> unpaired rows (prompt, completion, label): the chosen
+    completion labelled desirable (True), the rejected one undesirable (False)."""
+    fmt = detect_format(dataset, expected=(DatasetType.PREFERENCE,))
+
+    def split(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
+        for i in range(len(batch["chosen"])):
+            if fmt.implicit_prompt:
+                prompt, chosen, rejected = split_implicit_prompt(batch["chosen"][i], batch["rejected"][i])
+            else:
+                prompt, chosen, rejected = batch["prompt"][i], batch["chosen"][i], batch["rejected"][i]
+            for completion, label in ((chosen, True), (rejected, False)):
+                out["prompt"].append(prompt)
+                out["completion"].append(completion)
+                out["label"].append(label)
+        return out
+
+    return dataset.map(split, batched=True, remove_columns=dataset.column_names)
+
+
+def prepare_unpaired(
+    dataset: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int | None = 1024,
+    max_prompt_length: int | None = None,
+    num_proc: int | None = None,
+    what: str = "train",
+) -> Any:
+    """Rows with `prompt_ids`, `completion_ids` and bool `label`; paired preference data is unpaired
+    first. Prompt and completion stay apart so a collator can also build mismatched pairs."""
+    fmt = detect_format(dataset, expected=(DatasetType.UNPAIRED_PREFERENCE, DatasetType.PREFERENCE))
+    if fmt.type is DatasetType.PREFERENCE:
+        dataset = unpair_preference(dataset)
+
+    def tokenize(row: dict[str, Any]) -> dict[str, Any]:
+        tokens = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
+        split_at = tokens["prompt_length"]
+        prompt_ids, completion_ids = tokens["input_ids"][:split_at], tokens["input_ids"][split_at:]
+        if max_prompt_length is not None:
+            prompt_ids = prompt_ids[-max_prompt_length:]
+        if max_length is not None:
+            completion_ids = completion_ids[: max(max_length - len(prompt_ids), 0)]
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(row["label"])}
+
+    dataset = dataset.map(tokenize, remove_columns=dataset.column_names, num_proc=num_proc,
+                          desc=f"Tokenizing {what} unpaired examples")
+    keep = [len(ids) > 0 for ids in dataset["completion_ids"]]
+    if not any(keep):
+        raise DatasetError(
+            f"No {what} example has a completion token left within max_length={max_length}. "
+            "Fix: raise max_length or lower max_prompt_length."
+        )
+    return dataset if all(keep) else dataset.select([i for i, k in enumerate(keep) if k])
+
+
+@dataclass
+class UnpairedCollator:
+    """[2b, t] batch: the b (prompt_i, completion_i) sequences, then b mismatched (prompt_i,
+    completion_{i+1 mod b}) ones whose log-probs estimate KTO's KL reference point. Plus `label` [b]."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        n = len(examples)
+        pairs = [(e, e) for e in examples] + [(examples[i], examples[(i + 1) % n]) for i in range(n)]
+        sequences = [
+            {"input_ids": list(p["prompt_ids"]) + list(c["completion_ids"]),
+             "loss_mask": [False] * len(p["prompt_ids"]) + [True] * len(c["completion_ids"])}
+            for p, c in pairs
+        ]
+        batch = LanguageModelingCollator(self.pad_token_id)(sequences)
+        batch["label"] = torch.tensor([bool(e["label"]) for e in examples])
         return batch

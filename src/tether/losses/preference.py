@@ -331,6 +331,10 @@ DPO_LOSSES: dict[str, PairwiseLoss] = {
 }
 
 
+# The losses whose inputs are per-token averages rather than sums (see the module docstring).
+AVERAGED_LOG_PROBS = frozenset({"ipo", "simpo", "orpo"})
+
+
 def dpo_loss(
     loss_type: str,
     policy_chosen_logps: torch.Tensor,

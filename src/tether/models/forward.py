@@ -193,3 +193,13 @@ def seq2seq_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], te
     rows, positions = batch["decoder_loss_mask"].bool().nonzero(as_tuple=True)
     logps, stats = log_probs_from_logits(logits[rows, positions], labels[rows, positions], temperature)
     return TokenLogProbs(logps, stats, rows, positions)
+
+
+def completion_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor, TokenStats]:
+    """Summed log-probs of each row's loss-masked tokens and their counts: ([b] float32, [b] long, stats)."""
+    token_logps = causal_token_log_probs(model, batch, temperature, chunk_size)
+    num_rows = batch["input_ids"].shape[0]
+    counts = torch.zeros(num_rows, dtype=torch.long, device=token_logps.rows.device)
+    counts.index_add_(0, token_logps.rows, torch.ones_like(token_logps.rows))
+    return token_logps.sum_per_row(num_rows), counts, token_logps.stats

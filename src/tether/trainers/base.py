@@ -112,11 +112,12 @@ class TetherTrainer(Trainer):
         return "train" if self.model.training else "eval"
 
     def record_metrics(self, **values: torch.Tensor | float) -> None:
-        """Store scalar metrics for the next log, averaged over processes."""
+        """Store scalar metrics for the next log, averaged over processes and steps. A NaN value means
+        "nothing to measure here" (e.g. no rejected example in the batch) and is left out of averages."""
         names = list(values)
         stacked = torch.tensor([float(values[n]) for n in names], device=self.accelerator.device)
         if self.args.world_size > 1:
-            stacked = self.accelerator.reduce(stacked, reduction="mean")
+            stacked = self.accelerator.gather(stacked[None]).nanmean(0)  # [world, k] -> [k]
         for name, value in zip(names, stacked.tolist()):
             self._metrics[self._mode][name].append(value)
 
@@ -124,8 +125,9 @@ class TetherTrainer(Trainer):
         mode = self._mode
         prefix = "eval_" if mode == "eval" else ""
         for name, values in self._metrics[mode].items():
-            if values:
-                logs[prefix + name] = sum(values) / len(values)
+            measured = [v for v in values if v == v]
+            if measured:
+                logs[prefix + name] = sum(measured) / len(measured)
         self._metrics[mode].clear()
         super().log(logs, start_time)
 
