@@ -1,0 +1,222 @@
+"""The `tether` command: one subcommand per training method, plus `demo`.
+
+    tether sft --model_name_or_path DIR --dataset_name data.jsonl --output_dir OUT --max_steps 100
+    tether sft --config run.yaml --learning_rate 1e-4      # YAML sets defaults, flags override them
+    tether demo [--output_dir ./tether-demo] [--quick]
+
+A training subcommand is one `TrainCommand` row: its script-arguments dataclass, its config dataclass and
+its trainer class. Flags and help strings come from those dataclasses through `transformers.HfArgumentParser`,
+so the CLI, YAML files and the Python API share one definition of every option. Classes are named by dotted
+path and torch/transformers are imported only once a command runs, so `tether --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_FLAG = "--config"
+# Written next to the trained model; it is a valid `--config` file, so a run can be repeated from it.
+RESOLVED_CONFIG_NAME = "tether_config.yaml"
+
+
+@dataclass
+class ScriptArguments:
+    """What to train on: the model and dataset, shared by every training subcommand."""
+
+    # Required in practice, but not by argparse: a value may come from the YAML file instead of a flag.
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Model to train: a hub id or a local folder (required)."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Dataset: a hub id, a folder saved by Dataset.save_to_disk, or a "
+                                        "json/jsonl/csv/parquet file (required)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "Split to evaluate on (optional). Evaluated at the end of training "
+                                        "unless --eval_strategy asks for more often."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer, when it is not stored with the model."})
+
+    required = ("model_name_or_path", "dataset_name")
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for the trainer. Methods that need more models (reward, value, reference)
+        subclass this dataclass, add their fields, and return them here."""
+        return {}
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    """A training subcommand; classes are "module:Name" strings so they are imported only when used."""
+
+    help: str
+    config: str
+    trainer: str
+    script_args: str = "tether.cli:ScriptArguments"
+
+
+TRAIN_COMMANDS: dict[str, TrainCommand] = {
+    "sft": TrainCommand("Supervised fine-tuning (language modeling, prompt-completion or chat data).",
+                        "tether.trainers.sft:SFTConfig", "tether.trainers.sft:SFTTrainer"),
+}
+
+
+def _import(dotted: str) -> Any:
+    module, _, name = dotted.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# ----- parsing ---------------------------------------------------------------------------------------------
+def build_parser(command: str) -> Any:
+    """The `HfArgumentParser` of a training subcommand: script arguments + the method's config + `--config`."""
+    from transformers import HfArgumentParser
+
+    spec = TRAIN_COMMANDS[command]
+    parser = HfArgumentParser((_import(spec.script_args), _import(spec.config)), prog=f"tether {command}",
+                              description=spec.help)
+    # argparse's generated usage lists all ~150 options and buries error messages under it.
+    parser.usage = f"tether {command} --model_name_or_path M --dataset_name D [--config YAML] [OPTIONS]"
+    parser.add_argument(CONFIG_FLAG, metavar="YAML", default=None,
+                        help="YAML file of option: value pairs; they set the defaults, explicit flags override.")
+    for action in parser._actions:
+        # Dict-typed fields (e.g. model_init_kwargs) take JSON on the command line; argparse would call
+        # dict("...") on the string and fail.
+        if action.type is dict or getattr(action.type, "__origin__", None) is dict:
+            action.type = json.loads
+    return parser
+
+
+def _yaml_defaults(path: str, parser: Any) -> dict[str, Any]:
+    """The YAML file's options, checked against the parser's: a typo must fail, not be silently ignored."""
+    import yaml
+
+    if not os.path.isfile(path):
+        parser.error(f"{CONFIG_FLAG} {path}: no such file.")
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        parser.error(f"{path}: expected a mapping of option: value pairs, got {type(values).__name__}.")
+    known = {a.dest for a in parser._actions} - {"help", "config"}
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else repr(k)
+                 for k in unknown]
+        parser.error(f"{path}: unknown option(s) {', '.join(hints)}. Run `{parser.prog} --help` for the options.")
+    return values
+
+
+def parse_command_args(command: str, argv: Sequence[str]) -> tuple[Any, Any]:
+    """(script arguments, config) for a training subcommand, from flags and an optional `--config` YAML."""
+    parser = build_parser(command)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(CONFIG_FLAG, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        defaults = _yaml_defaults(known.config, parser)
+        # argparse keeps a flag given on the command line over its default, which is exactly the precedence
+        # we want; string defaults still go through the field's type (YAML reads `1e-4` as a string).
+        parser.set_defaults(**defaults)
+    script_args, config, _extra = parser.parse_args_into_dataclasses(args=list(argv))
+    missing = [name for name in getattr(script_args, "required", ()) if getattr(script_args, name) is None]
+    if missing:
+        parser.error(f"missing {', '.join('--' + m for m in missing)} (a flag or a key of the {CONFIG_FLAG} file).")
+    return script_args, config
+
+
+# ----- running ---------------------------------------------------------------------------------------------
+def _write_resolved_config(script_args: Any, config: Any, path: str) -> None:
+    import yaml
+
+    values = {**dataclasses.asdict(script_args), **config.to_dict()}
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+
+
+def train(command: str, argv: Sequence[str]) -> int:
+    """Run a training subcommand: load, train, save model + tokenizer (and the resolved config) to output_dir."""
+    script_args, config = parse_command_args(command, argv)
+    spec = TRAIN_COMMANDS[command]
+    from tether.data import load_any_dataset
+    from tether.models.loading import load_tokenizer
+
+    name, subset = script_args.dataset_name, script_args.dataset_config
+    train_dataset = load_any_dataset(name, script_args.dataset_train_split, subset)
+    eval_dataset = (load_any_dataset(name, script_args.dataset_test_split, subset)
+                    if script_args.dataset_test_split else None)
+    tokenizer = load_tokenizer(script_args.tokenizer_name_or_path) if script_args.tokenizer_name_or_path else None
+    trainer = _import(spec.trainer)(
+        script_args.model_name_or_path, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, **script_args.trainer_kwargs(),
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    if eval_dataset is not None and config.eval_strategy == "no":
+        # A test split was asked for but no periodic evaluation: evaluate once, at the end.
+        trainer.log_metrics("eval", trainer.evaluate())
+    trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        _write_resolved_config(script_args, config, os.path.join(config.output_dir, RESOLVED_CONFIG_NAME))
+        print(f"Saved the model and tokenizer to {config.output_dir}")
+    return 0
+
+
+def demo(argv: Sequence[str]) -> int:
+    """`tether demo`: the offline demo, stage by stage (see tether.demo.pipeline)."""
+    parser = argparse.ArgumentParser(
+        prog="tether demo", description="Offline demo on CPU: a generated review corpus, a tokenizer, a tiny Llama "
+                                        "built from a config and trained with SFTTrainer; samples before and after.")
+    parser.add_argument("--output_dir", default="./tether-demo", help="Where every file is written.")
+    parser.add_argument("--quick", action="store_true", help="A ~10 s smoke version (tiny sizes, few steps).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the corpus, the model and sampling.")
+    args = parser.parse_args(argv)
+    from tether.demo.pipeline import run_demo
+
+    run_demo(args.output_dir, quick=args.quick, seed=args.seed)
+    return 0
+
+
+# Subcommands that are not a trainer: name -> (help, function of the remaining argv returning an exit code).
+TOOLS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
+    "demo": ("Run the offline demo: corpus -> tokenizer -> tiny model -> SFT, with samples.", demo),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    from tether import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="tether", description="Post-training for transformer language models, with TRL's names.",
+        epilog="Run `tether COMMAND --help` for the options of a command.")
+    parser.add_argument("--version", action="version", version=f"tether {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, spec in TRAIN_COMMANDS.items():
+        commands.add_parser(name, help=spec.help, add_help=False)
+    for name, (help_text, _) in TOOLS.items():
+        commands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tether` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # A known command gets all the remaining flags; the top parser only handles --help/--version/typos.
+    if argv and argv[0] in TRAIN_COMMANDS:
+        return train(argv[0], argv[1:])
+    if argv and argv[0] in TOOLS:
+        return TOOLS[argv[0]][1](argv[1:])
+    parser = _top_parser()
+    parser.parse_args(argv)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
