@@ -125,3 +125,38 @@ def test_top_level_help_and_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["no-such-command"])
     assert exit_info.value.code == 2
+
+
+@pytest.fixture()
+def preference_file(tmp_path):
+    from tether.demo.corpus import preference_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for row in preference_pairs(24, seed=5):
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("reward", ["--use_peft", "true", "--lora_r", "4"]),
+    ("dpo", ["--beta", "0.2", "--loss_type", "ipo"]),
+    ("kto", []),
+    ("orpo", []),
+])
+def test_preference_commands_end_to_end(command, extra, tiny_decoder_dir, preference_file, tmp_path):
+    out = tmp_path / command
+    cmd = [sys.executable, "-m", "tether.cli", command, "--model_name_or_path", tiny_decoder_dir,
+           "--dataset_name", preference_file, "--output_dir", str(out), "--max_steps", "2",
+           "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no", *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=OFFLINE_ENV, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    weights = "adapter_model.safetensors" if "--use_peft" in extra else "model.safetensors"
+    assert (out / weights).is_file(), sorted(os.listdir(out))
+    resolved = yaml.safe_load((out / RESOLVED_CONFIG_NAME).read_text())
+    if command == "dpo":
+        assert resolved["beta"] == pytest.approx(0.2) and resolved["loss_type"] == "ipo"
+    if command == "reward":
+        from peft import PeftConfig
+
+        assert PeftConfig.from_pretrained(out).task_type == "SEQ_CLS"

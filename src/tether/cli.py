@@ -46,12 +46,38 @@ class ScriptArguments:
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer, when it is not stored with the model."})
 
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "Modules that get adapters: 'all-linear' or comma-separated names (e.g. q_proj,v_proj)."})
+
     required = ("model_name_or_path", "dataset_name")
 
-    def trainer_kwargs(self) -> dict[str, Any]:
+    def trainer_kwargs(self, peft_task_type: str) -> dict[str, Any]:
         """Extra keyword arguments for the trainer. Methods that need more models (reward, value, reference)
         subclass this dataclass, add their fields, and return them here."""
-        return {}
+        if not self.use_peft:
+            return {}
+        from peft import LoraConfig
+
+        targets = self.lora_target_modules
+        return {"peft_config": LoraConfig(
+            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, task_type=peft_task_type,
+            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        )}
+
+
+@dataclass
+class ReferenceScriptArguments(ScriptArguments):
+    """Script arguments of methods with a reference model."""
+
+    ref_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Reference model (default: the adapter-disabled policy with --use_peft, else a frozen copy)."})
+
+    def trainer_kwargs(self, peft_task_type: str) -> dict[str, Any]:
+        return {**super().trainer_kwargs(peft_task_type), "ref_model": self.ref_model_name_or_path}
 
 
 @dataclass(frozen=True)
@@ -62,11 +88,25 @@ class TrainCommand:
     config: str
     trainer: str
     script_args: str = "tether.cli:ScriptArguments"
+    peft_task_type: str = "CAUSAL_LM"
 
 
 TRAIN_COMMANDS: dict[str, TrainCommand] = {
     "sft": TrainCommand("Supervised fine-tuning (language modeling, prompt-completion or chat data).",
                         "tether.trainers.sft:SFTConfig", "tether.trainers.sft:SFTTrainer"),
+    "reward": TrainCommand("Reward modeling on preference pairs (Bradley-Terry).",
+                           "tether.trainers.reward:RewardConfig", "tether.trainers.reward:RewardTrainer",
+                           peft_task_type="SEQ_CLS"),
+    "dpo": TrainCommand("Direct Preference Optimization and its loss family on preference pairs.",
+                        "tether.trainers.dpo:DPOConfig", "tether.trainers.dpo:DPOTrainer",
+                        "tether.cli:ReferenceScriptArguments"),
+    "kto": TrainCommand("KTO on unpaired (prompt, completion, label) or paired preference data.",
+                        "tether.trainers.kto:KTOConfig", "tether.trainers.kto:KTOTrainer",
+                        "tether.cli:ReferenceScriptArguments"),
+    "orpo": TrainCommand("ORPO: NLL plus an odds-ratio preference term, no reference model.",
+                         "tether.trainers.orpo:ORPOConfig", "tether.trainers.orpo:ORPOTrainer"),
+    "cpo": TrainCommand("CPO or SimPO (--loss_type simpo): reference-free preference optimisation.",
+                        "tether.trainers.cpo:CPOConfig", "tether.trainers.cpo:CPOTrainer"),
 }
 
 
@@ -155,7 +195,7 @@ def train(command: str, argv: Sequence[str]) -> int:
     tokenizer = load_tokenizer(script_args.tokenizer_name_or_path) if script_args.tokenizer_name_or_path else None
     trainer = _import(spec.trainer)(
         script_args.model_name_or_path, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, **script_args.trainer_kwargs(),
+        processing_class=tokenizer, **script_args.trainer_kwargs(spec.peft_task_type),
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     if eval_dataset is not None and config.eval_strategy == "no":
