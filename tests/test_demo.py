@@ -15,6 +15,7 @@ EXPECTED_FILES = [
     "corpus.jsonl", "corpus_eval.jsonl", "tokenizer/tokenizer.json",
     "base/config.json", "base/model.safetensors", "base/tokenizer.json",
     "sft/config.json", "sft/model.safetensors", "sft/tokenizer.json",
+    "reward/config.json", "reward/model.safetensors", "dpo/model.safetensors",
 ]
 
 
@@ -29,6 +30,8 @@ def check_run(result: subprocess.CompletedProcess, output_dir) -> None:
         assert (output_dir / name).is_file(), f"{name} missing"
     out = result.stdout
     assert "Samples BEFORE training" in out and "Samples AFTER training" in out and "Summary" in out
+    assert "Held-out pairwise accuracy" in out and "Scores of a few sentences" in out
+    assert "Samples AFTER DPO" in out and "rewards/accuracies" in out
 
 
 def test_demo_quick(tmp_path):
@@ -67,3 +70,7 @@ def test_demo_full(tmp_path):
     # Before training the held-out loss is about ln(vocab) ~ 6.7 nats/token; the corpus' own entropy is ~0.9.
     match = re.search(r"Held-out loss ([\d.]+) -> ([\d.]+)", result.stdout)
     assert match and float(match[1]) > 5.0 and float(match[2]) < 1.3, match
+    accuracy = re.search(r"Held-out pairwise accuracy ([\d.]+) -> ([\d.]+)", result.stdout)
+    assert accuracy and float(accuracy[2]) > 0.9, accuracy
+    dpo = re.search(r"Held-out rewards/accuracies ([\d.]+), rewards/margins ([-\d.]+)", result.stdout)
+    assert dpo and float(dpo[1]) >= 0.8 and float(dpo[2]) > 0, dpo
