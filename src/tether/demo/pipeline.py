@@ -255,12 +255,11 @@ def _common_config(ctx: DemoContext, steps: int) -> dict[str, Any]:
 
 def reward_stage(ctx: DemoContext) -> None:
     """A sentiment reward model, initialised from the SFT model (as in InstructGPT), on preference pairs."""
+    import transformers
     from transformers import AutoModelForSequenceClassification
 
     from ..rollout.rewards import RewardModelScorer
     from ..trainers.reward import RewardConfig, RewardTrainer
-
-    import transformers
 
     train, held_out = _preference_splits(ctx)
     transformers.logging.set_verbosity_error()  # the load report only says the score head is new, as meant
