@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,10 +31,11 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP/compile/PEFT wrappers (PEFT layers stay injected in it)."""
+    """The transformers model inside DDP/compile/value-head/PEFT wrappers (PEFT layers stay injected)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "pretrained_model", model)  # AutoModelFor...WithValueHead
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
@@ -74,20 +76,24 @@ class TokenLogProbs:
     stats: TokenStats
     rows: torch.Tensor
     positions: torch.Tensor
+    values: torch.Tensor | None = None  # [n] value-head estimate at the state before each token
+
+    def scatter(self, values: torch.Tensor, shape: tuple[int, int], fill: float = 0.0) -> torch.Tensor:
+        """Put per-token values [n] back in a [b, t] grid at the target positions, `fill` elsewhere."""
+        return values.new_full(shape, fill).index_put((self.rows, self.positions), values)
 
     def to_padded(self, shape: tuple[int, int], fill: float = 0.0) -> torch.Tensor:
-        """Scatter back to [b, t] (target positions), `fill` elsewhere."""
-        out = self.logps.new_full(shape, fill)
-        return out.index_put((self.rows, self.positions), self.logps)
+        """The log-probs in a [b, t] grid at their target positions, `fill` elsewhere."""
+        return self.scatter(self.logps, shape, fill)
 
     def sum_per_row(self, num_rows: int) -> torch.Tensor:
         """Sum of log-probs per batch row, [b]."""
         return self.logps.new_zeros(num_rows).index_add(0, self.rows, self.logps)
 
 
-def _final_hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Final hidden states [b, t, h], running the model through its outermost wrapper (DDP hooks fire)
-    but with `logits_to_keep` selecting no position, so the head computes nothing."""
+def _final_hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+    """(final hidden states [b, t, h], the model's outputs), running the model through its outermost
+    wrapper (DDP hooks fire) but with `logits_to_keep` selecting no position, so the head computes nothing."""
     inner = unwrap_model(model)
     backbone = inner.get_decoder()
     captured: list[torch.Tensor] = []
@@ -98,10 +104,14 @@ def _final_hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> t
     handle = backbone.register_forward_hook(keep_output)
     try:
         no_position = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
-        model(**inputs, logits_to_keep=no_position, use_cache=False)
+        outputs = model(**inputs, logits_to_keep=no_position, use_cache=False)
     finally:
         handle.remove()
-    return captured[-1]
+    return captured[-1], outputs
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -134,23 +144,26 @@ def causal_token_log_probs(
     batch: dict[str, torch.Tensor],
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_values: bool = False,
 ) -> TokenLogProbs:
-    """log p(token_j | tokens_<j) for every j with batch["loss_mask"][row, j] True.
+    """log p(token_j | tokens_<j) for every j with batch["loss_mask"][row, j] True, from one forward pass.
 
     batch: input_ids [b, t], loss_mask [b, t], and attention_mask [b, t] or position_ids [b, t]
-    (packed rows, one sequence per run of increasing positions).
+    (packed rows, one sequence per run of increasing positions). With `with_values`, `model` is a
+    value-head model and the values of the same states come along.
     """
     rows, positions, targets = _targets(batch)
     head = splittable_head(model)
     if head is None:
-        logits = model(**_model_inputs(batch), use_cache=False).logits  # [b, t, v]
-        logps, stats = log_probs_from_logits(logits[rows, positions - 1], targets, temperature)
-        return TokenLogProbs(logps, stats, rows, positions)
-    hidden = _final_hidden_states(model, _model_inputs(batch))  # [b, t, h]
-    logps, stats = linear_log_probs(
-        hidden[rows, positions - 1], head.weight, targets, head.bias, temperature, chunk_size
-    )
-    return TokenLogProbs(logps, stats, rows, positions)
+        outputs = model(**_model_inputs(batch), use_cache=False)
+        logps, stats = log_probs_from_logits(_logits(outputs)[rows, positions - 1], targets, temperature)
+    else:
+        hidden, outputs = _final_hidden_states(model, _model_inputs(batch))  # [b, t, h]
+        logps, stats = linear_log_probs(
+            hidden[rows, positions - 1], head.weight, targets, head.bias, temperature, chunk_size
+        )
+    values = outputs[2][rows, positions - 1] if with_values else None  # (lm_logits, loss, value [b, t])
+    return TokenLogProbs(logps, stats, rows, positions, values)
 
 
 def causal_lm_loss(
@@ -167,10 +180,10 @@ def causal_lm_loss(
     rows, positions, targets = _targets(batch)
     head = splittable_head(model)
     if head is None:
-        logits = model(**_model_inputs(batch), use_cache=False).logits  # [b, t, v]
+        logits = _logits(model(**_model_inputs(batch), use_cache=False))  # [b, t, v]
         logps, stats = log_probs_from_logits(logits[rows, positions - 1], targets)
         return -logps.sum() / normalizer, stats
-    hidden = _final_hidden_states(model, _model_inputs(batch))  # [b, t, h]
+    hidden, _ = _final_hidden_states(model, _model_inputs(batch))  # [b, t, h]
     weights = torch.full(targets.shape, 1.0, device=hidden.device) / normalizer
     return linear_cross_entropy(hidden[rows, positions - 1], head.weight, targets, weights, head.bias, chunk_size)
 

@@ -22,9 +22,46 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def create_reference_model(model: nn.Module) -> nn.Module:
-    """A frozen deep copy of `model` in eval mode."""
-    return freeze(copy.deepcopy(model))
+# Where layer i's parameters live in common architectures; `{layer}` is its index.
+LAYER_PATTERNS = ("model.layers.{layer}.", "transformer.h.{layer}.", "model.decoder.layers.{layer}.",
+                  "gpt_neox.layers.{layer}.", "decoder.block.{layer}.")
+
+
+def create_reference_model(model: nn.Module, num_shared_layers: int | None = None,
+                           pattern: str | None = None) -> nn.Module:
+    """A frozen copy of `model` in eval mode, for the KL penalty.
+
+    With `num_shared_layers=N`, every parameter that comes before layer N (embeddings and layers
+    0..N-1) is shared with `model` instead of copied, and frozen in both: a shared layer cannot move
+    in the policy without moving the reference. `pattern` names layer parameters, e.g.
+    "model.layers.{layer}." (found automatically for common architectures).
+    """
+    if is_peft_model(model) or is_peft_model(getattr(model, "pretrained_model", None)):
+        raise ValueError("A PEFT model needs no reference copy: use it with its adapter disabled "
+                         "(pass ref_model=None to the trainer).")
+    reference = copy.deepcopy(model)
+    if num_shared_layers is not None:
+        names = [name for name, _ in model.named_parameters()]
+        boundary = _first_parameter_of_layer(names, num_shared_layers, pattern)
+        params = dict(model.named_parameters())
+        for name in names[:boundary]:
+            module_name, _, attribute = name.rpartition(".")
+            shared = params[name]
+            shared.requires_grad_(False)
+            setattr(reference.get_submodule(module_name), attribute, shared)
+    return freeze(reference)
+
+
+def _first_parameter_of_layer(names: list[str], layer: int, pattern: str | None) -> int:
+    candidates = [pattern] if pattern else list(LAYER_PATTERNS)
+    for candidate in candidates:
+        marker = candidate.format(layer=layer)
+        hits = [i for i, name in enumerate(names) if marker in name]
+        if hits:
+            return hits[0]
+        if any(candidate.format(layer=0) in name for name in names):
+            raise ValueError(f"num_shared_layers={layer} but the model has fewer layers (pattern {candidate!r}).")
+    raise ValueError("Could not find the model's layers to share; pass pattern=, e.g. 'model.layers.{layer}.'.")
 
 
 @contextlib.contextmanager

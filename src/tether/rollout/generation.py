@@ -1,0 +1,101 @@
+"""Sampling responses: batched, KV-cached, each sequence stopping at EOS and the batch when all have.
+
+Queries are left-padded into one batch (so every row's next token is at the same column) and run
+through the model's `generate`, which caches keys/values and stops early once every row has ended.
+Returned responses drop the padding and everything after the first EOS (the EOS itself is kept).
+
+Shapes: b = batch, q = query tokens, r = response tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _left_pad(queries: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(q) for q in queries)
+    input_ids = torch.full((len(queries), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(queries), width), dtype=torch.long)
+    for i, query in enumerate(queries):
+        input_ids[i, width - len(query):] = query
+        attention_mask[i, width - len(query):] = 1
+    return input_ids, attention_mask
+
+
+def truncate_after_eos(response: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """response [r] cut after its first EOS (kept), if any."""
+    if not eos_token_ids:
+        return response
+    is_eos = torch.isin(response, torch.tensor(list(eos_token_ids), device=response.device))
+    hits = is_eos.nonzero()
+    return response[: int(hits[0]) + 1] if len(hits) else response
+
+
+def _eos_ids(generation_kwargs: dict[str, Any], model: nn.Module) -> list[int]:
+    eos = generation_kwargs.get("eos_token_id")
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+@torch.no_grad()
+def generate_responses(
+    model: nn.Module,
+    queries: Sequence[torch.Tensor],
+    pad_token_id: int,
+    batch_size: int = 16,
+    return_prompt: bool = False,
+    length_sampler: Callable[[], int] | None = None,
+    **generation_kwargs: Any,
+) -> list[torch.Tensor]:
+    """One response per query (a list of 1-D tensors on the queries' device), `batch_size` at a time.
+
+    `length_sampler()` (e.g. a LengthSampler) draws max_new_tokens per batch; generation_kwargs go to
+    `model.generate` (do_sample, top_k, top_p, temperature, max_new_tokens, eos_token_id, ...).
+    """
+    if not queries:
+        raise ValueError("No queries to generate from.")
+    for i, query in enumerate(queries):
+        if query.dim() != 1 or len(query) == 0:
+            raise ValueError(f"Query {i} must be a non-empty 1-D tensor of token ids, got shape {tuple(query.shape)}.")
+    device = next(model.parameters()).device
+    eos_ids = _eos_ids(generation_kwargs, model)
+    was_training = model.training
+    model.eval()
+    outputs: list[torch.Tensor] = []
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start:start + batch_size]
+        input_ids, attention_mask = _left_pad(chunk, pad_token_id)
+        kwargs = dict(generation_kwargs)
+        if length_sampler is not None:
+            kwargs["max_new_tokens"] = length_sampler()
+        kwargs.setdefault("pad_token_id", pad_token_id)
+        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                   **kwargs)  # [b, width + r]
+        for query, row in zip(chunk, generated[:, input_ids.shape[1]:]):
+            # A row that ended early is padded after its EOS; one that did not end has no padding.
+            response = truncate_after_eos(row, eos_ids)
+            outputs.append(torch.cat([query.to(device), response]) if return_prompt else response)
+    model.train(was_training)
+    return outputs
+
+
+def respond_to_batch(model: nn.Module, queries: torch.Tensor, txt_len: int = 20, top_k: int = 0,
+                     top_p: float = 1.0) -> torch.Tensor:
+    """Sample exactly `txt_len` tokens after each query (TRL's classic helper): [b, q] -> [b, txt_len].
+
+    Sampling ignores EOS so every row has the same length; top_k=0 and top_p=1.0 mean no filtering.
+    """
+    device = next(model.parameters()).device
+    queries = queries.to(device)
+    with torch.no_grad():
+        out = model.generate(input_ids=queries, attention_mask=torch.ones_like(queries), do_sample=True,
+                             top_k=top_k, top_p=top_p, max_new_tokens=txt_len, min_new_tokens=txt_len,
+                             pad_token_id=getattr(model.config, "pad_token_id", None) or 0)
+    return out[:, queries.shape[1]:]
