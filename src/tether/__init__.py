@@ -25,6 +25,11 @@ _EXPORTS = {
     "CPOTrainer": "tether.trainers.cpo",
     "KTOConfig": "tether.trainers.kto",
     "KTOTrainer": "tether.trainers.kto",
+    "PPOConfig": "tether.trainers.ppo_config",
+    "PPOTrainer": "tether.trainers.ppo",
+    "AutoModelForCausalLMWithValueHead": "tether.models.value_head",
+    "AutoModelForSeq2SeqLMWithValueHead": "tether.models.value_head",
+    "respond_to_batch": "tether.rollout.generation",
     "create_reference_model": "tether.models.reference",
     "DatasetError": "tether.data.formats",
 }

@@ -189,23 +189,24 @@ def causal_lm_loss(
 
 
 def seq2seq_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
-                            ) -> TokenLogProbs:
+                            with_values: bool = False) -> TokenLogProbs:
     """log p(label_j | labels_<j, encoder input) for every label with decoder_loss_mask True.
 
-    batch: input_ids/attention_mask [b, s] (encoder), labels [b, t], decoder_loss_mask [b, t].
+    batch: input_ids/attention_mask [b, s] (encoder), labels [b, t] (padded with the pad id),
+    decoder_attention_mask and decoder_loss_mask [b, t]. The decoder reads the labels shifted right
+    behind the start token. With `with_values`, `model` is a value-head model and values come along.
     """
     labels = batch["labels"]
-    decoder_input_ids = unwrap_model(model).prepare_decoder_input_ids_from_labels(
-        labels=labels.masked_fill(~batch["decoder_loss_mask"].bool(), 0)
-    )
-    logits = model(
+    decoder_input_ids = unwrap_model(model).prepare_decoder_input_ids_from_labels(labels=labels)
+    outputs = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
         decoder_input_ids=decoder_input_ids, decoder_attention_mask=batch["decoder_attention_mask"],
         use_cache=False,
-    ).logits  # [b, t, v]
+    )
     rows, positions = batch["decoder_loss_mask"].bool().nonzero(as_tuple=True)
-    logps, stats = log_probs_from_logits(logits[rows, positions], labels[rows, positions], temperature)
-    return TokenLogProbs(logps, stats, rows, positions)
+    logps, stats = log_probs_from_logits(_logits(outputs)[rows, positions], labels[rows, positions], temperature)
+    values = outputs[2][rows, positions] if with_values else None  # (lm_logits, loss, value [b, t])
+    return TokenLogProbs(logps, stats, rows, positions, values)
 
 
 def completion_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,

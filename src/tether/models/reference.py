@@ -71,8 +71,8 @@ def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
     Unwraps DDP-style wrappers to reach the PEFT model; raises if there is no adapter to disable.
     """
     inner = model
-    while not is_peft_model(inner) and hasattr(inner, "module"):
-        inner = inner.module
+    while not is_peft_model(inner) and (hasattr(inner, "module") or hasattr(inner, "pretrained_model")):
+        inner = getattr(inner, "module", None) or inner.pretrained_model  # DDP, then the value-head wrapper
     if not is_peft_model(inner):
         raise ValueError("reference_mode needs a PEFT model: without an adapter there is no base to fall back to.")
     with inner.disable_adapter():

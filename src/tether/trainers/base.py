@@ -62,6 +62,11 @@ def as_config(config_class: type[TrainingArguments], args: TrainingArguments | N
 class TetherTrainer(Trainer):
     """Base of the tether trainers: subclasses prepare datasets and define `compute_loss`."""
 
+    # Losses are means over the micro-batch unless a trainer normalises by the global token count itself
+    # (SFT): Trainer must then divide by the accumulation steps. Left to Trainer, it would not, because our
+    # batches carry a loss_mask, and it would assume normalisation by a token count.
+    loss_is_scaled_for_ga = False
+
     @staticmethod
     def load_model(name_or_path: str, init_kwargs: dict[str, Any]) -> nn.Module:
         """How this method loads a model given by name or path (a language model by default)."""
@@ -130,6 +135,12 @@ class TetherTrainer(Trainer):
                 logs[prefix + name] = sum(measured) / len(measured)
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # With remove_unused_columns=True (a plain TrainingArguments) Trainer keeps only the columns
+        # model.forward takes; our prepared datasets hold exactly what the collator reads, so keep them all.
+        if self._signature_columns is None:
+            self._signature_columns = list(self.train_dataset.column_names)
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:

@@ -35,6 +35,9 @@ class DPOConfig(PairwiseConfig):
     def __post_init__(self) -> None:
         if self.loss_type not in DPO_LOSSES:
             raise ValueError(f"Unknown loss_type {self.loss_type!r}; use one of {', '.join(sorted(DPO_LOSSES))}.")
+        # Each loss checks its own hyperparameters (exo_pair needs label_smoothing > 0, hinge takes none, ...):
+        # call it once on a dummy pair so a bad combination fails here rather than at the first step.
+        dpo_loss(self.loss_type, *torch.zeros(4, 1), beta=self.beta, label_smoothing=self.label_smoothing)
         super().__post_init__()
 
 
@@ -68,8 +71,11 @@ class DPOTrainer(PairwiseTrainer):
             kwargs = model_init_kwargs(self.args.ref_model_init_kwargs)
             ref_model = load_language_model(ref_model, **kwargs)
         if ref_model is not None:
-            if ref_model is self.model:
-                raise ValueError("ref_model is the policy itself; pass a separate model, or None for a frozen copy.")
+            # Also the model a PEFT policy wraps: freezing it as the reference would freeze the adapter too.
+            policy_parameters = {id(p) for p in self.model.parameters()}
+            if any(id(p) in policy_parameters for p in ref_model.parameters()):
+                raise ValueError("ref_model is the policy itself (or shares its weights); pass a separate model, "
+                                 "or None for a frozen copy (or, with peft_config, the adapter-disabled policy).")
         elif is_peft_model(self.model) or self.args.precompute_ref_log_probs:
             return None
         else:

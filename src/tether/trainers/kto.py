@@ -67,8 +67,9 @@ class KTOTrainer(DPOTrainer):
             with context:
                 ref_all, _, _ = completion_log_probs(reference_model, sequences, chunk_size=chunk)  # [2b]
             ref, ref_mismatched = ref_all[:b], ref_all[b:]
-            gathered = self.accelerator.gather(torch.stack([policy_mismatched, ref_mismatched]))  # [2, b*world]
-            reference_point = kto_reference_point(gathered[0], gathered[1])
+            # gather concatenates along dim 0, so stack per example: [b, 2] -> [b * world, 2]
+            gathered = self.accelerator.gather(torch.stack([policy_mismatched, ref_mismatched], dim=1))
+            reference_point = kto_reference_point(gathered[:, 0], gathered[:, 1])
         desirable = inputs["label"].bool()
         out = kto_loss(policy, ref, desirable, reference_point, self.args.beta, self.args.desirable_weight,
                        self.args.undesirable_weight)

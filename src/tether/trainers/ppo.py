@@ -1,0 +1,389 @@
+"""PPO for RLHF with TRL's classic API: `generate()` rollouts, `step(queries, responses, scores)`.
+
+One `step` reads as the algorithm (Ziegler et al., 2019; Stiennon et al., 2020; Ouyang et al., 2022):
+  1. forward:    log-probs and values of the responses under the policy, log-probs under the reference
+  2. rewards:    score at the last response token, minus kl_coef * KL(policy || reference) per token
+  3. advantages: GAE over response tokens, whitened
+  4. update:     ppo_epochs passes of shuffled mini-batches: clipped policy loss + vf_coef * clipped
+                 value loss; optional early stop on approximate KL
+  5. KL control: adapt kl_coef toward the target KL
+Shapes: b = batch, t = tokens (query + response, right-padded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ..losses.advantages import gae
+from ..losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
+from ..losses.ppo import ppo_policy_loss, ppo_value_loss
+from ..models.forward import TokenLogProbs, causal_token_log_probs, seq2seq_token_log_probs, unwrap_model
+from ..models.loading import ensure_pad_token, is_encoder_decoder, is_peft_model
+from ..models.reference import create_reference_model, reference_mode
+from ..ops.stats import masked_mean, masked_var, masked_whiten
+from ..rollout.generation import generate_responses
+from .ppo_config import PPOConfig
+
+
+def _stack_padded(rows: Sequence[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D tensors into [b, t] and the mask of real entries."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad, dtype=rows[0].dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row.cpu()
+        mask[i, : len(row)] = True
+    return out, mask
+
+
+class PPOTrainer:
+    """`PPOTrainer(config, model, ref_model, tokenizer, dataset=None, optimizer=None, data_collator=None,
+    num_shared_layers=None, lr_scheduler=None)`, as in TRL before 1.0.
+
+    `model` is an `AutoModelForCausalLMWithValueHead` (or the seq2seq variant). `ref_model` None: the
+    adapter-disabled model for a PEFT policy, else a frozen copy (sharing `num_shared_layers`).
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig | None = None,
+        model: nn.Module | None = None,
+        ref_model: nn.Module | None = None,
+        tokenizer: Any = None,
+        dataset: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        data_collator: Callable | None = None,
+        num_shared_layers: int | None = None,
+        lr_scheduler: Any = None,
+    ) -> None:
+        if model is None or not hasattr(model, "v_head"):
+            raise ValueError("PPOTrainer needs a model with a value head: "
+                             "AutoModelForCausalLMWithValueHead.from_pretrained(path).")
+        if tokenizer is None:
+            raise ValueError("PPOTrainer needs the tokenizer (to pad batches and decode).")
+        self.config = config = config or PPOConfig()
+        self.accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        self.tokenizer = tokenizer
+        ensure_pad_token(tokenizer, model.pretrained_model)
+        self.is_encoder_decoder = is_encoder_decoder(model.pretrained_model)
+        self.is_peft_model = is_peft_model(model.pretrained_model)
+        if ref_model is None and not self.is_peft_model:
+            ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
+        elif ref_model is not None and num_shared_layers is not None:
+            warnings.warn("num_shared_layers only applies when PPOTrainer makes the reference copy itself.",
+                          UserWarning, stacklevel=2)
+        self.optimizer = optimizer or torch.optim.Adam(
+            [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+        self.lr_scheduler = lr_scheduler
+        self.dataset = dataset
+        self.data_collator = data_collator or (lambda rows: {k: [r[k] for r in rows] for k in rows[0]})
+        self.dataloader = None
+        if dataset is not None:
+            self.dataloader = torch.utils.data.DataLoader(
+                dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, collate_fn=self.data_collator)
+        prepared = self.accelerator.prepare(model, self.optimizer, *( [self.dataloader] if self.dataloader else []))
+        self.model, self.optimizer = prepared[0], prepared[1]
+        if self.dataloader is not None:
+            self.dataloader = prepared[2]
+        self.ref_model = (self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+                          if ref_model is not None else None)
+        self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+                       if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
+        self.current_step = 0
+
+    # ----- rollout -----------------------------------------------------------------------------------
+    def generate(self, query_tensor: torch.Tensor | list[torch.Tensor], length_sampler: Callable[[], int] | None = None,
+                 batch_size: int = 4, return_prompt: bool = True, **generation_kwargs: Any,
+                 ) -> torch.Tensor | list[torch.Tensor]:
+        """Responses to one query (1-D tensor in, 1-D tensor out) or to a list of queries (list out)."""
+        single = isinstance(query_tensor, torch.Tensor) and query_tensor.dim() == 1
+        queries = [query_tensor] if single else list(query_tensor)
+        generation_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        out = generate_responses(unwrap_model(self.model), queries, self.tokenizer.pad_token_id, batch_size,
+                                 return_prompt and not self.is_encoder_decoder, length_sampler,
+                                 **generation_kwargs)
+        return out[0] if single else out
+
+    # ----- the PPO step ------------------------------------------------------------------------------
+    def _check_step_inputs(self, queries: list, responses: list, scores: list, masks: list | None) -> torch.Tensor:
+        n = self.config.batch_size
+        for name, values in (("queries", queries), ("responses", responses), ("scores", scores)):
+            if not isinstance(values, (list, tuple)):
+                raise ValueError(f"{name} must be a list of tensors, got {type(values).__name__}.")
+            if len(values) != n:
+                raise ValueError(f"{name} has {len(values)} elements but config.batch_size is {n}; pass exactly "
+                                 "batch_size queries, responses and scores per step.")
+        for i, (query, response) in enumerate(zip(queries, responses)):
+            if not isinstance(query, torch.Tensor) or query.dim() != 1 or len(query) == 0:
+                raise ValueError(f"queries[{i}] must be a non-empty 1-D tensor of token ids.")
+            if not isinstance(response, torch.Tensor) or response.dim() != 1 or len(response) == 0:
+                raise ValueError(f"responses[{i}] must be a non-empty 1-D tensor of token ids (got "
+                                 f"{getattr(response, 'shape', type(response).__name__)}).")
+        if masks is not None and any(len(m) != len(r) for m, r in zip(masks, responses)):
+            raise ValueError("Each response_masks[i] must have the length of responses[i].")
+        values = []
+        for i, score in enumerate(scores):
+            score = torch.as_tensor(score, dtype=torch.float32)
+            if score.numel() != 1:
+                raise ValueError(f"scores[{i}] has shape {tuple(score.shape)}; each score must be a scalar tensor.")
+            if not torch.isfinite(score):
+                raise ValueError(f"scores[{i}] is {score.item()}; scores must be finite.")
+            values.append(score.reshape(()))
+        scores_tensor = torch.stack(values)
+        if self.config.score_clip is not None:
+            scores_tensor = scores_tensor.clamp(-self.config.score_clip, self.config.score_clip)
+        return scores_tensor.to(self.accelerator.device)
+
+    def _batch(self, queries: list[torch.Tensor], responses: list[torch.Tensor],
+               response_masks: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Model inputs, and `loss_mask` True at the response tokens that are trained on."""
+        pad, device = self.tokenizer.pad_token_id, self.accelerator.device
+        if self.is_encoder_decoder:
+            # The response starts with the decoder start token, which predicts the rest.
+            input_ids, attention_mask = _stack_padded(queries, pad)
+            labels, label_mask = _stack_padded([r[1:] for r in responses], pad)
+            if response_masks is not None:
+                label_mask &= _stack_padded([m[1:].bool() for m in response_masks], 0)[0].bool()
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask.long(), "labels": labels,
+                     "decoder_attention_mask": _stack_padded([r[1:] for r in responses], pad)[1].long(),
+                     "decoder_loss_mask": label_mask}
+        else:
+            sequences = [torch.cat([q.cpu(), r.cpu()]) for q, r in zip(queries, responses)]
+            input_ids, attention_mask = _stack_padded(sequences, pad)
+            loss_mask = torch.zeros_like(attention_mask)
+            for i, (query, response) in enumerate(zip(queries, responses)):
+                counts = response_masks[i].bool().cpu() if response_masks is not None else True
+                loss_mask[i, len(query): len(query) + len(response)] = counts
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask.long(), "loss_mask": loss_mask}
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def _token_log_probs(self, model: nn.Module, batch: dict[str, torch.Tensor], with_values: bool) -> TokenLogProbs:
+        if self.is_encoder_decoder:
+            return seq2seq_token_log_probs(model, batch, with_values=with_values)
+        return causal_token_log_probs(model, batch, with_values=with_values)
+
+    def _grid(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        return tuple((batch["labels"] if self.is_encoder_decoder else batch["input_ids"]).shape)
+
+    def _mask(self, batch: dict[str, torch.Tensor], tokens: TokenLogProbs) -> torch.Tensor:
+        return tokens.scatter(torch.ones_like(tokens.logps, dtype=torch.bool), self._grid(batch), False)
+
+    @torch.no_grad()
+    def _reference_log_probs(self, batch: dict[str, torch.Tensor]) -> TokenLogProbs:
+        if self.ref_model is not None:
+            return self._token_log_probs(self.ref_model, batch, with_values=False)
+        with reference_mode(self.model):
+            return self._token_log_probs(self.model, batch, with_values=False)
+
+    def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores: list[torch.Tensor],
+             response_masks: list[torch.Tensor] | None = None) -> dict[str, Any]:
+        """One PPO optimisation step on a batch of (query, response, score); returns the classic stats."""
+        config, timing = self.config, {}
+        start = time.perf_counter()
+        scores_t = self._check_step_inputs(queries, responses, scores, response_masks)
+        batch = self._batch(queries, responses, response_masks)
+        grid = self._grid(batch)
+
+        # 1. forward: old log-probs and values (policy), reference log-probs
+        t = time.perf_counter()
+        self.model.eval()
+        with torch.no_grad():
+            old = self._token_log_probs(self.model, batch, with_values=True)
+            ref = self._reference_log_probs(batch)
+        mask = self._mask(batch, old)
+        old_logprobs, ref_logprobs = old.to_padded(grid), ref.to_padded(grid)
+        old_values = old.scatter(old.values.float(), grid)
+        timing["time/ppo/forward_pass"] = time.perf_counter() - t
+
+        # 2. rewards: score at the last response token, KL penalty at every one
+        t = time.perf_counter()
+        rewards, non_score_reward, kl = kl_penalized_rewards(
+            scores_t, old_logprobs, ref_logprobs, mask, self.kl_ctl.value, config.kl_penalty
+        ) if config.kl_penalty != "full" else self._full_kl_rewards(batch, scores_t, mask)
+        timing["time/ppo/compute_rewards"] = time.perf_counter() - t
+
+        # 3. advantages
+        t = time.perf_counter()
+        can_whiten = int(mask.sum()) > 1  # whitening needs a variance: at least two response tokens
+        if config.whiten_rewards and can_whiten:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
+        if can_whiten:
+            advantages = masked_whiten(advantages, mask)
+        timing["time/ppo/compute_advantages"] = time.perf_counter() - t
+
+        # 4. update: ppo_epochs passes over shuffled mini-batches
+        t = time.perf_counter()
+        self.model.train()
+        rollout = {"old_logprobs": old_logprobs, "old_values": old_values, "advantages": advantages,
+                   "returns": returns, "mask": mask}
+        epoch_stats = self._optimize(batch, rollout)
+        timing["time/ppo/optimize_step"] = time.perf_counter() - t
+
+        # 5. KL control, on the mean per-sequence KL of this batch
+        mean_kl = self.accelerator.reduce(kl.sum(1).mean(), reduction="mean")
+        kl_coef = self.kl_ctl.value
+        self.kl_ctl.update(mean_kl.item(), config.batch_size * self.accelerator.num_processes)
+        self.current_step += 1
+
+        t = time.perf_counter()
+        stats = self._stats(batch, queries, responses, scores_t, old, mask, old_logprobs, ref_logprobs,
+                            non_score_reward, kl, advantages, returns, old_values, epoch_stats, kl_coef)
+        timing["time/ppo/calc_stats"] = time.perf_counter() - t
+        timing["time/ppo/total"] = time.perf_counter() - start
+        stats.update(timing)
+        return stats
+
+    def _full_kl_rewards(self, batch: dict[str, torch.Tensor], scores: torch.Tensor,
+                         mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """kl_penalty='full': the exact KL between the two next-token distributions at each response
+        token, which needs both full [b, t, v] distributions (memory heavy, by the user's choice)."""
+        def distributions(model: nn.Module, context: Any) -> torch.Tensor:
+            with torch.no_grad(), context:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            logits = out[0] if isinstance(out, tuple) else out.logits
+            return torch.cat([logits[:, :1] * 0, logits[:, :-1]], 1).float().log_softmax(-1)  # at target positions
+
+        policy = distributions(self.model, contextlib.nullcontext())
+        if self.ref_model is not None:
+            reference = distributions(self.ref_model, contextlib.nullcontext())
+        else:
+            reference = distributions(self.model, reference_mode(self.model))
+        return kl_penalized_rewards(scores, policy, reference, mask, self.kl_ctl.value, "full")
+
+    def _optimize(self, batch: dict[str, torch.Tensor], rollout: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+        config = self.config
+        micro = config.mini_batch_size // config.gradient_accumulation_steps
+        collected: dict[str, list[float]] = {k: [] for k in (
+            "policy_loss", "value_loss", "clipfrac", "approxkl", "policykl", "vf_clipfrac", "value_error",
+            "entropy", "vpred")}
+        for _epoch in range(config.ppo_epochs):
+            order = torch.randperm(config.batch_size)
+            stop = False
+            for start in range(0, config.batch_size, config.mini_batch_size):
+                mini = order[start:start + config.mini_batch_size]
+                num_tokens = rollout["mask"][mini].sum().clamp(min=1)  # normaliser over the whole mini-batch
+                for micro_start in range(0, len(mini), micro):
+                    rows = mini[micro_start:micro_start + micro].to(self.accelerator.device)
+                    with self.accelerator.accumulate(self.model):
+                        approxkl = self._train_micro_batch(batch, rollout, rows, num_tokens, collected)
+                        if config.max_grad_norm is not None and self.accelerator.sync_gradients:
+                            self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                        self.optimizer.step()
+                        if self.lr_scheduler is not None:
+                            self.lr_scheduler.step()
+                        self.optimizer.zero_grad()
+                    if config.early_stopping and approxkl > 1.5 * config.target_kl:
+                        stop = True
+                        break
+                if stop:
+                    break
+            if stop:
+                break
+        return collected
+
+    def _train_micro_batch(self, batch: dict[str, torch.Tensor], rollout: dict[str, torch.Tensor], rows: torch.Tensor,
+                           num_tokens: torch.Tensor, collected: dict[str, list[float]]) -> float:
+        sub = {k: v[rows] for k, v in batch.items()}
+        width = self._grid(sub)[1]
+        # Rows keep the full batch's padded width so positions line up with the rollout tensors.
+        new = self._token_log_probs(self.model, sub, with_values=True)
+        logprobs = new.to_padded((len(rows), width))
+        values = new.scatter(new.values.float(), (len(rows), width))
+        mask = rollout["mask"][rows]
+        policy = ppo_policy_loss(logprobs, rollout["old_logprobs"][rows], rollout["advantages"][rows], mask,
+                                 self.config.cliprange, num_tokens=num_tokens)
+        value = ppo_value_loss(values, rollout["old_values"][rows], rollout["returns"][rows], mask,
+                               self.config.cliprange_value, num_tokens=num_tokens)
+        loss = policy.loss + self.config.vf_coef * value.loss
+        self.accelerator.backward(loss)
+        for name, stat in (("policy_loss", policy.loss), ("value_loss", value.loss), ("clipfrac", policy.clipfrac),
+                           ("approxkl", policy.approxkl), ("policykl", policy.policykl),
+                           ("vf_clipfrac", value.clipfrac), ("value_error", value.value_error),
+                           ("entropy", new.stats.entropy.mean()), ("vpred", masked_mean(values.detach(), mask))):
+            collected[name].append(float(stat.detach()) if torch.is_tensor(stat) else float(stat))
+        return float(policy.approxkl)
+
+    def _stats(self, batch, queries, responses, scores, old, mask, old_logprobs, ref_logprobs, non_score_reward,
+               kl, advantages, returns, old_values, epoch_stats, kl_coef) -> dict[str, Any]:
+        def mean(values: list[float]) -> float:
+            return float(np.mean(values)) if values else float("nan")
+
+        unbiased = int(mask.sum()) > 1
+        value_var = masked_var(old_values, mask, unbiased)
+        stats = {
+            "objective/kl": kl.sum(1).mean(),
+            "objective/kl_dist": kl.sum(1),
+            "objective/logprobs": old_logprobs,
+            "objective/ref_logprobs": ref_logprobs,
+            "objective/kl_coef": kl_coef,
+            "objective/entropy": (-old_logprobs * mask).sum(1).mean(),
+            "ppo/mean_non_score_reward": non_score_reward.sum(1).mean(),
+            "ppo/mean_scores": scores.mean(),
+            "ppo/std_scores": scores.std() if len(scores) > 1 else torch.tensor(0.0),
+            "ppo/loss/policy": mean(epoch_stats["policy_loss"]),
+            "ppo/loss/value": mean(epoch_stats["value_loss"]),
+            "ppo/loss/total": mean(epoch_stats["policy_loss"]) + self.config.vf_coef * mean(epoch_stats["value_loss"]),
+            "ppo/policy/entropy": mean(epoch_stats["entropy"]),
+            "ppo/policy/approxkl": mean(epoch_stats["approxkl"]),
+            "ppo/policy/policykl": mean(epoch_stats["policykl"]),
+            "ppo/policy/clipfrac": mean(epoch_stats["clipfrac"]),
+            "ppo/policy/advantages": advantages[mask],
+            "ppo/policy/advantages_mean": masked_mean(advantages, mask),
+            "ppo/returns/mean": masked_mean(returns, mask),
+            "ppo/returns/var": masked_var(returns, mask, unbiased),
+            "ppo/val/vpred": mean(epoch_stats["vpred"]),
+            "ppo/val/error": mean(epoch_stats["value_error"]),
+            "ppo/val/clipfrac": mean(epoch_stats["vf_clipfrac"]),
+            "ppo/val/mean": masked_mean(old_values, mask),
+            "ppo/val/var": value_var,
+            "ppo/val/var_explained": 1 - masked_var(returns - old_values, mask, unbiased) / value_var.clamp(min=1e-8),
+            "ppo/learning_rate": self.optimizer.param_groups[0]["lr"],
+            "ppo/epochs_run": len(epoch_stats["approxkl"]) / max(1, math.ceil(
+                self.config.batch_size / (self.config.mini_batch_size // self.config.gradient_accumulation_steps))),
+            "tokens/queries_len_mean": float(np.mean([len(q) for q in queries])),
+            "tokens/responses_len_mean": float(np.mean([len(r) for r in responses])),
+        }
+        out = {}
+        for key, value in stats.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float()
+                if value.dim() == 0:
+                    value = self.accelerator.reduce(value.to(self.accelerator.device), reduction="mean")
+                value = value.cpu().numpy() if value.dim() else float(value)
+            out[key] = value
+        return out
+
+    # ----- logging and saving ------------------------------------------------------------------------
+    def log_stats(self, stats: dict[str, Any], batch: dict[str, Any], rewards: Sequence[Any],
+                  columns_to_log: Sequence[str] = ("query", "response")) -> dict[str, float]:
+        """Scalar stats plus reward statistics, printed on the main process; returns what was logged."""
+        rewards_t = torch.stack([torch.as_tensor(r, dtype=torch.float32).reshape(()) for r in rewards])
+        logs = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) or np.ndim(v) == 0}
+        logs.update({"env/reward_mean": float(rewards_t.mean()), "env/reward_std": float(rewards_t.std()) if
+                     len(rewards_t) > 1 else 0.0, "env/reward_dist": rewards_t.tolist()})
+        if self.accelerator.is_main_process:
+            shown = {k: round(v, 4) for k, v in logs.items() if k.startswith(("env/reward_mean", "objective/kl",
+                                                                            "ppo/loss/total", "ppo/mean_scores"))}
+            print(f"step {self.current_step}: {shown}")
+        return logs
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Model (adapter for PEFT) + value head + tokenizer, as safetensors, from the main process."""
+        if self.accelerator.is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
+            self.accelerator.unwrap_model(self.model).save_pretrained(save_directory)
+            self.tokenizer.save_pretrained(save_directory)
