@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrained
 from .loading import apply_peft, model_init_kwargs
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
 class ValueHead(nn.Module):
@@ -57,12 +58,26 @@ class _ModelWithValueHead(nn.Module):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | PreTrainedModel, *model_args: Any,
-                        peft_config: Any = None, v_head_dropout: float = 0.0, **kwargs: Any) -> _ModelWithValueHead:
+                        peft_config: Any = None, v_head_dropout: float = 0.0, is_trainable: bool = True,
+                        **kwargs: Any) -> _ModelWithValueHead:
         """Load (or wrap) a model and add a value head, restored from `value_head.safetensors` if the
-        folder has one. kwargs go to the transformers `from_pretrained` (dtype, device_map, ...)."""
+        folder has one. kwargs go to the transformers `from_pretrained` (dtype, device_map, ...).
+
+        A folder written by `save_pretrained` of a PEFT policy (adapter_config.json) loads as its base
+        model plus that adapter, a `PeftModel` whose adapter trains unless `is_trainable=False`."""
         source = pretrained_model_name_or_path
+        adapter_file = os.path.join(source, ADAPTER_CONFIG_FILE) if isinstance(source, str) else None
         if isinstance(source, nn.Module):
             model = source
+        elif adapter_file and os.path.isfile(adapter_file):
+            # A saved PEFT policy: its base model (by the path the adapter records) + the adapter, trainable.
+            if peft_config is not None:
+                raise ValueError(f"{source} already holds a PEFT adapter; drop peft_config to load it.")
+            from peft import PeftConfig, PeftModel
+
+            base_path = PeftConfig.from_pretrained(source).base_model_name_or_path
+            base = cls.transformers_parent_class.from_pretrained(base_path, *model_args, **model_init_kwargs(kwargs))
+            model = PeftModel.from_pretrained(base, source, is_trainable=is_trainable)
         else:
             model = cls.transformers_parent_class.from_pretrained(source, *model_args, **model_init_kwargs(kwargs))
         if peft_config is not None:

@@ -3,6 +3,8 @@
 Queries are left-padded into one batch (so every row's next token is at the same column) and run
 through the model's `generate`, which caches keys/values and stops early once every row has ended.
 Returned responses drop the padding and everything after the first EOS (the EOS itself is kept).
+An encoder-decoder model's `generate` returns decoder tokens only: its responses are those, starting
+with the decoder start token, and never carry the prompt.
 
 Shapes: b = batch, q = query tokens, r = response tokens.
 """
@@ -66,6 +68,10 @@ def generate_responses(
             raise ValueError(f"Query {i} must be a non-empty 1-D tensor of token ids, got shape {tuple(query.shape)}.")
     device = next(model.parameters()).device
     eos_ids = _eos_ids(generation_kwargs, model)
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if encoder_decoder and return_prompt:
+        raise ValueError("return_prompt=True needs a decoder-only model: an encoder-decoder's response "
+                         "does not continue its prompt.")
     was_training = model.training
     model.eval()
     outputs: list[torch.Tensor] = []
@@ -77,8 +83,9 @@ def generate_responses(
             kwargs["max_new_tokens"] = length_sampler()
         kwargs.setdefault("pad_token_id", pad_token_id)
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                   **kwargs)  # [b, width + r]
-        for query, row in zip(chunk, generated[:, input_ids.shape[1]:]):
+                                   **kwargs)  # [b, width + r]; [b, r] for an encoder-decoder
+        new_tokens = generated if encoder_decoder else generated[:, input_ids.shape[1]:]  # [b, r]
+        for query, row in zip(chunk, new_tokens):
             # A row that ended early is padded after its EOS; one that did not end has no padding.
             response = truncate_after_eos(row, eos_ids)
             outputs.append(torch.cat([query.to(device), response]) if return_prompt else response)

@@ -12,13 +12,22 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from ..models.loading import apply_peft, ensure_pad_token, load_language_model, load_tokenizer, model_name
+from ..models.loading import (
+    apply_peft,
+    disable_dropout,
+    ensure_pad_token,
+    load_language_model,
+    load_tokenizer,
+    model_name,
+)
 
 
 def apply_legacy_kwargs(args: TrainingArguments, legacy: dict[str, Any], renames: dict[str, str],
@@ -59,8 +68,34 @@ def as_config(config_class: type[TrainingArguments], args: TrainingArguments | N
     return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
 
+@dataclass
+class TetherConfig(TrainingArguments):
+    """Fields every tether method has, on top of `TrainingArguments`."""
+
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Keyword arguments for from_pretrained when `model` is a name or path "
+                                        "(e.g. dtype, attn_implementation, trust_remote_code)."})
+    max_length: int | None = field(default=1024, metadata={"help": "Truncate tokenized sequences to this "
+                                                                     "many tokens."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs "
+                                                                           "the tokenized columns."})
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
+        super().__post_init__()
+
+
 class TetherTrainer(Trainer):
-    """Base of the tether trainers: subclasses prepare datasets and define `compute_loss`."""
+    """Base of the tether trainers. The constructor has TRL's shape; a method sets its config class,
+    and overrides `_prepare` (raw dataset -> tokenized rows), `_default_collator` and `compute_loss`."""
+
+    config_class: type[TetherConfig] = TetherConfig
+    config_suffix = "tether"  # default output dir: <model name>-<suffix>
+    legacy_renames: dict[str, str] = {}  # old TRL keyword -> config field
+    dataset_description = "a train_dataset"
 
     # Losses are means over the micro-batch unless a trainer normalises by the global token count itself
     # (SFT): Trainer must then divide by the accumulation steps. Left to Trainer, it would not, because our
@@ -75,23 +110,59 @@ class TetherTrainer(Trainer):
     def __init__(
         self,
         model: nn.Module | str,
-        args: TrainingArguments,
+        args: TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
         processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
         peft_config: Any = None,
-        **trainer_kwargs: Any,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **legacy_kwargs: Any,
     ) -> None:
-        if isinstance(model, str):
-            model = self.load_model(model, getattr(args, "model_init_kwargs", None) or {})
-        elif getattr(args, "model_init_kwargs", None):
-            warnings.warn("model_init_kwargs is used only when `model` is a name or path; it was ignored.",
-                          UserWarning, stacklevel=2)
-        if processing_class is None:
-            processing_class = load_tokenizer(model_name(model))
+        name = type(self).__name__
+        args = as_config(self.config_class, args, model, self.config_suffix)
+        args = apply_legacy_kwargs(args, legacy_kwargs, self.legacy_renames, name)
+        if train_dataset is None:
+            raise ValueError(f"{name} needs {self.dataset_description}.")
+        model = self._load(model, args)
+        processing_class = processing_class or tokenizer or load_tokenizer(model_name(model))
         ensure_pad_token(processing_class, model)
         if peft_config is not None:
-            model = apply_peft(model, peft_config, args.activation_checkpointing or False)
+            model = apply_peft(model, self._adapt_peft_config(peft_config), args.activation_checkpointing or False)
+        if getattr(args, "disable_dropout", False):
+            disable_dropout(model)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        super().__init__(model=model, args=args, processing_class=processing_class, **trainer_kwargs)
+        super().__init__(model=model, args=args, processing_class=processing_class, compute_metrics=compute_metrics,
+                         callbacks=callbacks, optimizers=optimizers, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, data_collator=data_collator)
+        self.train_dataset = self._prepare(train_dataset, "train")
+        if isinstance(eval_dataset, dict):
+            self.eval_dataset = {k: self._prepare(v, f"eval {k}") for k, v in eval_dataset.items()}
+        elif eval_dataset is not None:
+            self.eval_dataset = self._prepare(eval_dataset, "eval")
+        if data_collator is None:
+            self.data_collator = self._default_collator()
+
+    def _load(self, model: nn.Module | str, args: TetherConfig) -> nn.Module:
+        if isinstance(model, str):
+            return self.load_model(model, args.model_init_kwargs or {})
+        if args.model_init_kwargs:
+            warnings.warn("model_init_kwargs is used only when `model` is a name or path; it was ignored.",
+                          UserWarning, stacklevel=3)
+        return model
+
+    def _adapt_peft_config(self, peft_config: Any) -> Any:
+        """A method's chance to complete the user's PEFT config (e.g. the task type)."""
+        return peft_config
+
+    def _prepare(self, dataset: Any, what: str) -> Any:
+        raise NotImplementedError
+
+    def _default_collator(self) -> Callable:
+        raise NotImplementedError
 
     # ----- loss normalisation -----------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:

@@ -8,22 +8,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 from ..data import LanguageModelingCollator, Seq2SeqCollator, prepare_language_modeling, prepare_seq2seq
 from ..models.forward import causal_lm_loss, seq2seq_token_log_probs
 from ..models.loading import is_encoder_decoder
 from ..ops.logprobs import DEFAULT_CHUNK_SIZE
-from .base import TetherTrainer, apply_legacy_kwargs, as_config
+from .base import TetherConfig, TetherTrainer
 
 
 @dataclass
-class SFTConfig(TrainingArguments):
+class SFTConfig(TetherConfig):
     """Configuration of `SFTTrainer`; every `TrainingArguments` field applies too."""
 
-    model_init_kwargs: dict[str, Any] | None = field(
-        default=None, metadata={"help": "Keyword arguments for from_pretrained when `model` is a name or path "
-                                        "(e.g. dtype, attn_implementation, trust_remote_code)."})
     dataset_text_field: str = field(default="text", metadata={"help": "Column holding the text of language "
                                                                         "modeling data."})
     max_length: int | None = field(default=1024, metadata={"help": "Truncate tokenized examples to this many "
@@ -39,17 +35,11 @@ class SFTConfig(TrainingArguments):
                                                                                 "(default: yes)."})
     assistant_only_loss: bool = field(default=False, metadata={"help": "On conversations, train on assistant "
                                                                          "turns only."})
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     logprob_chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "Tokens per chunk of the "
                                                                                     "vocabulary projection."})
     learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs "
-                                                                           "the tokenized columns."})
 
     def __post_init__(self) -> None:
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
         if self.packing and self.max_length is None:
             raise ValueError("packing=True needs max_length (the packed row length).")
         if self.logprob_chunk_size < 1:
@@ -57,53 +47,28 @@ class SFTConfig(TrainingArguments):
         super().__post_init__()
 
 
-# Old SFTTrainer keywords and the SFTConfig fields they now are.
-_LEGACY_RENAMES = {"max_seq_length": "max_length"}
-
-
 class SFTTrainer(TetherTrainer):
     """Supervised fine-tuning on language modeling, prompt-completion or conversational data.
 
     `SFTTrainer("path/or/id", train_dataset=ds)` is enough; see `SFTConfig` for the options.
+    `formatting_func` turns each example (or a batch) into text first.
     """
 
-    def __init__(
-        self,
-        model: nn.Module | str,
-        args: SFTConfig | TrainingArguments | None = None,
-        data_collator: Callable | None = None,
-        train_dataset: Any = None,
-        eval_dataset: Any = None,
-        processing_class: PreTrainedTokenizerBase | None = None,
-        compute_metrics: Callable | None = None,
-        callbacks: list | None = None,
-        optimizers: tuple = (None, None),
-        peft_config: Any = None,
-        formatting_func: Callable | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        **legacy_kwargs: Any,
-    ) -> None:
-        args = as_config(SFTConfig, args, model, "SFT")
-        args = apply_legacy_kwargs(args, legacy_kwargs, _LEGACY_RENAMES, "SFTTrainer")
-        if train_dataset is None:
-            raise ValueError("SFTTrainer needs a train_dataset.")
-        processing_class = processing_class or tokenizer
-        super().__init__(model, args, processing_class, peft_config, compute_metrics=compute_metrics,
-                         callbacks=callbacks, optimizers=optimizers, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, data_collator=data_collator)
-        self._seq2seq = is_encoder_decoder(self.model)
+    config_class = SFTConfig
+    config_suffix = "SFT"
+    legacy_renames = {"max_seq_length": "max_length"}
+    # The loss divides by the step's global token count itself (see `_token_normalizer`).
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model: nn.Module | str, *args: Any, formatting_func: Callable | None = None,
+                 **kwargs: Any) -> None:
         self._formatting_func = formatting_func
-        self.train_dataset = self._prepare(train_dataset, "train")
-        if eval_dataset is not None:
-            self.eval_dataset = (
-                {k: self._prepare(v, f"eval {k}") for k, v in eval_dataset.items()}
-                if isinstance(eval_dataset, dict) else self._prepare(eval_dataset, "eval")
-            )
-        if data_collator is None:
-            self.data_collator = self._default_collator()
         self._num_tokens_seen = 0
-        # The loss divides by the step's global token count itself (see `_token_normalizer`).
-        self.loss_is_scaled_for_ga = True
+        super().__init__(model, *args, **kwargs)
+
+    @property
+    def _seq2seq(self) -> bool:
+        return is_encoder_decoder(self.model)
 
     def _prepare(self, dataset: Any, what: str) -> Any:
         args, tok = self.args, self.processing_class
