@@ -3,10 +3,10 @@
 from .collate import LanguageModelingCollator, Seq2SeqCollator, pack_best_fit_decreasing
 from .formats import DatasetError, DatasetFormat, DatasetType, detect_format
 from .load import load_any_dataset
-from .prepare import prepare_language_modeling, prepare_seq2seq
+from .prepare import prepare_language_modeling, prepare_prompts, prepare_seq2seq
 
 __all__ = [
     "DatasetError", "DatasetFormat", "DatasetType", "LanguageModelingCollator", "Seq2SeqCollator",
     "detect_format", "load_any_dataset", "pack_best_fit_decreasing", "prepare_language_modeling",
-    "prepare_seq2seq",
+    "prepare_prompts", "prepare_seq2seq",
 ]

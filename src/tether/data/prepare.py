@@ -127,3 +127,27 @@ def prepare_seq2seq(
     dataset = dataset.map(tokenize, remove_columns=dataset.column_names, num_proc=num_proc,
                           desc=f"Tokenizing {what} dataset")
     return drop_untrainable(dataset, max_length, what).remove_columns("loss_mask")
+
+
+def prepare_prompts(
+    dataset: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_prompt_length: int | None = None,
+    num_proc: int | None = None,
+    what: str = "train",
+) -> Any:
+    """Prompt-only rows for online methods: adds `prompt_input_ids`; every other column stays, so
+    reward functions can receive it."""
+    detect_format(dataset, expected=(DatasetType.PROMPT_ONLY,))
+    dataset = dataset.map(lambda row: {"prompt_input_ids": tokenize_prompt(tokenizer, row["prompt"])},
+                          num_proc=num_proc, desc=f"Tokenizing {what} prompts")
+    if max_prompt_length is not None:
+        too_long = [i for i, ids in enumerate(dataset["prompt_input_ids"]) if len(ids) > max_prompt_length]
+        if too_long:
+            raise DatasetError(
+                f"{len(too_long)} {what} prompt(s) are longer than max_prompt_length={max_prompt_length} tokens "
+                f"(first: row {too_long[0]}, {len(dataset[too_long[0]]['prompt_input_ids'])} tokens). "
+                "Fix: raise max_prompt_length, or filter or shorten those prompts."
+            )
+    return dataset

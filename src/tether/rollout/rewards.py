@@ -101,3 +101,34 @@ class RewardModelScorer:
             else:
                 texts.append(prompt + completion)
         return self.score_texts(texts)
+
+
+class RewardFunctions:
+    """Several rewards as one: callables, reward models, or paths to reward models, with weights.
+
+    `score(prompts, completions, **columns)` -> (weighted sum [n], each function's values {name: [n]}).
+    """
+
+    def __init__(self, reward_funcs: Any, reward_weights: Sequence[float] | None = None,
+                 reward_processing_classes: Sequence[Any] | None = None) -> None:
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise ValueError("No reward function given: pass a callable, a reward model, or a path to one.")
+        tokenizers = list(reward_processing_classes or [None] * len(funcs))
+        self.funcs = [self._as_function(f, tok) for f, tok in zip(funcs, tokenizers)]
+        self.weights = torch.tensor(list(reward_weights) if reward_weights is not None else [1.0] * len(funcs))
+        if len(self.weights) != len(self.funcs):
+            raise ValueError(f"{len(self.weights)} reward_weights for {len(self.funcs)} reward functions.")
+        self.names = [reward_function_name(f) for f in self.funcs]
+
+    @staticmethod
+    def _as_function(func: Any, tokenizer: Any) -> RewardFunction:
+        if isinstance(func, (str, torch.nn.Module)):
+            return RewardModelScorer(func, tokenizer)
+        if not callable(func):
+            raise ValueError(f"Reward {func!r} is neither callable nor a reward model or its path.")
+        return func
+
+    def score(self, prompts: list[Any], completions: list[Any], **columns: list[Any]) -> tuple[torch.Tensor, dict]:
+        values = torch.stack([call_reward_function(f, prompts, completions, **columns) for f in self.funcs])  # [k, n]
+        return (self.weights[:, None] * values).sum(0), dict(zip(self.names, values))
