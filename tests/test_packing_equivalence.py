@@ -150,3 +150,36 @@ def test_model_logits_on_packed_row_equal_sequences_alone(model):
             single = model(input_ids=torch.tensor([seq])).logits[0]
             torch.testing.assert_close(packed[start:start + len(seq)], single, atol=1e-5, rtol=1e-5)
             start += len(seq)
+
+
+def test_packed_preference_batches_match_padded(tiny_decoder_dir, tokenizer):
+    """Reward scores and completion log-probs of packed preference batches equal the padded ones."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tether.data.preference import PreferenceCollator
+    from tether.demo.corpus import preference_pairs
+    from tether.models.forward import completion_log_probs
+    from tether.models.scoring import batch_sequence_scores
+
+    rows = []
+    for pair in preference_pairs(5, seed=7):
+        prompt = tokenizer(pair["prompt"]).input_ids
+        row = {}
+        for side in ("chosen", "rejected"):
+            completion = tokenizer(pair[side], add_special_tokens=False).input_ids
+            row[f"{side}_input_ids"] = prompt + completion
+            row[f"{side}_loss_mask"] = [False] * len(prompt) + [True] * len(completion)
+        rows.append(row)
+    padded = PreferenceCollator(tokenizer.pad_token_id)(rows)
+    packed = PreferenceCollator(tokenizer.pad_token_id, pack_to=64)(rows)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # sequences really share rows
+    torch.manual_seed(0)
+    scorer = AutoModelForSequenceClassification.from_pretrained(tiny_decoder_dir, num_labels=1).eval()
+    lm = AutoModelForCausalLM.from_pretrained(tiny_decoder_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(batch_sequence_scores(scorer, packed), batch_sequence_scores(scorer, padded),
+                                   atol=1e-5, rtol=1e-5)
+        sums_packed, counts_packed, _ = completion_log_probs(lm, packed)
+        sums_padded, counts_padded, _ = completion_log_probs(lm, padded)
+    assert torch.equal(counts_packed, counts_padded)
+    torch.testing.assert_close(sums_packed, sums_padded, atol=1e-4, rtol=1e-5)

@@ -123,7 +123,8 @@ def test_model_given_by_path_implicit_prompt_and_margin(tmp_path, tiny_decoder_d
     trainer = RewardTrainer(tiny_decoder_dir, args=config(tmp_path, max_steps=2), train_dataset=ds)
     assert trainer.model.config.num_labels == 1
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    assert batch["input_ids"].shape[0] == 8 and batch["margin"].tolist() == [0.5] * 4
+    # Packed by default (a transformers decoder): 8 sequences (4 chosen, 4 rejected) share fewer rows.
+    assert int(batch["sequence_ids"].max()) + 1 == 8 and batch["margin"].tolist() == [0.5] * 4
     trainer.train()
 
 

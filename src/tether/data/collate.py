@@ -73,12 +73,16 @@ class LanguageModelingCollator:
     flatten: put the whole batch in one row with position_ids (padding-free; for attention kernels that
     take variable-length sequences, e.g. flash attention). Packed examples (with `position_ids`) are
     padded per row and keep their position_ids, so attention stays within each row's sequences.
+    pack_to: pack this batch's examples into rows of at most this many tokens (best fit decreasing) and
+    return `sequence_ids` [r, L] (the example each token belongs to, -1 in padding), so per-example
+    results (sums, last-token scores) can be read back out of the packed rows.
     """
 
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
     flatten: bool = False
+    pack_to: int | None = None
 
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
@@ -90,6 +94,13 @@ class LanguageModelingCollator:
         masks = [[False, *m[1:]] if m else [] for m in (list(e["loss_mask"]) for e in examples)]
         positions = [list(e["position_ids"]) if "position_ids" in e else list(range(len(i)))
                      for e, i in zip(examples, ids, strict=True)]
+        owners = None
+        if self.pack_to is not None:
+            packed = pack_examples({"input_ids": ids, "loss_mask": masks,
+                                    "sequence_ids": [[k] * len(i) for k, i in enumerate(ids)]},
+                                   max(self.pack_to, max(map(len, ids))))
+            ids, masks, positions, owners = (packed["input_ids"], packed["loss_mask"], packed["position_ids"],
+                                             packed["sequence_ids"])
         if self.flatten:
             ids, masks, positions = [sum(ids, [])], [sum(masks, [])], [sum(positions, [])]
         width = max(len(i) for i in ids)
@@ -100,7 +111,9 @@ class LanguageModelingCollator:
             "input_ids": _pad(ids, self.pad_token_id, width, left, torch.long),
             "loss_mask": _pad(masks, False, width, left, torch.bool),
         }
-        if self.flatten or "position_ids" in examples[0]:
+        if owners is not None:
+            batch["sequence_ids"] = _pad(owners, -1, width, left, torch.long)
+        if self.flatten or owners is not None or "position_ids" in examples[0]:
             # Padding becomes one more (masked-out) sequence: positions restart at 0, on the side
             # where the padding is.
             padding = [list(range(width - len(p))) for p in positions]

@@ -96,7 +96,8 @@ def prepare_preference(
 
 @dataclass
 class PreferenceCollator:
-    """[2b, t] batch: the b chosen sequences, then the b rejected ones, padded together.
+    """[2b, t] batch: the b chosen sequences, then the b rejected ones, padded together (or packed:
+    then sequence k of `sequence_ids` is chosen k for k < b and rejected k - b after).
 
     Keys: input_ids, attention_mask, loss_mask (completion tokens), and the per-pair values present
     (margin, ref_chosen_logps, ref_rejected_logps) as [b].
@@ -104,13 +105,15 @@ class PreferenceCollator:
 
     pad_token_id: int
     padding_side: str = "right"
+    pack_to: int | None = None  # pack the 2b sequences into rows of this many tokens (see LanguageModelingCollator)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences = [
             {"input_ids": e[f"{side}_input_ids"], "loss_mask": e[f"{side}_loss_mask"]}
             for side in _SIDES for e in examples
         ]
-        batch = LanguageModelingCollator(self.pad_token_id, padding_side=self.padding_side)(sequences)
+        collate = LanguageModelingCollator(self.pad_token_id, padding_side=self.padding_side, pack_to=self.pack_to)
+        batch = collate(sequences)
         for key in _PER_PAIR_VALUES:
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)

@@ -211,9 +211,28 @@ def seq2seq_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], te
 
 def completion_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor, TokenStats]:
-    """Summed log-probs of each row's loss-masked tokens and their counts: ([b] float32, [b] long, stats)."""
+    """Summed log-probs of each sequence's loss-masked tokens and their counts: ([n] float32, [n] long,
+    stats). A sequence is a row, or, in packed batches, a `sequence_ids` value."""
     token_logps = causal_token_log_probs(model, batch, temperature, chunk_size)
-    num_rows = batch["input_ids"].shape[0]
-    counts = torch.zeros(num_rows, dtype=torch.long, device=token_logps.rows.device)
-    counts.index_add_(0, token_logps.rows, torch.ones_like(token_logps.rows))
-    return token_logps.sum_per_row(num_rows), counts, token_logps.stats
+    if "sequence_ids" in batch:
+        owner = batch["sequence_ids"][token_logps.rows, token_logps.positions]  # [n_tokens]
+        num_sequences = int(batch["sequence_ids"].max()) + 1
+    else:
+        owner, num_sequences = token_logps.rows, batch["input_ids"].shape[0]
+    sums = token_logps.logps.new_zeros(num_sequences).index_add(0, owner, token_logps.logps)
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=owner.device)
+    counts.index_add_(0, owner, torch.ones_like(owner))
+    return sums, counts, token_logps.stats
+
+
+# Attention implementations whose masks transformers builds from position_ids for packed rows.
+_PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def supports_packed_rows(model: nn.Module) -> bool:
+    """Whether several sequences may share a row (position_ids restarting at 0, no attention mask):
+    decoder models of transformers itself, whose mask code keeps packed sequences apart."""
+    inner = unwrap_model(model)
+    return (type(inner).__module__.startswith("transformers.models.")
+            and not getattr(inner.config, "is_encoder_decoder", False)
+            and str(getattr(inner.config, "_attn_implementation", "")) in _PACKING_ATTENTION)

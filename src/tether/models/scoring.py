@@ -50,3 +50,26 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     per_position = captured[-1][..., 0]  # [b, t]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     return per_position[rows, last_token_index(attention_mask)].float()
+
+
+def batch_sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`sequence_scores` for a collated batch: padded rows (attention_mask), or packed rows with
+    `sequence_ids` [r, L] (-1 in padding), where each sequence's score is read at its last token: [n]."""
+    if "sequence_ids" not in batch:
+        return sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    head = _score_head(model)
+    if head is None:
+        raise ValueError("Packed batches need a decoder reward model with a per-position score head.")
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, _a, output: captured.append(output))
+    try:
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    finally:
+        handle.remove()
+    owners = batch["sequence_ids"].flatten()  # [r * L]
+    real = owners >= 0
+    num_sequences = int(owners.max()) + 1
+    positions = torch.arange(owners.numel(), device=owners.device)
+    last = torch.full((num_sequences,), -1, dtype=torch.long, device=owners.device)
+    last = last.scatter_reduce(0, owners[real], positions[real], reduce="amax")  # flat index of each end
+    return captured[-1][..., 0].flatten()[last].float()

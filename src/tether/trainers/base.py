@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
+from ..models.forward import supports_packed_rows
 from ..models.loading import (
     apply_peft,
     disable_dropout,
@@ -127,6 +128,7 @@ class TetherTrainer(Trainer):
         args = apply_legacy_kwargs(args, legacy_kwargs, self.legacy_renames, name)
         if train_dataset is None:
             raise ValueError(f"{name} needs {self.dataset_description}.")
+        set_seed(args.seed)  # before loading and wrapping: fresh heads and adapters start the same each run
         model = self._load(model, args)
         processing_class = processing_class or tokenizer or load_tokenizer(model_name(model))
         ensure_pad_token(processing_class, model)
@@ -160,6 +162,13 @@ class TetherTrainer(Trainer):
 
     def _prepare(self, dataset: Any, what: str) -> Any:
         raise NotImplementedError
+
+    def _packing_length(self) -> int | None:
+        """Row length for packing each batch's sequences (padding_free), or None to pad them."""
+        enabled = getattr(self.args, "padding_free", None)
+        if enabled is None:
+            enabled = supports_packed_rows(self.model)
+        return (self.args.max_length or 0) if enabled else None
 
     def _default_collator(self) -> Callable:
         raise NotImplementedError

@@ -26,6 +26,9 @@ class PairwiseConfig(TetherConfig):
     max_prompt_length: int | None = field(default=512, metadata={"help": "Keep the last this many prompt "
                                                                            "tokens."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the model(s)."})
+    padding_free: bool | None = field(default=None, metadata={
+        "help": "Pack each batch's sequences into rows of max_length (position_ids, no padding) instead of "
+                "padding them; None: on for transformers' own decoder models."})
     logprob_chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "Tokens per chunk of the "
                                                                                     "vocabulary projection."})
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
@@ -48,7 +51,7 @@ class PairwiseTrainer(TetherTrainer):
     dataset_description = "a train_dataset of preference pairs (prompt/chosen/rejected)"
 
     def _default_collator(self) -> Callable:
-        return PreferenceCollator(self.processing_class.pad_token_id)
+        return PreferenceCollator(self.processing_class.pad_token_id, pack_to=self._packing_length())
 
     def _prepare(self, dataset: Any, what: str) -> Any:
         return prepare_preference(dataset, self.processing_class, max_length=self.args.max_length,

@@ -14,7 +14,7 @@ from torch import nn
 from ..data.preference import PreferenceCollator, prepare_preference
 from ..losses.reward import bradley_terry_loss
 from ..models.loading import load_reward_model
-from ..models.scoring import sequence_scores
+from ..models.scoring import batch_sequence_scores
 from .base import TetherConfig, TetherTrainer
 
 
@@ -26,6 +26,9 @@ class RewardConfig(TetherConfig):
         default=None, metadata={"help": "Weight of the mean squared reward added to the loss, pulling rewards "
                                         "toward zero (e.g. 0.01)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the model."})
+    padding_free: bool | None = field(default=None, metadata={
+        "help": "Pack each batch's sequences into rows of max_length (position_ids, no padding) instead of "
+                "padding them; None: on for transformers' own decoder models."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Initial AdamW learning rate."})
 
     def __post_init__(self) -> None:
@@ -69,7 +72,7 @@ class RewardTrainer(TetherTrainer):
         return peft_config
 
     def _default_collator(self) -> Callable:
-        return PreferenceCollator(self.processing_class.pad_token_id)
+        return PreferenceCollator(self.processing_class.pad_token_id, pack_to=self._packing_length())
 
     def _prepare(self, dataset: Any, what: str) -> Any:
         return prepare_preference(dataset, self.processing_class, max_length=self.args.max_length,
@@ -77,7 +80,7 @@ class RewardTrainer(TetherTrainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor:
-        scores = sequence_scores(model, inputs["input_ids"], inputs["attention_mask"])  # [2b]
+        scores = batch_sequence_scores(model, inputs)  # [2b]
         chosen, rejected = scores.chunk(2)  # [b] each: the collator puts chosen first
         out = bradley_terry_loss(chosen, rejected, inputs.get("margin"), self.args.center_rewards_coefficient)
         self.record_metrics(accuracy=out.accuracy, margin=out.margin, mean_reward=out.mean_reward,
