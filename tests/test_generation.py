@@ -58,7 +58,7 @@ def test_batched_left_padded_greedy_equals_one_at_a_time(tiny_decoder):
 
 def test_each_response_stops_at_its_own_eos(tiny_decoder):
     full = generate_responses(tiny_decoder, queries(), PAD, batch_size=4, eos_token_id=None, **GREEDY)
-    # Call the token that query 0 emits third "EOS": row 0 must stop there, the others where (if) they emit it.
+    # Call the token that query 0 emits third "EOS": row 0 must stop there, the others where they emit it.
     eos = int(full[0][2])
     assert eos not in full[0][:2].tolist()
     stopped = generate_responses(tiny_decoder, queries(), PAD, batch_size=4, eos_token_id=eos, **GREEDY)

@@ -37,7 +37,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# ----- helpers --------------------------------------------------------------------------------------------
+# ----- helpers ----------------------------------------------------------------------------------------------
 def make_queries(tokenizer, n: int) -> list[torch.Tensor]:
     """n queries of different lengths, 1-D token ids."""
     texts = ["this movie was really", "the plot", "i did not expect the ending to be so", "great acting",
@@ -117,14 +117,20 @@ def assert_classic_stats(stats: dict) -> None:
     assert stats["time/ppo/total"] >= stats["time/ppo/optimize_step"]
 
 
-# ----- 1. the classic call, verbatim ---------------------------------------------------------------------
+# ----- 1. the classic call, verbatim ------------------------------------------------------------------------
 def test_classic_usage_verbatim(tiny_decoder_dir, tokenizer):
+    """TRL's README example before 1.0, line for line, on the tiny model."""
     path = tiny_decoder_dir
+    # 1. load a pretrained model
     model = AutoModelForCausalLMWithValueHead.from_pretrained(path)
     model_ref = create_reference_model(model)
-    query_tensor = tokenizer.encode("this movie was really", return_tensors="pt")
+    # 2. initialize trainer
     ppo_trainer = PPOTrainer(PPOConfig(batch_size=1), model, model_ref, tokenizer)
+    # 3. encode a query
+    query_tensor = tokenizer.encode("this movie was really", return_tensors="pt")
+    # 4. generate model response
     response_tensor = respond_to_batch(model, query_tensor)
+    # 5. train model with ppo
     before = snapshot(model)
     stats = ppo_trainer.step([query_tensor[0]], [response_tensor[0]], [torch.tensor(1.0)])
 
@@ -135,7 +141,8 @@ def test_classic_usage_verbatim(tiny_decoder_dir, tokenizer):
     assert stats["tokens/queries_len_mean"] == query_tensor.shape[1]
     assert stats["tokens/responses_len_mean"] == 20
     assert stats["ppo/epochs_run"] == 4
-    assert stats["objective/logprobs"].shape == stats["objective/ref_logprobs"].shape == (1, 20 + query_tensor.shape[1])
+    width = query_tensor.shape[1] + 20
+    assert stats["objective/logprobs"].shape == stats["objective/ref_logprobs"].shape == (1, width)
     assert stats["ppo/policy/advantages"].shape == (20,)
     after = snapshot(model)
     assert any(not torch.equal(before[n], after[n]) for n in before)  # the policy moved
@@ -161,7 +168,7 @@ def test_trainer_save_pretrained_round_trip(tmp_path, tiny_decoder_dir, tokenize
     torch.testing.assert_close(got[2], expected[2], rtol=0, atol=0)
 
 
-# ----- 5. learning ----------------------------------------------------------------------------------------
+# ----- 5. learning ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_ppo_raises_a_programmatic_reward(tiny_decoder_dir, tokenizer, peft):
     """Reward = share of response tokens in a fixed 1/8 slice of the vocabulary (about 0.125 at random)."""
@@ -176,25 +183,26 @@ def test_ppo_raises_a_programmatic_reward(tiny_decoder_dir, tokenizer, peft):
     queries = make_queries(tokenizer, 16)
     means = []
     for _ in range(30):
-        responses = trainer.generate(queries, return_prompt=False, batch_size=16, max_new_tokens=8, do_sample=True)
+        responses = trainer.generate(queries, return_prompt=False, batch_size=16, max_new_tokens=8,
+                                     do_sample=True)
         scores = [((r >= low) & (r < high)).float().mean() for r in responses]
         stats = trainer.step(queries, responses, scores)
         assert stats["ppo/mean_scores"] == pytest.approx(float(torch.stack(scores).mean()), abs=1e-6)
         means.append(stats["ppo/mean_scores"])
     first, last = np.mean(means[:3]), np.mean(means[-3:])
-    assert first < 0.3, means
-    assert last > first + 0.4, means
-    assert last > 0.6, means
+    assert first < 0.3, means  # about 1/8 at the start
+    assert last > first + 0.35 and last > 0.5, means  # measured: full 0.92-0.97, LoRA 0.62-0.86 over seeds
 
 
-# ----- 3. reference models -----------------------------------------------------------------------------------
+# ----- 3. reference models ----------------------------------------------------------------------------------
 def test_shared_layers_stay_put_while_the_rest_trains(tiny_decoder_dir, tokenizer):
     model = value_model(tiny_decoder_dir)
     reference = create_reference_model(model, num_shared_layers=1)
     shared = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert shared == {n for n in shared if "embed_tokens" in n or ".layers.0." in n} and len(shared) == 10
     policy_before, reference_before = snapshot(model), snapshot(reference)
-    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-3), model, reference, tokenizer)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-3)
+    trainer = PPOTrainer(config, model, reference, tokenizer)
     trainer.step(make_queries(tokenizer, 4), make_responses(4), scores_for(4))
     policy_after, reference_after = snapshot(model), snapshot(reference)
     for name in policy_before:
@@ -222,14 +230,15 @@ def test_trainer_builds_its_own_reference(tiny_decoder_dir, tokenizer):
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert id(model.get_parameter("pretrained_model.model.layers.0.mlp.up_proj.weight")) not in in_optimizer
     with pytest.warns(UserWarning, match="num_shared_layers"):
-        PPOTrainer(PPOConfig(batch_size=2), value_model(tiny_decoder_dir), create_reference_model(model), tokenizer,
-                   num_shared_layers=1)
+        PPOTrainer(PPOConfig(batch_size=2), value_model(tiny_decoder_dir), create_reference_model(model),
+                   tokenizer, num_shared_layers=1)
 
 
-# ----- 6. PEFT: the reference is the base model --------------------------------------------------------------
+# ----- 6. PEFT: the reference is the base model -------------------------------------------------------------
 def test_peft_reference_equals_the_base_model(tiny_decoder_dir, tokenizer):
-    model = value_model(tiny_decoder_dir, peft_config=lora(init_lora_weights=False))  # the adapter acts at once
-    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-2), model, None, tokenizer)
+    model = value_model(tiny_decoder_dir, peft_config=lora(init_lora_weights=False))  # acts from the start
+    config = PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-2)
+    trainer = PPOTrainer(config, model, None, tokenizer)
     assert trainer.ref_model is None
     base = AutoModelForCausalLM.from_pretrained(tiny_decoder_dir).eval()
     queries, responses = make_queries(tokenizer, 4), make_responses(4)
@@ -240,7 +249,8 @@ def test_peft_reference_equals_the_base_model(tiny_decoder_dir, tokenizer):
             expected = causal_token_log_probs(base, batch)
             policy = causal_token_log_probs(trainer.model, batch)
         reference = trainer._reference_log_probs(batch)
-        assert torch.equal(reference.rows, expected.rows) and torch.equal(reference.positions, expected.positions)
+        assert torch.equal(reference.rows, expected.rows)
+        assert torch.equal(reference.positions, expected.positions)
         torch.testing.assert_close(reference.logps, expected.logps, rtol=0, atol=0)
         assert (policy.logps - expected.logps).abs().max() > 1e-3  # the adapter is on outside the reference
 
@@ -258,7 +268,7 @@ def test_peft_reference_equals_the_base_model(tiny_decoder_dir, tokenizer):
             assert torch.equal(param, base_weights[name.replace(".base_layer", "")]), name
 
 
-# ----- 7. the KL machinery inside step -------------------------------------------------------------------------
+# ----- 7. the KL machinery inside step ----------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["kl", "abs", "mse", "full"])
 def test_kl_is_zero_against_an_exact_copy(tiny_decoder_dir, tokenizer, kind):
     model = value_model(tiny_decoder_dir)
@@ -280,7 +290,7 @@ def test_step_kl_is_the_per_token_estimate_summed_over_the_response(tiny_decoder
     logprobs = torch.from_numpy(stats["objective/logprobs"])
     ref_logprobs = torch.from_numpy(stats["objective/ref_logprobs"])
     mask = response_mask(queries, responses, logprobs.shape[1])
-    assert torch.all(logprobs[~mask] == 0) and torch.all(logprobs[mask] < 0)  # log-probs at response tokens only
+    assert torch.all(logprobs[~mask] == 0) and torch.all(logprobs[mask] < 0)  # at response tokens only
     per_row = (kl_penalty(logprobs, ref_logprobs, kind) * mask).sum(1)  # [b]
     np.testing.assert_allclose(stats["objective/kl_dist"], per_row.numpy(), rtol=1e-6, atol=1e-7)
     assert stats["objective/kl"] == pytest.approx(float(per_row.mean()), rel=1e-6)
@@ -301,7 +311,8 @@ def test_full_kl_matches_the_exact_kl_of_the_next_token_distributions(tiny_decod
             logp = model(input_ids=ids)[0][0, len(query) - 1: -1].log_softmax(-1)  # predicting the response
             logq = reference(input_ids=ids)[0][0, len(query) - 1: -1].log_softmax(-1)
             expected.append(float((logp.exp() * (logp - logq)).sum()))
-    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, kl_penalty="full"), model, reference, tokenizer)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, kl_penalty="full")
+    trainer = PPOTrainer(config, model, reference, tokenizer)
     stats = trainer.step(queries, responses, scores_for(4))
     np.testing.assert_allclose(stats["objective/kl_dist"], expected, rtol=1e-5)
     assert min(expected) > 1e-3
@@ -343,12 +354,14 @@ def test_fixed_kl_coefficient_stays(tiny_decoder_dir, tokenizer):
 
 
 def test_score_clip(tiny_decoder_dir, tokenizer):
-    trainer = PPOTrainer(PPOConfig(batch_size=2, score_clip=0.5), value_model(tiny_decoder_dir), None, tokenizer)
-    stats = trainer.step(make_queries(tokenizer, 2), make_responses(2), [torch.tensor(3.0), torch.tensor(-0.2)])
+    model = value_model(tiny_decoder_dir)
+    trainer = PPOTrainer(PPOConfig(batch_size=2, score_clip=0.5), model, None, tokenizer)
+    scores = [torch.tensor(3.0), torch.tensor(-0.2)]
+    stats = trainer.step(make_queries(tokenizer, 2), make_responses(2), scores)
     assert stats["ppo/mean_scores"] == pytest.approx((0.5 - 0.2) / 2)
 
 
-# ----- early stopping and optimizer steps --------------------------------------------------------------------
+# ----- early stopping and optimizer steps -------------------------------------------------------------------
 @pytest.mark.parametrize("early_stopping", [False, True])
 def test_early_stopping_on_a_tiny_target_kl(tiny_decoder_dir, tokenizer, early_stopping):
     model = value_model(tiny_decoder_dir)
@@ -379,26 +392,17 @@ def test_one_optimizer_step_per_mini_batch(tiny_decoder_dir, tokenizer, gas):
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # nothing left over
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ppo.py PPOTrainer.__init__ uses Accelerator(gradient_accumulation_steps=...) and _optimize relies on "
-    "accelerator.accumulate(); accelerate keeps num_steps in the process-wide GradientState singleton, so the "
-    "trainer built last sets the accumulation of every trainer (and of any transformers.Trainer) in the process."))
 def test_accumulation_is_per_trainer(tiny_decoder_dir, tokenizer):
     model = value_model(tiny_decoder_dir)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     steps = count_optimizer_steps(optimizer)
-    trainer = PPOTrainer(PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=1),
-                         model, None, tokenizer, optimizer=optimizer)
+    config = PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=1)
+    trainer = PPOTrainer(config, model, None, tokenizer, optimizer=optimizer)
     PPOTrainer(PPOConfig(batch_size=2), value_model(tiny_decoder_dir), None, tokenizer)  # another, gas=1
     trainer.step(make_queries(tokenizer, 8), make_responses(8), scores_for(8))
     assert len(steps) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ppo.py _optimize breaks out of the micro-batch loop on early stopping right after a micro-batch, also "
-    "in the middle of an accumulation: its gradient stays in .grad (AcceleratedOptimizer.zero_grad skips "
-    "while not sync_gradients) and the accelerator's step counter stays off by one, so the next step() "
-    "applies a stale gradient. Fix: check early stopping after the last micro-batch of a mini-batch only."))
 def test_early_stopping_leaves_no_gradient_behind(tiny_decoder_dir, tokenizer):
     model = value_model(tiny_decoder_dir)
     config = PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=2,
@@ -408,10 +412,6 @@ def test_early_stopping_leaves_no_gradient_behind(tiny_decoder_dir, tokenizer):
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ppo.py _optimize calls lr_scheduler.step() after every micro-batch; with gradient_accumulation_steps > 1 "
-    "the schedule runs gas times too fast (the scheduler is not prepared by accelerate, so nothing skips it). "
-    "Fix: step the scheduler only where the optimizer really stepped (accelerator.sync_gradients)."))
 def test_lr_scheduler_steps_with_the_optimizer(tiny_decoder_dir, tokenizer):
     model = value_model(tiny_decoder_dir)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -423,10 +423,10 @@ def test_lr_scheduler_steps_with_the_optimizer(tiny_decoder_dir, tokenizer):
     assert len(steps) == 2 and scheduler.last_epoch == 2
 
 
-# ----- 10. gradient accumulation == one mini-batch -----------------------------------------------------------
+# ----- 10. gradient accumulation == one mini-batch ----------------------------------------------------------
 def _one_step(path: str, tokenizer, gas: int) -> tuple[dict[str, torch.Tensor], dict]:
     model = value_model(path)
-    # SGD: the update is linear in the gradient, so a scaled gradient cannot hide (Adam would normalise it away)
+    # SGD: the update is linear in the gradient, so a scaled gradient cannot hide (Adam normalises it away)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     config = PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=gas, ppo_epochs=1)
     trainer = PPOTrainer(config, model, None, tokenizer, optimizer=optimizer)
@@ -435,12 +435,6 @@ def _one_step(path: str, tokenizer, gas: int) -> tuple[dict[str, torch.Tensor], 
     return snapshot(model), stats
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ppo.py _train_micro_batch: each micro-batch loss is already normalised by the whole mini-batch's token "
-    "count, but accelerator.backward(loss) divides it again by gradient_accumulation_steps, so with gas=k the "
-    "update is 1/k of the gas=1 update (SGD; Adam mostly hides it). Fix: backward loss * gas (or "
-    "loss.backward() / the ptx term without its own / gas), e.g. self.accelerator.backward(loss * "
-    "config.gradient_accumulation_steps)."))
 def test_gradient_accumulation_gives_the_same_update(tiny_decoder_dir, tokenizer):
     whole, _ = _one_step(tiny_decoder_dir, tokenizer, gas=1)
     split, _ = _one_step(tiny_decoder_dir, tokenizer, gas=2)
@@ -450,11 +444,6 @@ def test_gradient_accumulation_gives_the_same_update(tiny_decoder_dir, tokenizer
         torch.testing.assert_close(split[name], whole[name], rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ppo.py _train_micro_batch collects policy.loss / value.loss per micro-batch, and each is only its share "
-    "of the mini-batch's loss (normalised by the mini-batch's token count); _stats averages them, so "
-    "ppo/loss/{policy,value,total} shrink by gradient_accumulation_steps. Fix: sum the micro-batch losses of a "
-    "mini-batch before collecting (or collect loss * gas)."))
 def test_gradient_accumulation_reports_the_same_losses(tiny_decoder_dir, tokenizer):
     _, whole = _one_step(tiny_decoder_dir, tokenizer, gas=1)
     _, split = _one_step(tiny_decoder_dir, tokenizer, gas=2)
@@ -469,7 +458,7 @@ def test_seq2seq_generate_and_step(tiny_seq2seq_dir, tokenizer):
     trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2), model, None, tokenizer)
     assert trainer.is_encoder_decoder and trainer.ref_model is not None
     queries = make_queries(tokenizer, 4)
-    responses = trainer.generate(queries, max_new_tokens=6, do_sample=True)  # return_prompt ignored for seq2seq
+    responses = trainer.generate(queries, max_new_tokens=6, do_sample=True)  # no prompt for seq2seq
     start = model.config.decoder_start_token_id
     assert all(len(r) >= 2 and r[0] == start for r in responses)
     assert all(len(r) == 7 or r[-1] == tokenizer.eos_token_id for r in responses)
@@ -482,23 +471,26 @@ def test_seq2seq_generate_and_step(tiny_seq2seq_dir, tokenizer):
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ppo.py _full_kl_rewards calls the model with input_ids/attention_mask only and aligns logits as a causal "
-    "LM; an encoder-decoder needs decoder_input_ids (the labels shifted right, as seq2seq_token_log_probs "
-    "builds them) and its logits are already at the label positions. Fix: for is_encoder_decoder, run the "
-    "models on (input_ids, attention_mask, decoder_input_ids, decoder_attention_mask) and use the logits "
-    "as they are; or reject kl_penalty='full' for seq2seq with a clear message."))
 def test_seq2seq_full_kl(tiny_seq2seq_dir, tokenizer):
     torch.manual_seed(0)
     model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(tiny_seq2seq_dir)
-    trainer = PPOTrainer(PPOConfig(batch_size=2, kl_penalty="full"), model, None, tokenizer)
+    reference = perturbed_copy(model)
+    trainer = PPOTrainer(PPOConfig(batch_size=2, kl_penalty="full"), model, reference, tokenizer)
     queries = make_queries(tokenizer, 2)
     responses = trainer.generate(queries, max_new_tokens=4, do_sample=True)
+    expected = []  # the exact KL at each label, the decoder reading [start, y_1, ..., y_n-1]
+    model.eval()
+    with torch.no_grad():
+        for query, response in zip(queries, responses):
+            inputs = dict(input_ids=query[None], decoder_input_ids=response[None, :-1])
+            logp, logq = model(**inputs)[0][0].log_softmax(-1), reference(**inputs)[0][0].log_softmax(-1)
+            expected.append(float((logp.exp() * (logp - logq)).sum()))
     stats = trainer.step(queries, responses, scores_for(2))
-    assert stats["objective/kl"] == 0.0
+    np.testing.assert_allclose(stats["objective/kl_dist"], expected, rtol=1e-5)
+    assert min(expected) > 1e-3
 
 
-# ----- 9. bad input, clear messages ------------------------------------------------------------------------
+# ----- 9. bad input, clear messages -------------------------------------------------------------------------
 @pytest.fixture()
 def trainer2(tiny_decoder_dir, tokenizer):
     return PPOTrainer(PPOConfig(batch_size=2), value_model(tiny_decoder_dir), None, tokenizer)
@@ -524,7 +516,7 @@ def test_step_rejects_bad_input(trainer2, tokenizer):
     with pytest.raises(ValueError, match=r"responses\[1\] must be a non-empty 1-D tensor"):
         trainer2.step(queries, [responses[0], torch.tensor([], dtype=torch.long)], scores)
     with pytest.raises(ValueError, match=r"queries\[0\] must be a non-empty 1-D tensor"):
-        trainer2.step([queries[0][None], queries[1]], responses, scores)  # 2-D query, as encode(..., "pt") gives
+        trainer2.step([queries[0][None], queries[1]], responses, scores)  # 2-D, as encode(..., "pt") gives
     with pytest.raises(ValueError, match=r"response_masks\[i\] must have the length"):
         trainer2.step(queries, responses, scores, response_masks=[torch.ones(1), torch.ones(1)])
     assert all(torch.equal(p, before[n]) for n, p in trainer2.model.named_parameters())  # nothing trained
@@ -542,7 +534,7 @@ def test_trainer_rejects_bad_construction(tiny_decoder_dir, tiny_decoder, tokeni
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(batch_size=8, mini_batch_size=3), r"batch_size \(8\) must be a multiple of mini_batch_size \(3\)"),
-    (dict(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=3), "multiple of gradient_accumulation"),
+    (dict(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=3), "multiple of gradient_accum"),
     (dict(kl_penalty="k9"), "kl_penalty must be one of"),
     (dict(batch_size=0), "batch_size must be at least 1"),
     (dict(ppo_epochs=0), "ppo_epochs must be at least 1"),

@@ -65,7 +65,7 @@ class _ModelWithValueHead(nn.Module):
 
         A folder written by `save_pretrained` of a PEFT policy (adapter_config.json) loads as its base
         model plus that adapter, a `PeftModel` whose adapter trains unless `is_trainable=False`."""
-        source = pretrained_model_name_or_path
+        source, init_kwargs = pretrained_model_name_or_path, model_init_kwargs(kwargs)
         adapter_file = os.path.join(source, ADAPTER_CONFIG_FILE) if isinstance(source, str) else None
         if isinstance(source, nn.Module):
             model = source
@@ -76,10 +76,10 @@ class _ModelWithValueHead(nn.Module):
             from peft import PeftConfig, PeftModel
 
             base_path = PeftConfig.from_pretrained(source).base_model_name_or_path
-            base = cls.transformers_parent_class.from_pretrained(base_path, *model_args, **model_init_kwargs(kwargs))
+            base = cls.transformers_parent_class.from_pretrained(base_path, *model_args, **init_kwargs)
             model = PeftModel.from_pretrained(base, source, is_trainable=is_trainable)
         else:
-            model = cls.transformers_parent_class.from_pretrained(source, *model_args, **model_init_kwargs(kwargs))
+            model = cls.transformers_parent_class.from_pretrained(source, *model_args, **init_kwargs)
         if peft_config is not None:
             model = apply_peft(model, peft_config)
         wrapper = cls(model, v_head_dropout=v_head_dropout)

@@ -88,7 +88,7 @@ class PPOTrainer:
         if tokenizer is None:
             raise ValueError("PPOTrainer needs the tokenizer (to pad batches and decode).")
         self.config = config = config or PPOConfig()
-        self.accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+        self.accelerator = Accelerator()  # accumulation is done here, per mini-batch (see _optimize)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         self.tokenizer = tokenizer
@@ -272,6 +272,12 @@ class PPOTrainer:
         token, which needs both full [b, t, v] distributions (memory heavy, by the user's choice)."""
         def distributions(model: nn.Module, context: Any) -> torch.Tensor:
             with torch.no_grad(), context:
+                if self.is_encoder_decoder:  # the decoder reads the labels shifted right: logits at label positions
+                    decoder_input_ids = unwrap_model(model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                decoder_input_ids=decoder_input_ids,
+                                decoder_attention_mask=batch["decoder_attention_mask"], use_cache=False)
+                    return (out[0] if isinstance(out, tuple) else out.logits).float().log_softmax(-1)
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             logits = out[0] if isinstance(out, tuple) else out.logits
             return torch.cat([logits[:, :1] * 0, logits[:, :-1]], 1).float().log_softmax(-1)  # at target positions
@@ -284,6 +290,9 @@ class PPOTrainer:
         return kl_penalized_rewards(scores, policy, reference, mask, self.kl_ctl.value, "full")
 
     def _optimize(self, batch: dict[str, torch.Tensor], rollout: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+        """ppo_epochs passes over shuffled mini-batches; one optimizer step per mini-batch, its gradient
+        summed over `gradient_accumulation_steps` micro-batches (each loss is normalised by the whole
+        mini-batch's token count, so the sum is the mini-batch's loss)."""
         config = self.config
         micro = config.mini_batch_size // config.gradient_accumulation_steps
         collected: dict[str, list[float]] = {k: [] for k in (
@@ -291,27 +300,25 @@ class PPOTrainer:
             "entropy", "vpred")}
         for _epoch in range(config.ppo_epochs):
             order = torch.randperm(config.batch_size)
-            stop = False
+            approxkls: list[float] = []
             for start in range(0, config.batch_size, config.mini_batch_size):
                 mini = order[start:start + config.mini_batch_size]
                 num_tokens = rollout["mask"][mini].sum().clamp(min=1)  # normaliser over the whole mini-batch
-                for micro_start in range(0, len(mini), micro):
+                starts = range(0, len(mini), micro)
+                for micro_start in starts:
                     rows = mini[micro_start:micro_start + micro].to(self.accelerator.device)
-                    with self.accelerator.accumulate(self.model):
-                        approxkl = self._train_micro_batch(batch, rollout, rows, num_tokens, collected)
-                        if config.max_grad_norm is not None and self.accelerator.sync_gradients:
-                            self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-                        self.optimizer.step()
-                        if self.lr_scheduler is not None:
-                            self.lr_scheduler.step()
-                        self.optimizer.zero_grad()
-                    if config.early_stopping and approxkl > 1.5 * config.target_kl:
-                        stop = True
-                        break
-                if stop:
-                    break
-            if stop:
-                break
+                    last = micro_start == starts[-1]
+                    # Gradients are all-reduced across processes once, on the last micro-batch.
+                    with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                        approxkls.append(self._train_micro_batch(batch, rollout, rows, num_tokens, collected))
+                if config.max_grad_norm is not None:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                self.optimizer.step()
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
+                self.optimizer.zero_grad()
+                if config.early_stopping and np.mean(approxkls[-len(starts):]) > 1.5 * config.target_kl:
+                    return collected
         return collected
 
     def _train_micro_batch(self, batch: dict[str, torch.Tensor], rollout: dict[str, torch.Tensor], rows: torch.Tensor,
@@ -333,7 +340,9 @@ class PPOTrainer:
             ptx_loss, _ = causal_lm_loss(self.model, ptx, ptx["loss_mask"][:, 1:].sum().clamp(min=1))
             loss = loss + self.config.ptx_coef * ptx_loss / self.config.gradient_accumulation_steps
         self.accelerator.backward(loss)
-        for name, stat in (("policy_loss", policy.loss), ("value_loss", value.loss), ("clipfrac", policy.clipfrac),
+        gas = self.config.gradient_accumulation_steps  # a micro-batch's loss is 1/gas of its mini-batch's
+        for name, stat in (("policy_loss", policy.loss * gas), ("value_loss", value.loss * gas),
+                           ("clipfrac", policy.clipfrac),
                            ("approxkl", policy.approxkl), ("policykl", policy.policykl),
                            ("vf_clipfrac", value.clipfrac), ("value_error", value.value_error),
                            ("entropy", new.stats.entropy.mean()), ("vpred", masked_mean(values.detach(), mask))):
