@@ -128,7 +128,8 @@ def run_one(lib: str, setting: str, work: Path, steps: int, warmup: int) -> dict
         trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, **kwargs)
         return trainer, tok.pad_token_id
 
-    res, probe = harness.measure(build, warmup, unit="pairs", count=lambda rows, tokens: rows / 2)
+    # Pairs per step is the batch size: counting input rows would be wrong, packed rows hold several sequences.
+    res, probe = harness.measure(build, warmup, unit="pairs", count=lambda rows, tokens: BATCH)
     keys = ("loss", "logps/chosen", "logps/rejected", "rewards/margins")
     first = {k: round(v, 4) for k, v in probe.first_log.items() if k in keys}
     out = {"lib": lib, "setting": setting, **res, "step1": first, "step1_rows_tokens": probe.first_step[:2]}

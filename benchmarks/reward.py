@@ -37,6 +37,9 @@ from typing import Any
 import harness
 
 MAX_LENGTH = 512
+# Pairs per optimizer step: the batch size (no accumulation). Counting input rows would be wrong for tether,
+# whose padding-free batches pack several sequences into one row.
+PAIRS_PER_STEP = 8
 
 
 def build_assets(work: Path, quick: bool) -> dict[str, Any]:
@@ -81,7 +84,7 @@ def run_one(lib: str, work: Path, steps: int, warmup: int, grad_ckpt: bool) -> d
         trainer = RewardTrainer(model=str(model), args=cfg, train_dataset=ds, processing_class=tok)
         return trainer, tok.pad_token_id
 
-    res, probe = harness.measure(build, warmup, unit="pairs", count=lambda rows, tokens: rows / 2)
+    res, probe = harness.measure(build, warmup, unit="pairs", count=lambda rows, tokens: PAIRS_PER_STEP)
     first = {k: round(v, 5) for k, v in probe.first_log.items() if k in ("loss", "accuracy", "margin", "mean_reward")}
     return {"lib": lib, "grad_ckpt": grad_ckpt, **res, "step1": first, "step1_rows_tokens": probe.first_step[:2]}
 

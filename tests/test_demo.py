@@ -16,6 +16,7 @@ EXPECTED_FILES = [
     "base/config.json", "base/model.safetensors", "base/tokenizer.json",
     "sft/config.json", "sft/model.safetensors", "sft/tokenizer.json",
     "reward/config.json", "reward/model.safetensors", "dpo/model.safetensors",
+    "ppo/model.safetensors", "ppo/value_head.safetensors", "ppo/metrics.jsonl",
 ]
 
 
@@ -32,6 +33,7 @@ def check_run(result: subprocess.CompletedProcess, output_dir) -> None:
     assert "Samples BEFORE training" in out and "Samples AFTER training" in out and "Summary" in out
     assert "Held-out pairwise accuracy" in out and "Scores of a few sentences" in out
     assert "Samples AFTER DPO" in out and "rewards/accuracies" in out
+    assert "Samples AFTER PPO" in out and "Mean reward of rollouts" in out
 
 
 def test_demo_quick(tmp_path):
@@ -74,3 +76,5 @@ def test_demo_full(tmp_path):
     assert accuracy and float(accuracy[2]) > 0.9, accuracy
     dpo = re.search(r"Held-out rewards/accuracies ([\d.]+), rewards/margins ([-\d.]+)", result.stdout)
     assert dpo and float(dpo[1]) >= 0.8 and float(dpo[2]) > 0, dpo
+    ppo = re.search(r"Mean reward of rollouts ([-+\d.]+) -> ([-+\d.]+)", result.stdout)
+    assert ppo and float(ppo[2]) > float(ppo[1]) + 0.5, ppo  # PPO raises the reward model's score clearly

@@ -43,6 +43,7 @@ class DemoSizes:
     n_pairs: int
     reward_steps: int
     dpo_steps: int
+    ppo_steps: int
 
 
 # The corpus has ~300 distinct words: a 1024-token BPE (it stops at ~840, out of merges) makes nearly every
@@ -51,10 +52,10 @@ class DemoSizes:
 # about 6 passes over the corpus; 120 steps already read as reviews, 300 barely improve on 200.
 FULL = DemoSizes(n_reviews=4000, n_eval=200, vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4,
                  sft_steps=200, batch_size=16, max_length=128, learning_rate=3e-3, n_samples=4,
-                 n_pairs=600, reward_steps=80, dpo_steps=60)
+                 n_pairs=600, reward_steps=80, dpo_steps=60, ppo_steps=40)
 QUICK = DemoSizes(n_reviews=600, n_eval=50, vocab_size=400, hidden_size=64, num_layers=2, num_heads=4,
                   sft_steps=12, batch_size=8, max_length=64, learning_rate=3e-3, n_samples=2,
-                  n_pairs=64, reward_steps=4, dpo_steps=4)
+                  n_pairs=64, reward_steps=4, dpo_steps=4, ppo_steps=2)
 
 
 @dataclass
@@ -96,6 +97,10 @@ class DemoContext:
     @property
     def dpo_dir(self) -> Path:
         return self.output_dir / "dpo"
+
+    @property
+    def ppo_dir(self) -> Path:
+        return self.output_dir / "ppo"
 
 
 @dataclass(frozen=True)
@@ -292,6 +297,41 @@ def _mean_reward(ctx: DemoContext, samples: list[tuple[str, str, str]]) -> float
     return sum(scores) / len(scores)
 
 
+def ppo_stage(ctx: DemoContext) -> None:
+    """PPO from the SFT model (plus a value head) against the reward model, with a KL penalty to the SFT
+    model: the classic RLHF loop through `PPOTrainer.train()`."""
+    from datasets import Dataset
+
+    from ..models.value_head import AutoModelForCausalLMWithValueHead
+    from ..rollout.rewards import RewardModelScorer
+    from ..trainers.ppo import PPOTrainer
+    from ..trainers.ppo_config import PPOConfig
+
+    prompts = _demo_prompts(ctx)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(str(ctx.sft_dir))
+    samples_before = sample_reviews(model.pretrained_model, ctx.tokenizer, prompts, ctx.seed)
+    reward_before = _mean_reward(ctx, samples_before)
+    config = PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=2, learning_rate=1.5e-4, init_kl_coef=0.1,
+                       total_steps=ctx.sizes.ppo_steps, max_new_tokens=20, output_dir=str(ctx.ppo_dir),
+                       logging_steps=max(1, ctx.sizes.ppo_steps // 5), seed=ctx.seed, missing_eos_penalty=1.0)
+    scorer = RewardModelScorer(str(ctx.reward_dir), ctx.tokenizer)
+    trainer = PPOTrainer(config, model, None, ctx.tokenizer, dataset=Dataset.from_dict({"prompt": review_prompts() * 4}),
+                         reward_funcs=scorer)
+    print(f"PPO for {config.total_steps} steps x {config.batch_size} sampled reviews, rewarded by the reward "
+          "model, KL-penalised against the SFT model...")
+    history = trainer.train()
+    samples_after = sample_reviews(trainer.accelerator.unwrap_model(trainer.model).pretrained_model,
+                                   ctx.tokenizer, prompts, ctx.seed)
+    print_samples("Samples AFTER PPO:", samples_after)
+    reward_after = _mean_reward(ctx, samples_after)
+    first, last = history[0], history[-1]
+    print(f"Mean reward of rollouts {first['env/reward_mean']:+.2f} -> {last['env/reward_mean']:+.2f}; "
+          f"KL to the SFT model {last['objective/kl']:.2f} nats; reward-model score of samples "
+          f"{reward_before:+.2f} -> {reward_after:+.2f}")
+    ctx.results["ppo"] = (f"rollout reward {first['env/reward_mean']:+.2f} -> {last['env/reward_mean']:+.2f}, "
+                          f"KL {last['objective/kl']:.2f}")
+
+
 def dpo_stage(ctx: DemoContext) -> None:
     """DPO from the SFT model on the same preference pairs, against its frozen copy as the reference."""
     from ..trainers.dpo import DPOConfig, DPOTrainer
@@ -323,6 +363,7 @@ STAGES: list[Stage] = [
     Stage("setup", "Data, tokenizer and an untrained model", setup_stage),
     Stage("sft", "Supervised fine-tuning (SFTTrainer)", sft_stage),
     Stage("reward", "A sentiment reward model (RewardTrainer)", reward_stage),
+    Stage("ppo", "RLHF with PPO against the reward model (PPOTrainer)", ppo_stage),
     Stage("dpo", "Preference optimisation towards positive reviews (DPOTrainer)", dpo_stage),
 ]
 
