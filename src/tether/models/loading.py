@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -115,3 +116,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def load_critic(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
+    """A value model initialised from a trained reward model's checkpoint (InstructGPT style), whether
+    that checkpoint is a full model or a LoRA adapter (then merged into its base)."""
+    if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
+        from peft import PeftConfig, PeftModel
+
+        base_name = PeftConfig.from_pretrained(name_or_path).base_model_name_or_path
+        base = load_reward_model(base_name, **kwargs)
+        return PeftModel.from_pretrained(base, name_or_path).merge_and_unload()
+    return load_reward_model(name_or_path, **kwargs)

@@ -73,3 +73,19 @@ def batch_sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> t
     last = torch.full((num_sequences,), -1, dtype=torch.long, device=owners.device)
     last = last.scatter_reduce(0, owners[real], positions[real], reduce="amax")  # flat index of each end
     return captured[-1][..., 0].flatten()[last].float()
+
+
+def token_values(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The score head applied at every position, [b, t] (float32): a reward model used as a critic."""
+    head = _score_head(model)
+    if head is None:
+        raise ValueError("A critic needs a decoder model with a per-position score head (e.g. a "
+                         "LlamaForSequenceClassification reward model).")
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, _a, output: captured.append(output))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1][..., 0].float()

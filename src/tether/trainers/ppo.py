@@ -35,8 +35,9 @@ from ..models.forward import (
     seq2seq_token_log_probs,
     unwrap_model,
 )
-from ..models.loading import ensure_pad_token, is_encoder_decoder, is_peft_model
+from ..models.loading import ensure_pad_token, is_encoder_decoder, is_peft_model, load_critic
 from ..models.reference import create_reference_model, reference_mode
+from ..models.scoring import token_values
 from ..ops.stats import masked_mean, masked_var, masked_whiten
 from ..rollout.generation import generate_responses
 from ..rollout.rewards import RewardFunctions
@@ -78,6 +79,7 @@ class PPOTrainer(PPOTrainLoop):
         reward_funcs: Any = None,
         reward_weights: Sequence[float] | None = None,
         ptx_dataset: Any = None,
+        critic: nn.Module | str | None = None,
     ) -> None:
         if model is None or not hasattr(model, "v_head"):
             raise ValueError("PPOTrainer needs a model with a value head: "
@@ -97,8 +99,16 @@ class PPOTrainer(PPOTrainLoop):
         elif ref_model is not None and num_shared_layers is not None:
             warnings.warn("num_shared_layers only applies when PPOTrainer makes the reference copy itself.",
                           UserWarning, stacklevel=2)
-        self.optimizer = optimizer or torch.optim.Adam(
-            [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+        if critic is not None:
+            # A separate value model, initialised from a reward model (InstructGPT); the policy's own value
+            # head is then unused, so it is frozen (an unused trainable parameter would stall DDP).
+            if self.is_encoder_decoder:
+                raise ValueError("A separate critic is supported for causal LMs only.")
+            critic = load_critic(critic) if isinstance(critic, str) else critic
+            ensure_pad_token(tokenizer, critic)
+            model.v_head.requires_grad_(False)
+        trainable = [p for m in (model, critic) if m is not None for p in m.parameters() if p.requires_grad]
+        self.optimizer = optimizer or torch.optim.Adam(trainable, lr=config.learning_rate)
         self.lr_scheduler = lr_scheduler
         self.dataset = dataset
         self.data_collator = data_collator or (lambda rows: {k: [r[k] for r in rows] for k in rows[0]})
@@ -107,6 +117,7 @@ class PPOTrainer(PPOTrainLoop):
             self.dataloader = torch.utils.data.DataLoader(
                 dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, collate_fn=self.data_collator)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.critic = self.accelerator.prepare_model(critic) if critic is not None else None
         if self.dataloader is not None:
             self.dataloader = self.accelerator.prepare_data_loader(self.dataloader)
         self.ref_model = (self.accelerator.prepare_model(ref_model, evaluation_mode=True)
@@ -190,6 +201,13 @@ class PPOTrainer(PPOTrainLoop):
             return seq2seq_token_log_probs(model, batch, with_values=with_values)
         return causal_token_log_probs(model, batch, with_values=with_values)
 
+    def _values(self, batch: dict[str, torch.Tensor], tokens: TokenLogProbs) -> torch.Tensor:
+        """Value estimates [n] at the state before each response token: the policy's value head, or the
+        separate critic's score head at the same positions."""
+        if self.critic is None:
+            return tokens.values.float()
+        return token_values(self.critic, batch)[tokens.rows, tokens.positions - 1]
+
     def _grid(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         return tuple((batch["labels"] if self.is_encoder_decoder else batch["input_ids"]).shape)
 
@@ -214,13 +232,15 @@ class PPOTrainer(PPOTrainLoop):
 
         # 1. forward: old log-probs and values (policy), reference log-probs
         t = time.perf_counter()
-        self.model.eval()
+        for module in (self.model, self.critic):
+            if module is not None:
+                module.eval()
         with torch.no_grad():
-            old = self._token_log_probs(self.model, batch, with_values=True)
+            old = self._token_log_probs(self.model, batch, with_values=self.critic is None)
+            old_values = old.scatter(self._values(batch, old), grid)
             ref = self._reference_log_probs(batch)
         mask = self._mask(batch, old)
         old_logprobs, ref_logprobs = old.to_padded(grid), ref.to_padded(grid)
-        old_values = old.scatter(old.values.float(), grid)
         timing["time/ppo/forward_pass"] = time.perf_counter() - t
 
         # 2. rewards: score at the last response token, KL penalty at every one
@@ -242,7 +262,9 @@ class PPOTrainer(PPOTrainLoop):
 
         # 4. update: ppo_epochs passes over shuffled mini-batches
         t = time.perf_counter()
-        self.model.train()
+        for module in (self.model, self.critic):
+            if module is not None:
+                module.train()
         rollout = {"old_logprobs": old_logprobs, "old_values": old_values, "advantages": advantages,
                    "returns": returns, "mask": mask}
         epoch_stats = self._optimize(batch, rollout)
@@ -322,9 +344,9 @@ class PPOTrainer(PPOTrainLoop):
         sub = {k: v[rows] for k, v in batch.items()}
         width = self._grid(sub)[1]
         # Rows keep the full batch's padded width so positions line up with the rollout tensors.
-        new = self._token_log_probs(self.model, sub, with_values=True)
+        new = self._token_log_probs(self.model, sub, with_values=self.critic is None)
         logprobs = new.to_padded((len(rows), width))
-        values = new.scatter(new.values.float(), (len(rows), width))
+        values = new.scatter(self._values(sub, new), (len(rows), width))
         mask = rollout["mask"][rows]
         policy = ppo_policy_loss(logprobs, rollout["old_logprobs"][rows], rollout["advantages"][rows], mask,
                                  self.config.cliprange, num_tokens=num_tokens)
@@ -415,3 +437,5 @@ class PPOTrainer(PPOTrainLoop):
             os.makedirs(save_directory, exist_ok=True)
             self.accelerator.unwrap_model(self.model).save_pretrained(save_directory)
             self.tokenizer.save_pretrained(save_directory)
+            if self.critic is not None:
+                self.accelerator.unwrap_model(self.critic).save_pretrained(os.path.join(save_directory, "critic"))

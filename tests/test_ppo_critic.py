@@ -1,0 +1,64 @@
+"""PPO with a separate critic initialised from a trained reward model (InstructGPT style), loadable
+whether the reward model was saved whole or as a LoRA adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification
+
+from tether import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer
+from tether.demo.corpus import preference_pairs
+from tether.models.loading import load_critic
+from tether.models.scoring import sequence_scores
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_reward_model(tiny_decoder_dir, tokenizer, out, peft_config=None) -> AutoModelForSequenceClassification:
+    args = RewardConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                        report_to="none", save_strategy="no", disable_tqdm=True)
+    trainer = RewardTrainer(tiny_decoder_dir, args=args, processing_class=tokenizer,
+                            train_dataset=Dataset.from_list(preference_pairs(16, seed=3)), peft_config=peft_config)
+    trainer.train()
+    trainer.save_model()
+    return trainer.model
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_critic_loads_from_reward_checkpoint_either_way(tiny_decoder_dir, tokenizer, tmp_path, use_lora):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS") if use_lora else None
+    trained = train_reward_model(tiny_decoder_dir, tokenizer, tmp_path / "rm", lora).eval()
+    critic = load_critic(str(tmp_path / "rm")).eval()
+    assert not hasattr(critic, "peft_config")  # a LoRA checkpoint is merged into its base
+    ids = torch.tensor([tokenizer("the film was great.").input_ids])
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(sequence_scores(critic, ids, mask), sequence_scores(trained, ids, mask),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_ppo_with_a_critic_uses_and_trains_it(tiny_decoder_dir, tokenizer, tmp_path):
+    train_reward_model(tiny_decoder_dir, tokenizer, tmp_path / "rm")
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_decoder_dir)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-3, ppo_epochs=1, output_dir=str(tmp_path))
+    trainer = PPOTrainer(config, model, None, tokenizer, critic=str(tmp_path / "rm"))
+    critic_before = {k: v.clone() for k, v in trainer.critic.state_dict().items()}
+    v_head_before = trainer.model.v_head.summary.weight.clone()
+    queries = [torch.tensor(tokenizer(p).input_ids) for p in ["this movie", "the plot", "the film", "the acting"]]
+    responses = trainer.generate(queries, return_prompt=False, do_sample=True, max_new_tokens=6)
+    stats = trainer.step(queries, responses, [torch.tensor(1.0)] * 4)
+    # The values come from the critic: its estimates at step 0 are what the stats report.
+    assert torch.isfinite(torch.tensor(stats["ppo/val/mean"]))
+    assert any(not torch.equal(critic_before[k], v) for k, v in trainer.critic.state_dict().items())
+    assert torch.equal(trainer.model.v_head.summary.weight, v_head_before)  # unused, frozen
+    trainer.save_pretrained(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "critic" / "model.safetensors").is_file()
