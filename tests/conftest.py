@@ -10,6 +10,17 @@ from transformers import AutoModelForCausalLM, T5Config, T5ForConditionalGenerat
 from tether.demo.corpus import generate_reviews
 from tether.demo.tiny import tiny_llama_config, train_tokenizer
 
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tiny models of the tests multiply tiny matrices, which run several times faster on one thread
+    than split over several (and much faster when the machine is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 EXTRA_TEXT = [
     "the capital of france is paris.", "two plus two is four.", "hello world", "question: answer:",
     "user assistant system", "0 1 2 3 4 5 6 7 8 9",

@@ -20,15 +20,6 @@ from tether.models.forward import completion_log_probs
 from tether.models.reference import reference_mode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matmuls run faster on one thread than split over several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(tmp_path, **overrides) -> DPOConfig:
     values = dict(
         output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=8, per_device_eval_batch_size=8,

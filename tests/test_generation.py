@@ -16,14 +16,6 @@ from tether.rollout.generation import generate_responses, truncate_after_eos
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def queries() -> list[torch.Tensor]:
     """Four queries of different lengths (so the batch is left-padded), no special tokens."""
     return [torch.tensor(ids) for ids in ([338, 310, 340, 289, 373, 304, 274], [72, 361], [5, 17, 42, 99],

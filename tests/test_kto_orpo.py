@@ -16,15 +16,6 @@ from tether.demo.corpus import preference_pairs
 from tether.demo.tiny import tiny_llama_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matmuls run faster on one thread than split over several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(config_class, tmp_path, **overrides):
     values = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,

@@ -20,17 +20,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tether.models.forward import causal_lm_loss, causal_token_log_probs, splittable_head
 from tether.ops.logprobs import linear_cross_entropy, linear_log_probs, log_probs_from_logits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core machine the thread hand-off
-    made these tests ~15x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 N, H, V = 40, 16, 53  # 40 tokens: chunk size 8 divides it, 7 does not, 40 and 64 give one chunk
 
 

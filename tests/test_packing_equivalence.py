@@ -17,17 +17,6 @@ from tether.data import LanguageModelingCollator, pack_best_fit_decreasing
 from tether.data.collate import pack_examples
 from tether.models.forward import causal_token_log_probs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core machine the thread hand-off
-    made these tests ~15x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Six sequences of different lengths (ids within the tiny vocabulary), loss masks with a masked prompt.
 SEQUENCES = [
     [5, 17, 33, 41, 9, 1],

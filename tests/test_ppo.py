@@ -29,14 +29,6 @@ from tether.losses.kl import kl_penalty
 from tether.models.forward import causal_token_log_probs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----- helpers ----------------------------------------------------------------------------------------------
 def make_queries(tokenizer, n: int) -> list[torch.Tensor]:
     """n queries of different lengths, 1-D token ids."""

@@ -14,14 +14,6 @@ from tether.models.loading import load_critic
 from tether.models.scoring import sequence_scores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_reward_model(tiny_decoder_dir, tokenizer, out, peft_config=None) -> AutoModelForSequenceClassification:
     args = RewardConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
                         report_to="none", save_strategy="no", disable_tqdm=True)

@@ -28,14 +28,6 @@ TOL = dict(rtol=1e-12, atol=1e-12)
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----- helpers --------------------------------------------------------------------------------------------
 def t64(values) -> torch.Tensor:
     return torch.tensor(values, dtype=F64)

@@ -16,14 +16,6 @@ from tether.ops.stats import masked_mean, masked_sum, masked_var, masked_whiten
 TOL = dict(rtol=1e-12, atol=1e-12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(seed: int = 0, b: int = 5, t: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     values = torch.randn(b, t, generator=g, dtype=torch.float64) * 3 + 1

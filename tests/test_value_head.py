@@ -22,14 +22,6 @@ from tether import (
 from tether.models.loading import is_peft_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lora(**overrides) -> LoraConfig:
     values = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                   init_lora_weights=False)  # random A and B: the adapter changes outputs from the start
