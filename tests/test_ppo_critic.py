@@ -54,3 +54,28 @@ def test_ppo_with_a_critic_uses_and_trains_it(tiny_decoder_dir, tokenizer, tmp_p
     assert torch.equal(trainer.model.v_head.summary.weight, v_head_before)  # unused, frozen
     trainer.save_pretrained(str(tmp_path / "out"))
     assert (tmp_path / "out" / "critic" / "model.safetensors").is_file()
+
+
+def test_train_checkpoints_and_resumes_the_critic(tiny_decoder_dir, tokenizer, tmp_path):
+    """train() saves the critic in each checkpoint; resuming restores it with the policy and the step."""
+    train_reward_model(tiny_decoder_dir, tokenizer, tmp_path / "rm")
+    prompts = Dataset.from_dict({"prompt": ["this movie", "the plot", "the film", "the acting"] * 2})
+
+    def length_reward(prompts, completions, **_):
+        return [len(c) / 10 for c in completions]
+
+    def trainer(steps: int) -> PPOTrainer:
+        config = PPOConfig(batch_size=4, mini_batch_size=4, learning_rate=1e-3, ppo_epochs=1, total_steps=steps,
+                           max_new_tokens=4, save_steps=1, output_dir=str(tmp_path / "run"))
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_decoder_dir)
+        return PPOTrainer(config, model, None, tokenizer, dataset=prompts, reward_funcs=length_reward,
+                          critic=str(tmp_path / "rm"))
+
+    first = trainer(2)
+    first.train()
+    assert (tmp_path / "run" / "checkpoint-2" / "critic" / "model.safetensors").is_file()
+    resumed = trainer(2)
+    resumed.train(resume_from_checkpoint=True)  # nothing left to do: it only restores
+    assert resumed.current_step == 2
+    for (name, a), b in zip(first.critic.state_dict().items(), resumed.critic.state_dict().values()):
+        assert torch.equal(a, b), name

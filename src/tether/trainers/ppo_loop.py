@@ -122,6 +122,11 @@ class PPOTrainLoop:
             set_peft_model_state_dict(model.pretrained_model, load_file(os.path.join(checkpoint,
                                                                                      "adapter_model.safetensors")))
             model.v_head.load_state_dict(load_file(os.path.join(checkpoint, VALUE_HEAD_FILE)))
+        if self.critic is not None:
+            from safetensors.torch import load_file
+
+            critic = self.accelerator.unwrap_model(self.critic)
+            critic.load_state_dict(load_file(os.path.join(checkpoint, "critic", "model.safetensors")))
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
