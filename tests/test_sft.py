@@ -173,3 +173,21 @@ def test_seq2seq_on_prompt_completion(tmp_path, tiny_seq2seq_dir):
     trainer.train()
     history = losses(trainer)
     assert history[-1] < 0.5 * history[0], history
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_decoder_dir", "tiny_seq2seq_dir"])
+def test_gradient_accumulation_gives_the_same_update(tmp_path, model_dir, request):
+    """One step on 4 examples equals 2 accumulated steps of 2: the loss divides by the step's token count."""
+    path = request.getfixturevalue(model_dir)
+    ds = Dataset.from_dict({"prompt": ["the film", "the plot was", "two plus two is", "hello"],
+                            "completion": [" was great.", " dull and slow.", " four.", " world"]})
+    weights = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        trainer = SFTTrainer(path, args=config(tmp_path, max_steps=1, per_device_train_batch_size=batch,
+                                               gradient_accumulation_steps=accumulation, optim="sgd",
+                                               learning_rate=1.0, lr_scheduler_type="constant"),
+                             train_dataset=ds)
+        trainer.train()
+        weights.append([p.detach().clone() for p in trainer.model.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -174,12 +174,19 @@ class TetherTrainer(Trainer):
         raise NotImplementedError
 
     # ----- loss normalisation -----------------------------------------------------------------------
+    @staticmethod
+    def _target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """True at the tokens that are training targets: the decoder's labels for seq2seq batches, else
+        loss-masked tokens after the first (nothing predicts a first token). None for other batches."""
+        if "decoder_loss_mask" in batch:
+            return batch["decoder_loss_mask"]
+        return batch["loss_mask"][:, 1:] if "loss_mask" in batch else None
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Target tokens in this optimizer step, over all accumulation steps and processes."""
-        if not batch_samples or "loss_mask" not in batch_samples[0]:
+        if not batch_samples or self._target_mask(batch_samples[0]) is None:
             return super()._get_num_items_in_batch(batch_samples, device)
-        count = sum(int(b["loss_mask"][:, 1:].sum()) for b in batch_samples)
-        count = torch.tensor(count, device=device)
+        count = torch.tensor(sum(int(self._target_mask(b).sum()) for b in batch_samples), device=device)
         if self.args.world_size > 1:
             count = self.accelerator.reduce(count, reduction="sum")
         return count
@@ -188,7 +195,7 @@ class TetherTrainer(Trainer):
         """Divide a per-process token sum by this to get the global per-token mean once DDP averages
         gradients over processes: global count / world size."""
         if num_items_in_batch is None:
-            return inputs["loss_mask"][:, 1:].sum().clamp(min=1).float()
+            return self._target_mask(inputs).sum().clamp(min=1).float()
         return torch.as_tensor(num_items_in_batch, dtype=torch.float32).clamp(min=1) / self.args.world_size
 
     # ----- metrics ----------------------------------------------------------------------------------

@@ -93,13 +93,12 @@ class SFTTrainer(TetherTrainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor:
+        normalizer = self._token_normalizer(inputs, num_items_in_batch)
         if self._seq2seq:
             token_logps = seq2seq_token_log_probs(model, inputs)
-            count = inputs["decoder_loss_mask"].sum().clamp(min=1)
-            loss, stats = -token_logps.logps.sum() / count, token_logps.stats
+            loss, stats = -token_logps.logps.sum() / normalizer, token_logps.stats
             tokens = int(inputs["attention_mask"].sum() + inputs["decoder_attention_mask"].sum())
         else:
-            normalizer = self._token_normalizer(inputs, num_items_in_batch)
             loss, stats = causal_lm_loss(model, inputs, normalizer, self.args.logprob_chunk_size)
             tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
         if self.model.training:
