@@ -68,6 +68,7 @@ class DemoContext:
     corpus: list[dict] = field(default_factory=list)
     tokenizer: Any = None
     results: dict[str, str] = field(default_factory=dict)  # summary lines, in stage order
+    reward_scorer: Any = None  # the stage-2 reward model, once loaded
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -280,7 +281,7 @@ def reward_stage(ctx: DemoContext) -> None:
     after = trainer.evaluate()["eval_accuracy"]
     trainer.save_model(str(ctx.reward_dir))
     print(f"Held-out pairwise accuracy {before:.2f} -> {after:.2f}; model saved to {ctx.reward_dir}")
-    scorer = RewardModelScorer(trainer.model, ctx.tokenizer)
+    scorer = ctx.reward_scorer = RewardModelScorer(trainer.model, ctx.tokenizer)
     examples = ["this movie was truly wonderful, i would watch it again.", "the plot was dull and the acting weak.",
                 "the film was about two hours long."]
     print("Scores of a few sentences:")
@@ -289,11 +290,17 @@ def reward_stage(ctx: DemoContext) -> None:
     ctx.results["reward"] = f"held-out accuracy {before:.2f} -> {after:.2f}, model in {ctx.reward_dir}"
 
 
-def _mean_reward(ctx: DemoContext, samples: list[tuple[str, str, str]]) -> float:
+def _reward_scorer(ctx: DemoContext) -> Any:
+    """The stage-2 reward model as a scorer, loaded once for the later stages."""
     from ..rollout.rewards import RewardModelScorer
 
-    scorer = RewardModelScorer(str(ctx.reward_dir), ctx.tokenizer)
-    scores = scorer([p for p, _, _ in samples] * 2, [g for _, g, _ in samples] + [s for _, _, s in samples])
+    if ctx.reward_scorer is None:
+        ctx.reward_scorer = RewardModelScorer(str(ctx.reward_dir), ctx.tokenizer)
+    return ctx.reward_scorer
+
+
+def _mean_reward(ctx: DemoContext, samples: list[tuple[str, str, str]]) -> float:
+    scores = _reward_scorer(ctx)([p for p, _, _ in samples] * 2, [g for _, g, _ in samples] + [s for _, _, s in samples])
     return sum(scores) / len(scores)
 
 
@@ -303,7 +310,6 @@ def ppo_stage(ctx: DemoContext) -> None:
     from datasets import Dataset
 
     from ..models.value_head import AutoModelForCausalLMWithValueHead
-    from ..rollout.rewards import RewardModelScorer
     from ..trainers.ppo import PPOTrainer
     from ..trainers.ppo_config import PPOConfig
 
@@ -314,7 +320,7 @@ def ppo_stage(ctx: DemoContext) -> None:
     config = PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=2, learning_rate=1.5e-4, init_kl_coef=0.1,
                        total_steps=ctx.sizes.ppo_steps, max_new_tokens=20, output_dir=str(ctx.ppo_dir),
                        logging_steps=max(1, ctx.sizes.ppo_steps // 5), seed=ctx.seed, missing_eos_penalty=1.0)
-    scorer = RewardModelScorer(str(ctx.reward_dir), ctx.tokenizer)
+    scorer = _reward_scorer(ctx)
     trainer = PPOTrainer(config, model, None, ctx.tokenizer, dataset=Dataset.from_dict({"prompt": review_prompts() * 4}),
                          reward_funcs=scorer)
     print(f"PPO for {config.total_steps} steps x {config.batch_size} sampled reviews, rewarded by the reward "

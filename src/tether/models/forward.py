@@ -177,12 +177,11 @@ def causal_lm_loss(
     Same value as `-causal_token_log_probs(...).logps.sum() / normalizer`, but on the fused path whose
     gradient is formed during the forward pass (no recompute of the vocabulary projection).
     """
-    rows, positions, targets = _targets(batch)
     head = splittable_head(model)
     if head is None:
-        logits = _logits(model(**_model_inputs(batch), use_cache=False))  # [b, t, v]
-        logps, stats = log_probs_from_logits(logits[rows, positions - 1], targets)
-        return -logps.sum() / normalizer, stats
+        token_logps = causal_token_log_probs(model, batch, chunk_size=chunk_size)
+        return -token_logps.logps.sum() / normalizer, token_logps.stats
+    rows, positions, targets = _targets(batch)
     hidden, _ = _final_hidden_states(model, _model_inputs(batch))  # [b, t, h]
     weights = torch.full(targets.shape, 1.0, device=hidden.device) / normalizer
     return linear_cross_entropy(hidden[rows, positions - 1], head.weight, targets, weights, head.bias, chunk_size)

@@ -31,6 +31,11 @@ from ..models.loading import (
 )
 
 
+def _init_values(args: TrainingArguments) -> dict[str, Any]:
+    """The constructor arguments that rebuild `args` (its __post_init__ rewrites some fields)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+
+
 def apply_legacy_kwargs(args: TrainingArguments, legacy: dict[str, Any], renames: dict[str, str],
                         trainer_name: str) -> TrainingArguments:
     """Move TRL-era trainer keywords (e.g. `max_seq_length=512`) onto the config, warning once each.
@@ -51,10 +56,7 @@ def apply_legacy_kwargs(args: TrainingArguments, legacy: dict[str, Any], renames
         updates[target] = value
     if not updates:
         return args
-    # TrainingArguments.__post_init__ rewrites some fields, so rebuild from the user-given init values.
-    init_values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-    init_values.update(updates)
-    return type(args)(**init_values)
+    return type(args)(**{**_init_values(args), **updates})
 
 
 def as_config(config_class: type[TrainingArguments], args: TrainingArguments | None, model: Any,
@@ -66,7 +68,7 @@ def as_config(config_class: type[TrainingArguments], args: TrainingArguments | N
     if args is None:
         name = model_name(model).rstrip("/").split("/")[-1] or "model"
         return config_class(output_dir=f"{name}-{suffix}")
-    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+    return config_class(**_init_values(args))
 
 
 @dataclass

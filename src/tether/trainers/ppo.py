@@ -289,16 +289,17 @@ class PPOTrainer(PPOTrainLoop):
         """kl_penalty='full': the exact KL between the two next-token distributions at each response
         token, which needs both full [b, t, v] distributions (memory heavy, by the user's choice)."""
         def distributions(model: nn.Module, context: Any) -> torch.Tensor:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            if self.is_encoder_decoder:  # the decoder reads the labels shifted right: logits at label positions
+                inputs["decoder_input_ids"] = unwrap_model(model).prepare_decoder_input_ids_from_labels(
+                    labels=batch["labels"])
+                inputs["decoder_attention_mask"] = batch["decoder_attention_mask"]
             with torch.no_grad(), context:
-                if self.is_encoder_decoder:  # the decoder reads the labels shifted right: logits at label positions
-                    decoder_input_ids = unwrap_model(model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                decoder_input_ids=decoder_input_ids,
-                                decoder_attention_mask=batch["decoder_attention_mask"], use_cache=False)
-                    return (out[0] if isinstance(out, tuple) else out.logits).float().log_softmax(-1)
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            logits = out[0] if isinstance(out, tuple) else out.logits
-            return torch.cat([logits[:, :1] * 0, logits[:, :-1]], 1).float().log_softmax(-1)  # at target positions
+                out = model(**inputs, use_cache=False)
+            logits = out[0] if isinstance(out, tuple) else out.logits  # [b, t, v]
+            if not self.is_encoder_decoder:
+                logits = logits.roll(1, dims=1)  # position j: the distribution that predicted token j
+            return logits.float().log_softmax(-1)
 
         policy = distributions(self.model, contextlib.nullcontext())
         if self.ref_model is not None:
