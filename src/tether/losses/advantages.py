@@ -72,6 +72,7 @@ def group_relative_advantages(
     group_size: int,
     scale_by_std: bool = True,
     eps: float = 1e-4,
+    std_over: str = "group",
 ) -> torch.Tensor:
     """Group-relative advantages, rewards [n] -> advantages [n].
 

@@ -148,3 +148,15 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+
+
+@torch.no_grad()
+def sequence_kl(logprob: torch.Tensor, ref_logprob: torch.Tensor, mask: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+    """KL estimate of each whole sequence, the sum of its per-token estimates: [b, t] -> [b], detached.
+
+    With kind="kl" this is log pi(o) - log pi_ref(o), the single-sample estimate of KL(pi || pi_ref) over
+    completions that RLOO subtracts from the reward (Ahmadian et al., 2024, sec. 3: r - beta * KL).
+    """
+    per_token = kl_penalty(logprob, ref_logprob, kind)  # [b, t]
+    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
+    return torch.where(mask.bool(), per_token, zero).sum(-1)

@@ -107,6 +107,24 @@ def _zero_outside(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x.detach(), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def clipped_surrogate(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon_low: float, epsilon_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate as a loss, elementwise (Schulman et al., 2017, eq. 7):
+
+        r = exp(log_ratio),   l = max(-A * r, -A * clip(r, 1 - eps_low, 1 + eps_high))
+
+    log_ratio = log pi - log pi_old, advantages: same shape (tokens [b, t], or sequences [n]). The max is
+    the pessimistic bound: once r has moved past the clip edge in the direction A favours, l is flat.
+    Returns (l, ratio, clipped): `clipped` (detached, bool) where the clipped term is strictly larger,
+    i.e. where clipping removed the gradient.
+    """
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    return torch.maximum(unclipped, clipped), ratio, (clipped > unclipped).detach()
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -126,29 +144,25 @@ def ppo_policy_loss(
         loss = aggregate_loss(l, mask, aggregation, ...)
 
     eps_low = cliprange; eps_high = cliprange_high, defaulting to cliprange (DAPO's "clip-higher",
-    Yu et al., 2025, sets it larger, e.g. 0.28 with cliprange 0.2). The max is the pessimistic bound: once the ratio has moved
-    past the clip edge in the direction the advantage favours, the token's gradient is zero.
+    Yu et al., 2025, sets it larger, e.g. 0.28 with cliprange 0.2).
 
     logprobs (differentiable), old_logprobs [b, t]; advantages [b, t] or [b, 1] (one per sequence,
     broadcast), treated as constants; mask [b, t]. Aggregation arguments as in `aggregate_loss`.
     Diagnostics (as TRL's classic PPO stats) are masked means over this call's tokens: clipfrac counts
-    tokens where the clipped term is strictly larger, i.e. where clipping removed the gradient.
+    tokens where clipping removed the gradient (see `clipped_surrogate`).
     """
     mask = mask.bool()
     if advantages.dim() != 2:
         raise ValueError(f"advantages must be [b, t] or [b, 1], got shape {tuple(advantages.shape)}")
     log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), 0.0)  # [b, t]; ratio 1 at padding
-    ratio = torch.exp(log_ratio)
     advantages = _zero_outside(advantages.expand_as(mask), mask)  # [b, t]
     eps_high = cliprange if cliprange_high is None else cliprange_high
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + eps_high)
-    per_token = torch.maximum(unclipped, clipped)  # [b, t]
+    per_token, ratio, clipped = clipped_surrogate(log_ratio, advantages, cliprange, eps_high)  # [b, t] each
     loss = aggregate_loss(per_token, mask, aggregation, num_tokens, num_sequences, max_length)
     with torch.no_grad():
         return PolicyLossOutput(
             loss=loss,
-            clipfrac=masked_mean((clipped > unclipped).to(per_token.dtype), mask),
+            clipfrac=masked_mean(clipped.to(per_token.dtype), mask),
             approxkl=0.5 * masked_mean(log_ratio.square(), mask),
             policykl=masked_mean(-log_ratio, mask),
             ratio_mean=masked_mean(ratio, mask),

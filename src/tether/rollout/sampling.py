@@ -1,0 +1,249 @@
+"""Group sampling for online RL: `num_generations` completions per prompt, each prompt encoded once.
+
+`model.generate(num_return_sequences=k)` copies every prompt k times before the first forward pass, so
+the prompt is encoded k times, and it keeps computing rows that already ended until the longest is done.
+Here the loop is written out:
+
+    1. prefill: the p unique prompts, left-padded, in one forward pass -> KV cache [p, q] and the
+       next-token distribution of each prompt
+    2. the cache is repeated k times along the batch (`batch_repeat_interleave`): [p * k, q], so the
+       group shares one encoding of its prompt
+    3. decode one token per step for the rows still running; a row stops at its first EOS; once a
+       quarter of the rows have stopped, they are dropped from the cache (`batch_select_indices`), so
+       finished rows cost nothing; the loop ends when every row has stopped or at max_new_tokens
+
+The log-probability of each sampled token under the sampling distribution (softmax(logits / T), before
+top-k/top-p filtering: the policy's own distribution, as training computes it) is kept, so callers have
+the behaviour policy's log-probs without another forward pass.
+
+Shapes: p = prompts, k = generations per prompt, n = p * k completions, q = prompt tokens,
+c = completion tokens, v = vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+from ..models.forward import position_ids_from_mask, unwrap_model
+
+# Drop finished rows from the cache once this share of the running batch has finished: compacting costs
+# a copy of the cache, so it is done in a few large steps rather than after every finished row.
+_COMPACT_WHEN_FINISHED = 0.25
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in a buffer with room for the whole completion.
+
+    DynamicLayer appends a token with torch.cat, which copies the layer's whole cache at every step
+    (quadratic in the completion length; on CPU it was a third of decoding time). Here a step writes one
+    column into the buffer and `keys`/`values` are views of its filled part. [b, heads, length, head_dim].
+    """
+
+    @classmethod
+    def wrap(cls, layer: DynamicLayer, extra_tokens: int) -> _PreallocatedLayer:
+        new = cls.__new__(cls)
+        new.__dict__.update(layer.__dict__)
+        b, h, t, d = layer.keys.shape
+        new.key_buffer = layer.keys.new_empty((b, h, t + extra_tokens, d))
+        new.value_buffer = layer.values.new_empty((b, h, t + extra_tokens, layer.values.shape[-1]))
+        new.key_buffer[:, :, :t] = layer.keys
+        new.value_buffer[:, :, :t] = layer.values
+        new.length = t
+        new._refresh_views()
+        return new
+
+    def _refresh_views(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        new_tokens = key_states.shape[-2]
+        self.key_buffer[:, :, self.length: self.length + new_tokens] = key_states
+        self.value_buffer[:, :, self.length: self.length + new_tokens] = value_states
+        self.length += new_tokens
+        self._refresh_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self._refresh_views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self._refresh_views()
+
+
+def _preallocate(cache: object, extra_tokens: int) -> None:
+    """Give the cache's plain dynamic layers room for `extra_tokens` more (other layer kinds, e.g.
+    sliding-window ones, keep their own behaviour)."""
+    layers = getattr(cache, "layers", None) or []
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+            layers[i] = _PreallocatedLayer.wrap(layer, extra_tokens)
+
+
+@dataclass
+class SampledGroups:
+    """n = prompts x num_generations completions, grouped: rows [g * k, (g + 1) * k) answer prompt g.
+
+    completion_ids [n, c] right-padded with pad_token_id; completion_mask [n, c] True at real tokens (an
+    EOS that ended a row is real and last); logps [n, c] float32 log-probs of the sampled tokens under
+    softmax(logits / temperature), 0 at padding; truncated [n] True where the row hit max_new_tokens
+    without an EOS.
+    """
+
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logps: torch.Tensor
+    truncated: torch.Tensor
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """logits [b, v] with the tokens outside the top-k, outside the top-p nucleus (Holtzman et al.,
+    2020), or below min_p times the most likely token's probability set to -inf. 0 / 1.0 / 0.0 disable
+    each filter. The most likely token always survives."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [b, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [b, v]
+        probs = sorted_logits.softmax(-1)
+        # Keep a token if the mass strictly before it is below top_p: the nucleus plus the token crossing it.
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [b, v] -> (tokens [b], their log-probs [b] under softmax(logits / T)).
+    temperature 0 is greedy decoding (log-probs then at T = 1)."""
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+    log_probs = scaled.log_softmax(-1)  # [b, v]
+    if temperature <= 0:
+        tokens = scaled.argmax(-1)
+    else:
+        probs = filter_logits(scaled, top_k, top_p, min_p).softmax(-1)  # [b, v]
+        # Inverse-CDF sampling: one uniform number per row instead of torch.multinomial's per-token work
+        # (several times faster on CPU). The clamp guards against u landing past a rounded-down total.
+        cdf = probs.cumsum(-1)  # [b, v]
+        u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids):] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[i, width - len(ids):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def supports_group_sampling(model: nn.Module) -> bool:
+    """Decoder-only transformers models with a KV cache; others go through `model.generate`."""
+    inner = unwrap_model(model)
+    config = getattr(inner, "config", None)
+    return (config is not None and not getattr(config, "is_encoder_decoder", False)
+            and hasattr(inner, "get_decoder") and getattr(inner, "_supports_cache_class", True) is not False)
+
+
+@torch.no_grad()
+def sample_groups(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    num_generations: int,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_ids: Sequence[int],
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> SampledGroups:
+    """Sample `num_generations` completions for each prompt (lists of token ids), see the module docstring.
+
+    `model` is a decoder-only causal LM (or a PEFT / value-head wrapper of one); it runs in eval mode and
+    is put back in its previous mode.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("sample_groups needs at least one prompt, and every prompt needs at least one token.")
+    if max_new_tokens < 1 or num_generations < 1:
+        raise ValueError(f"max_new_tokens and num_generations must be >= 1, got {max_new_tokens}, {num_generations}.")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample_loop(model, prompts, num_generations, max_new_tokens, pad_token_id, list(eos_token_ids),
+                            temperature, top_k, top_p, min_p, generator, device)
+    finally:
+        model.train(was_training)
+
+
+def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max_new_tokens: int,
+                 pad_token_id: int, eos_token_ids: list[int], temperature: float, top_k: int, top_p: float,
+                 min_p: float, generator: torch.Generator | None, device: torch.device) -> SampledGroups:
+    input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)  # [p, q]
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    _preallocate(cache, max_new_tokens)
+    cache.batch_repeat_interleave(k)  # [p, q] -> [n, q]: each group shares its prompt's encoding
+    logits = out.logits[:, -1].repeat_interleave(k, dim=0)  # [n, v]
+    attention_mask = attention_mask.repeat_interleave(k, dim=0)  # [n, q]
+    next_position = attention_mask.sum(-1)  # [n]: position of the first completion token
+
+    n = len(prompts) * k
+    # One extra row, n, is a sink: rows that ended but are still in the cache (until the next compaction)
+    # keep decoding, and their tokens are written there and dropped.
+    completion_ids = torch.full((n + 1, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros((n + 1, max_new_tokens), dtype=torch.float32, device=device)
+    lengths = torch.full((n + 1,), max_new_tokens, dtype=torch.long, device=device)  # rows without an EOS
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    running = torch.arange(n, device=device)  # output row of each cache row; n once it has ended
+
+    for step in range(max_new_tokens):
+        tokens, token_logps = _sample(logits, temperature, top_k, top_p, min_p, generator)  # [r], [r]
+        completion_ids[running, step] = tokens
+        logps[running, step] = token_logps
+        ended = torch.isin(tokens, eos) & (running < n)  # [r]
+        lengths[running[ended]] = step + 1
+        running = torch.where(ended, n, running)
+        alive = running < n  # [r]
+        if step + 1 == max_new_tokens or not bool(alive.any()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(running), 1))], dim=1)
+        if 1.0 - float(alive.float().mean()) >= _COMPACT_WHEN_FINISHED:
+            keep = alive.nonzero().squeeze(-1)  # [r']
+            cache.batch_select_indices(keep)
+            running, tokens, attention_mask, next_position = (
+                running[keep], tokens[keep], attention_mask[keep], next_position[keep])
+        out = model(input_ids=tokens[:, None], attention_mask=attention_mask,
+                    position_ids=next_position[:, None], past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]  # [r, v]
+        next_position = next_position + 1
+
+    completion_ids, logps, lengths = completion_ids[:n], logps[:n], lengths[:n]
+    width = int(lengths.max())
+    completion_mask = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [n, c]
+    completion_ids = completion_ids[:, :width].masked_fill(~completion_mask, pad_token_id)
+    logps = logps[:, :width].masked_fill(~completion_mask, 0.0)
+    last_token = completion_ids.gather(1, (lengths - 1)[:, None]).squeeze(1)  # [n]
+    return SampledGroups(completion_ids, completion_mask, logps, truncated=~torch.isin(last_token, eos))
