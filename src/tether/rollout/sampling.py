@@ -191,7 +191,8 @@ def sample_groups(
     was_training = model.training
     model.eval()
     try:
-        return _sample_loop(model, prompts, num_generations, max_new_tokens, pad_token_id, list(eos_token_ids),
+        # The transformers model itself (adapters stay injected): a value-head wrapper returns a tuple.
+        return _sample_loop(unwrap_model(model), prompts, num_generations, max_new_tokens, pad_token_id, list(eos_token_ids),
                             temperature, top_k, top_p, min_p, generator, device)
     finally:
         model.train(was_training)

@@ -378,6 +378,7 @@ class OnlineTrainer(TetherTrainer):
         position = self._micro_step % (args.steps_per_generation * args.num_iterations)
         self._micro_step += 1
         if position == 0 or self._round is None:
+            model.train()  # Trainer does so next anyway; the round's metrics must be filed as training ones
             self._round = self._generate_round(inputs)
         started = time.perf_counter()
         loss = super().training_step(model, {"slice": position % args.steps_per_generation}, num_items_in_batch)
