@@ -331,16 +331,17 @@ def emit(result: dict[str, Any]) -> None:
 
 
 # ----- the parent -----------------------------------------------------------------------------------------------
-def parser(doc: str | None, steps: int = 6, warmup: int = 2) -> argparse.ArgumentParser:
-    """The options every benchmark takes; scripts add their own settings."""
+def parser(doc: str | None, steps: int = 6, warmup: int = 2, runs: Sequence[str] = LIBS) -> argparse.ArgumentParser:
+    """The options every benchmark takes; scripts add their own settings. `runs`: what a child may run (`--run`),
+    the libraries unless a script adds baselines of its own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--libs", default="trl,tether", help="comma-separated subset of trl,tether")
+    p.add_argument("--libs", default=",".join(runs), help=f"comma-separated subset of {','.join(runs)}")
     p.add_argument("--steps", type=int, default=steps, help="timed optimizer steps (after the warm-up)")
     p.add_argument("--warmup", type=int, default=warmup, help="warm-up steps excluded from timing")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: small corpus, 2+1 steps")
     p.add_argument("--workdir", type=Path, help="keep assets and outputs here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--run", choices=LIBS, help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--run", choices=runs, help=argparse.SUPPRESS)  # child mode
     return p
 
 

@@ -1,8 +1,9 @@
-"""The `tether` command: one subcommand per training method, plus `demo`.
+"""The `tether` command: one subcommand per training method, plus `demo` and `report`.
 
     tether sft --model_name_or_path DIR --dataset_name data.jsonl --output_dir OUT --max_steps 100
     tether sft --config run.yaml --learning_rate 1e-4      # YAML sets defaults, flags override them
     tether demo [--output_dir ./tether-demo] [--quick]
+    tether report OUTPUT_DIR                               # rebuild a run's report.html and plots
 
 A training subcommand is one `TrainCommand` row: its script-arguments dataclass, its config dataclass and
 its trainer class. Flags and help strings come from those dataclasses through `transformers.HfArgumentParser`,
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -45,6 +47,10 @@ class ScriptArguments:
                                         "unless --eval_strategy asks for more often."})
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer, when it is not stored with the model."})
+    resume: bool = field(default=False, metadata={
+        "help": "Resume from the last complete checkpoint-N folder of --output_dir (weights, optimizer, data "
+                "position, random state): a killed run then ends as an uninterrupted one would. "
+                "--resume_from_checkpoint PATH resumes from a given folder instead."})
 
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -53,7 +59,36 @@ class ScriptArguments:
     lora_target_modules: str = field(default="all-linear", metadata={
         "help": "Modules that get adapters: 'all-linear' or comma-separated names (e.g. q_proj,v_proj)."})
 
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "Load the model's linear layers in 4 bits and train a LoRA adapter over them (QLoRA; needs "
+                "bitsandbytes and --use_peft)."})
+    load_in_8bit: bool = field(default=False, metadata={
+        "help": "Load the model's linear layers in 8 bits (needs bitsandbytes and --use_peft)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={
+        "help": "4-bit data type with --load_in_4bit: nf4 (QLoRA's NormalFloat) or fp4.", "choices": ["nf4", "fp4"]})
+    use_bnb_nested_quant: bool = field(default=False, metadata={
+        "help": "With --load_in_4bit, quantize the quantization constants too (double quantization)."})
+
     required = ("model_name_or_path", "dataset_name")
+
+    def __post_init__(self) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load_in_4bit and --load_in_8bit are both set; choose one.")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+            raise ValueError("Quantized weights cannot be trained directly: add --use_peft to train a LoRA "
+                             "adapter over the quantized model (QLoRA), or drop --load_in_4bit/--load_in_8bit.")
+        if not self.load_in_4bit and (self.use_bnb_nested_quant or self.bnb_4bit_quant_type != "nf4"):
+            raise ValueError("--bnb_4bit_quant_type and --use_bnb_nested_quant apply only with --load_in_4bit.")
+
+    def quantization_kwargs(self) -> dict[str, Any]:
+        """The `model_init_kwargs` entries of the quantization flags (mapped to a BitsAndBytesConfig at load
+        time; plain values, so the resolved config stays a YAML file)."""
+        if self.load_in_8bit:
+            return {"load_in_8bit": True}
+        if self.load_in_4bit:
+            return {"load_in_4bit": True, "bnb_4bit_quant_type": self.bnb_4bit_quant_type,
+                    "use_bnb_nested_quant": self.use_bnb_nested_quant}
+        return {}
 
     def trainer_kwargs(self, peft_task_type: str) -> dict[str, Any]:
         """Extra keyword arguments for the trainer. Methods that need more models (reward, value, reference)
@@ -78,6 +113,44 @@ class ReferenceScriptArguments(ScriptArguments):
 
     def trainer_kwargs(self, peft_task_type: str) -> dict[str, Any]:
         return {**super().trainer_kwargs(peft_task_type), "ref_model": self.ref_model_name_or_path}
+
+
+@dataclass
+class OnlineScriptArguments(ScriptArguments):
+    """Script arguments of the online methods: where the rewards come from."""
+
+    reward_funcs: list[str] = field(default_factory=list, metadata={
+        "help": "Rewards, one or more: `module:function` (a function f(prompts, completions, **columns) -> "
+                "list[float], importable from the working directory), `path/to/file.py:function`, or a reward "
+                "model's folder or hub id. Weights: --reward_weights (same order)."})
+
+    def trainer_kwargs(self, peft_task_type: str) -> dict[str, Any]:
+        if not self.reward_funcs:
+            raise SystemExit("error: --reward_funcs is required: module:function, file.py:function, or a reward "
+                             "model path (several allowed).")
+        return {**super().trainer_kwargs(peft_task_type), "reward_funcs": [resolve_reward(r) for r in self.reward_funcs]}
+
+
+def resolve_reward(spec: str) -> Any:
+    """`module:function` or `file.py:function` -> the function; anything else is a reward model's path or id."""
+    target, sep, attribute = spec.rpartition(":")
+    if not sep or not target or not attribute.isidentifier():
+        return spec
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise SystemExit(f"error: --reward_funcs {spec}: no file {target}.")
+        module_spec = importlib.util.spec_from_file_location(os.path.basename(target)[:-3], target)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's own modules next to their data
+        try:
+            module = importlib.import_module(target)
+        except ImportError as error:
+            raise SystemExit(f"error: --reward_funcs {spec}: cannot import {target!r} ({error}).") from error
+    if not callable(getattr(module, attribute, None)):
+        raise SystemExit(f"error: --reward_funcs {spec}: {target} has no function {attribute!r}.")
+    return getattr(module, attribute)
 
 
 @dataclass(frozen=True)
@@ -107,6 +180,12 @@ TRAIN_COMMANDS: dict[str, TrainCommand] = {
                          "tether.trainers.orpo:ORPOConfig", "tether.trainers.orpo:ORPOTrainer"),
     "cpo": TrainCommand("CPO or SimPO (--loss_type simpo): reference-free preference optimisation.",
                         "tether.trainers.cpo:CPOConfig", "tether.trainers.cpo:CPOTrainer"),
+    "grpo": TrainCommand("GRPO (and Dr. GRPO, DAPO via --loss_type / --scale_rewards) on prompts with reward "
+                         "functions or reward models.", "tether.trainers.grpo:GRPOConfig",
+                         "tether.trainers.grpo:GRPOTrainer", script_args="tether.cli:OnlineScriptArguments"),
+    "rloo": TrainCommand("RLOO (REINFORCE with a leave-one-out baseline) on prompts with reward functions or "
+                         "reward models.", "tether.trainers.rloo:RLOOConfig", "tether.trainers.rloo:RLOOTrainer",
+                         script_args="tether.cli:OnlineScriptArguments"),
 }
 
 
@@ -127,6 +206,13 @@ def build_parser(command: str) -> Any:
     parser.usage = f"tether {command} --model_name_or_path M --dataset_name D [--config YAML] [OPTIONS]"
     parser.add_argument(CONFIG_FLAG, metavar="YAML", default=None,
                         help="YAML file of option: value pairs; they set the defaults, explicit flags override.")
+    # Read by main() before parsing (the run is re-executed under `accelerate launch`); listed here for --help.
+    launching = parser.add_argument_group("several processes (DDP, DeepSpeed ZeRO, FSDP)")
+    launching.add_argument(ACCELERATE_CONFIG_FLAG, metavar="NAME", default=None, help=(
+        f"Run under `accelerate launch` with a shipped config ({', '.join(shipped_accelerate_configs())}) or an "
+        "accelerate YAML file of yours."))
+    launching.add_argument(NUM_PROCESSES_FLAG, metavar="N", type=int, default=None, help=(
+        f"Processes to launch with {ACCELERATE_CONFIG_FLAG} (default: one per GPU; required without GPUs)."))
     for action in parser._actions:
         # Dict-typed fields (e.g. model_init_kwargs) take JSON on the command line; argparse would call
         # dict("...") on the string and fail.
@@ -145,7 +231,7 @@ def _yaml_defaults(path: str, parser: Any) -> dict[str, Any]:
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
         parser.error(f"{path}: expected a mapping of option: value pairs, got {type(values).__name__}.")
-    known = {a.dest for a in parser._actions} - {"help", "config"}
+    known = {a.dest for a in parser._actions} - {"help", "config", "accelerate_config", "num_processes"}
     unknown = sorted(k for k in values if k not in known)
     if unknown:
         hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else repr(k)
@@ -169,6 +255,15 @@ def parse_command_args(command: str, argv: Sequence[str]) -> tuple[Any, Any]:
     missing = [name for name in getattr(script_args, "required", ()) if getattr(script_args, name) is None]
     if missing:
         parser.error(f"missing {', '.join('--' + m for m in missing)} (a flag or a key of the {CONFIG_FLAG} file).")
+    if script_args.resume:
+        from tether.trainers.checkpoints import latest_checkpoint
+
+        if config.resume_from_checkpoint:
+            parser.error("--resume (the last checkpoint of --output_dir) and --resume_from_checkpoint (a given "
+                         "folder) are both set; use one, not both.")
+        if latest_checkpoint(config.output_dir) is None:
+            parser.error(f"--resume: no checkpoint-N folder in {config.output_dir} to resume from (runs write one "
+                         "every --save_steps steps); drop --resume to start a new run.")
     return script_args, config
 
 
@@ -177,6 +272,7 @@ def _write_resolved_config(script_args: Any, config: Any, path: str) -> None:
     import yaml
 
     values = {**dataclasses.asdict(script_args), **config.to_dict()}
+    values.pop("resume", None)  # how this run started, not an option of the run: repeating it must not resume
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(values, f, sort_keys=False)
 
@@ -193,11 +289,18 @@ def train(command: str, argv: Sequence[str]) -> int:
     eval_dataset = (load_any_dataset(name, script_args.dataset_test_split, subset)
                     if script_args.dataset_test_split else None)
     tokenizer = load_tokenizer(script_args.tokenizer_name_or_path) if script_args.tokenizer_name_or_path else None
+    quantization = script_args.quantization_kwargs()
+    if quantization:
+        config.model_init_kwargs = {**(config.model_init_kwargs or {}), **quantization}
+        if getattr(script_args, "ref_model_name_or_path", None) and hasattr(config, "ref_model_init_kwargs"):
+            # A separate reference is loaded the same way (TRL's scripts do too): frozen, it needs no adapter.
+            config.ref_model_init_kwargs = {**(config.ref_model_init_kwargs or {}), **quantization}
     trainer = _import(spec.trainer)(
         script_args.model_name_or_path, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, **script_args.trainer_kwargs(spec.peft_task_type),
     )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    # True: the trainer resumes from the last complete checkpoint-N of output_dir (checked to exist above).
+    trainer.train(resume_from_checkpoint=True if script_args.resume else config.resume_from_checkpoint)
     if eval_dataset is not None and config.eval_strategy == "no":
         # A test split was asked for but no periodic evaluation: evaluate once, at the end.
         trainer.log_metrics("eval", trainer.evaluate())
@@ -205,7 +308,120 @@ def train(command: str, argv: Sequence[str]) -> int:
     if trainer.is_world_process_zero():
         _write_resolved_config(script_args, config, os.path.join(config.output_dir, RESOLVED_CONFIG_NAME))
         print(f"Saved the model and tokenizer to {config.output_dir}")
+        from tether.reports import write_report
+
+        # Rebuilt now that the page can show the resolved config and any final evaluation.
+        print(f"Report: {write_report(config.output_dir).path}")
     return 0
+
+
+# ----- several processes: re-run under `accelerate launch` --------------------------------------------------
+ACCELERATE_CONFIG_FLAG = "--accelerate_config"
+NUM_PROCESSES_FLAG = "--num_processes"
+ACCELERATE_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerate_configs")
+
+
+def shipped_accelerate_configs() -> dict[str, str]:
+    """Name -> path of the accelerate configs shipped with tether: ddp, fsdp, zero2, zero3, zero3_offload."""
+    return {name.removesuffix(".yaml"): os.path.join(ACCELERATE_CONFIGS_DIR, name)
+            for name in sorted(os.listdir(ACCELERATE_CONFIGS_DIR)) if name.endswith(".yaml")}
+
+
+def resolve_accelerate_config(value: str) -> str:
+    """The path of `--accelerate_config VALUE`: a shipped config's name, or a YAML file."""
+    shipped = shipped_accelerate_configs()
+    if value in shipped:
+        return shipped[value]
+    if os.path.isfile(value):
+        return os.path.abspath(value)
+    raise ValueError(f"{ACCELERATE_CONFIG_FLAG} {value}: neither a shipped config ({', '.join(shipped)}) nor an "
+                     "existing YAML file (write one with `accelerate config --config_file FILE`).")
+
+
+def _pop_flag(argv: Sequence[str], flag: str) -> tuple[str | None, list[str]]:
+    """(value of `flag VALUE` or `flag=VALUE` in argv, argv without it)."""
+    rest, value, items = [], None, list(argv)
+    while items:
+        item = items.pop(0)
+        if item == flag:
+            if not items or items[0].startswith("--"):
+                raise ValueError(f"{flag} needs a value.")
+            value = items.pop(0)
+        elif item.startswith(flag + "="):
+            value = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return value, rest
+
+
+@dataclass
+class Launch:
+    """A training command re-executed under `accelerate launch`: the command line, and the environment
+    variables to set on top of the current environment."""
+
+    command: list[str]
+    env: dict[str, str]
+
+
+def accelerate_launch(command: str, argv: Sequence[str], gpu_count: int | None = None) -> Launch:
+    """`tether COMMAND ... --accelerate_config NAME [--num_processes N]` as
+    `accelerate launch --config_file FILE [--num_processes N] -m tether.cli COMMAND ...` (the same flags
+    minus these two). Raises ValueError for a bad config name or file, or a setup that cannot run.
+
+    Without GPUs (`gpu_count` 0; None detects) the processes run on the CPU with the gloo backend:
+    accelerate needs ACCELERATE_USE_CPU for that under DDP, DeepSpeed its CPU accelerator (and the
+    trainer asks for gloo itself, see tether.distributed); accelerate runs FSDP on GPUs only.
+    """
+    import yaml
+
+    name, rest = _pop_flag(argv, ACCELERATE_CONFIG_FLAG)
+    processes, rest = _pop_flag(rest, NUM_PROCESSES_FLAG)
+    if name is None:
+        raise ValueError(f"{NUM_PROCESSES_FLAG} applies with {ACCELERATE_CONFIG_FLAG} NAME only.")
+    if processes is not None and (not processes.isdigit() or int(processes) < 1):
+        raise ValueError(f"{NUM_PROCESSES_FLAG} must be a positive integer, got {processes!r}.")
+    path = resolve_accelerate_config(name)
+    with open(path, encoding="utf-8") as f:
+        settings = yaml.safe_load(f)
+    if not isinstance(settings, dict) or "distributed_type" not in settings:
+        raise ValueError(f"{path}: not an accelerate config (no distributed_type); write one with "
+                         "`accelerate config --config_file FILE`.")
+    if gpu_count is None:
+        import torch
+
+        gpu_count = torch.cuda.device_count()
+    env = {}
+    if gpu_count == 0:
+        kind = str(settings["distributed_type"]).upper()
+        if kind == "FSDP":
+            raise ValueError(f"{path}: accelerate runs FSDP on GPUs only and this machine has none; on the CPU use "
+                             f"{ACCELERATE_CONFIG_FLAG} ddp, zero2 or zero3.")
+        env = {"DS_ACCELERATOR": "cpu"} if kind == "DEEPSPEED" else {"ACCELERATE_USE_CPU": "true"}
+    if processes is None and settings.get("num_processes", -1) in (-1, None):
+        if gpu_count == 0:
+            raise ValueError(f"This machine has no GPU: say how many processes to run on the CPU with "
+                             f"{NUM_PROCESSES_FLAG} N.")
+        processes = str(gpu_count)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", path]
+    if processes is not None:
+        launch += [NUM_PROCESSES_FLAG, processes]
+    if "main_process_port" not in settings:
+        launch += ["--main_process_port", "0"]  # a free port: several runs can share a machine
+    return Launch(launch + ["-m", "tether.cli", command, *rest], env)
+
+
+def launch(command: str, argv: Sequence[str]) -> int:
+    """Run `tether COMMAND argv` under `accelerate launch` (see `accelerate_launch`); its exit code."""
+    import subprocess
+
+    try:
+        spec = accelerate_launch(command, argv)
+    except ValueError as error:
+        print(f"tether {command}: error: {error}", file=sys.stderr)
+        return 2
+    shown = " ".join([f"{k}={v}" for k, v in spec.env.items()] + spec.command)
+    print(f"tether: {shown}", file=sys.stderr, flush=True)
+    return subprocess.run(spec.command, env={**os.environ, **spec.env}).returncode
 
 
 def demo(argv: Sequence[str]) -> int:
@@ -216,16 +432,40 @@ def demo(argv: Sequence[str]) -> int:
     parser.add_argument("--output_dir", default="./tether-demo", help="Where every file is written.")
     parser.add_argument("--quick", action="store_true", help="A ~10 s smoke version (tiny sizes, few steps).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the corpus, the model and sampling.")
+    parser.add_argument("--method", choices=["ppo", "grpo", "rloo"], default="ppo",
+                        help="RL stage after SFT and the reward model: PPO then DPO (default), or GRPO / RLOO.")
     args = parser.parse_args(argv)
-    from tether.demo.pipeline import run_demo
+    from tether.demo.pipeline import GROUP_RL_STAGES, run_demo
 
-    run_demo(args.output_dir, quick=args.quick, seed=args.seed)
+    run_demo(args.output_dir, quick=args.quick, seed=args.seed, stages=GROUP_RL_STAGES.get(args.method))
+    return 0
+
+
+def report(argv: Sequence[str]) -> int:
+    """`tether report DIR`: rebuild a run's report (report.html, plots/) from the files in its output dir."""
+    parser = argparse.ArgumentParser(
+        prog="tether report", description="Rebuild the report of a training run from its output dir (metrics.jsonl, "
+                                          "samples.jsonl, its config): report.html and PNG plots under plots/. "
+                                          "Given a folder of runs (e.g. the demo's), one page with a section per run.")
+    parser.add_argument("directory", help="A run's output_dir, or a folder of them.")
+    parser.add_argument("--title", default=None, help="Title of the page (default: the run's name).")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.directory):
+        parser.error(f"{args.directory}: no such folder.")
+    from tether.reports import write_report
+
+    try:
+        built = write_report(args.directory, title=args.title)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    print(f"Report: {built.path}")
     return 0
 
 
 # Subcommands that are not a trainer: name -> (help, function of the remaining argv returning an exit code).
 TOOLS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "demo": ("Run the offline demo: corpus -> tokenizer -> tiny model -> SFT, with samples.", demo),
+    "report": ("Rebuild a run's report (plots + HTML page) from its output dir.", report),
 }
 
 
@@ -249,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # A known command gets all the remaining flags; the top parser only handles --help/--version/typos.
     if argv and argv[0] in TRAIN_COMMANDS:
+        if any(a.split("=", 1)[0] in (ACCELERATE_CONFIG_FLAG, NUM_PROCESSES_FLAG) for a in argv[1:]):
+            return launch(argv[0], argv[1:])  # several processes: this command again, under accelerate launch
         return train(argv[0], argv[1:])
     if argv and argv[0] in TOOLS:
         return TOOLS[argv[0]][1](argv[1:])

@@ -338,6 +338,38 @@ def ppo_stage(ctx: DemoContext) -> None:
                           f"KL {last['objective/kl']:.2f}")
 
 
+def group_rl_stage(ctx: DemoContext, method: str) -> None:
+    """GRPO or RLOO from the SFT model against the reward model: groups of sampled reviews per prompt, each
+    review's advantage measured against its group, no value model."""
+    from datasets import Dataset
+
+    from ..trainers.grpo import GRPOConfig, GRPOTrainer
+    from ..trainers.rloo import RLOOConfig, RLOOTrainer
+
+    trainer_class, config_class = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}[method]
+    prompts = _demo_prompts(ctx)
+    config = config_class(
+        output_dir=str(ctx.output_dir / method), per_device_train_batch_size=16, num_generations=4,
+        max_completion_length=20, learning_rate=1e-4, beta=0.04, max_steps=ctx.sizes.ppo_steps,
+        logging_steps=max(1, ctx.sizes.ppo_steps // 5), seed=ctx.seed, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True)
+    trainer = trainer_class(str(ctx.sft_dir), reward_funcs=_reward_scorer(ctx), args=config,
+                            train_dataset=Dataset.from_dict({"prompt": review_prompts() * 8}),
+                            processing_class=ctx.tokenizer)
+    reward_before = _mean_reward(ctx, sample_reviews(trainer.model, ctx.tokenizer, prompts, ctx.seed))
+    print(f"{method.upper()} for {config.max_steps} steps x {config.per_device_train_batch_size} sampled reviews "
+          f"({config.num_generations} per prompt), rewarded by the reward model, KL to the SFT model...")
+    trainer.train()
+    samples_after = sample_reviews(trainer.model, ctx.tokenizer, prompts, ctx.seed)
+    print_samples(f"Samples AFTER {method.upper()}:", samples_after)
+    reward_after = _mean_reward(ctx, samples_after)
+    rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
+    kl = [row["kl"] for row in trainer.state.log_history if "kl" in row]
+    print(f"Mean reward of sampled reviews {rewards[0]:+.2f} -> {rewards[-1]:+.2f}; KL to the SFT model "
+          f"{kl[-1]:.2f}; reward-model score of samples {reward_before:+.2f} -> {reward_after:+.2f}")
+    ctx.results[method] = f"rollout reward {rewards[0]:+.2f} -> {rewards[-1]:+.2f}, KL {kl[-1]:.2f}"
+
+
 def dpo_stage(ctx: DemoContext) -> None:
     """DPO from the SFT model on the same preference pairs, against its frozen copy as the reference."""
     from ..trainers.dpo import DPOConfig, DPOTrainer
@@ -372,6 +404,12 @@ STAGES: list[Stage] = [
     Stage("ppo", "RLHF with PPO against the reward model (PPOTrainer)", ppo_stage),
     Stage("dpo", "Preference optimisation towards positive reviews (DPOTrainer)", dpo_stage),
 ]
+# `tether demo --method grpo|rloo`: the same task, learned online with a group baseline instead of PPO + DPO.
+GROUP_RL_STAGES = {
+    method: STAGES[:3] + [Stage(method, f"Online RL with {method.upper()} against the reward model "
+                                        f"({method.upper()}Trainer)", lambda ctx, m=method: group_rl_stage(ctx, m))]
+    for method in ("grpo", "rloo")
+}
 
 
 def _quiet_libraries() -> None:
@@ -411,4 +449,18 @@ def run_demo(output_dir: str | os.PathLike = "./tether-demo", quick: bool = Fals
           f"--output_dir {ctx.output_dir / 'sft-cli'} --packing --max_length {s.max_length} "
           f"--per_device_train_batch_size {s.batch_size} --learning_rate {s.learning_rate:g} "
           f"--lr_scheduler_type cosine --warmup_steps {max(1, s.sft_steps // 20)} --max_steps {s.sft_steps}")
+    report = write_demo_report(ctx, stages)
+    print(f"\nReport of the whole pipeline (plots, samples, configs): {report}")
     return ctx
+
+
+def write_demo_report(ctx: DemoContext, stages: list[Stage]) -> Path:
+    """One page over the stages that trained (a section each, from their output dirs), with the summary;
+    `tether report OUTPUT_DIR` rebuilds the same page."""
+    from ..reports import METRICS_FILE, write_report
+
+    runs = [(stage.title, ctx.output_dir / stage.name) for stage in stages
+            if (ctx.output_dir / stage.name / METRICS_FILE).is_file()]
+    notes = [f"{stage.name}: {ctx.results[stage.name]} ({ctx.timings[stage.name]:.1f} s)" for stage in stages
+             if stage.name in ctx.results]
+    return write_report(ctx.output_dir, title="tether demo", notes=notes, runs=runs).path

@@ -81,11 +81,16 @@ def group_relative_advantages(
     with the unbiased (n - 1) group std and eps added to the std, as TRL's GRPOTrainer does, so a group
     whose rewards are all equal gets A = 0. scale_by_std=False drops the division (Dr. GRPO; Liu et al.,
     2025, "Understanding R1-Zero-Like Training"): A_i = r_i - mean_group(r).
+    std_over="batch" divides by the unbiased std of all n rewards instead (TRL's scale_rewards="batch");
+    the mean stays the group's.
     """
+    if std_over not in ("group", "batch"):
+        raise ValueError(f"std_over must be 'group' or 'batch', got {std_over!r}")
     grouped = _grouped(rewards, group_size, min_size=2 if scale_by_std else 1)  # [g, k]
     centered = grouped - grouped.mean(dim=1, keepdim=True)  # [g, k]
     if scale_by_std:
-        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
+        std = grouped.std(dim=1, keepdim=True) if std_over == "group" else rewards.std()  # [g, 1] or []
+        centered = centered / (std + eps)
     return centered.reshape(-1)  # [n]
 
 

@@ -61,7 +61,16 @@ def splittable_head(model: nn.Module) -> nn.Linear | None:
     if any(getattr(inner.config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
         return None
     head = inner.get_output_embeddings()
-    return head if type(head) is nn.Linear else None
+    return head if type(head) is nn.Linear and _holds_full_weight(head) else None
+
+
+def _holds_full_weight(head: nn.Linear) -> bool:
+    """False when the head's weight is sharded: DeepSpeed ZeRO-3 leaves an empty placeholder (with a
+    `ds_id`) and FSDP2 a DTensor, gathered only while the head's own forward runs; reading `head.weight`
+    from outside would see a shard, so such models take the full-logits path."""
+    weight = head.weight
+    return (not hasattr(weight, "ds_id") and type(weight).__name__ != "DTensor"
+            and tuple(weight.shape) == (head.out_features, head.in_features))
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import os
 from typing import Any
@@ -30,14 +32,144 @@ def _resolve_dtype(value: Any) -> Any:
 
 
 def model_init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """Normalise `model_init_kwargs`: remote code stays off unless asked for, `torch_dtype` becomes `dtype`."""
+    """Normalise `model_init_kwargs`: remote code stays off unless asked for, `torch_dtype` becomes `dtype`,
+    and the quantization keys (`load_in_4bit`, `bnb_4bit_quant_type`, ...) become one `quantization_config`
+    (see `resolve_quantization`). Normalising twice gives the same result."""
     kwargs = dict(kwargs or {})
     if "torch_dtype" in kwargs:
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
     if "dtype" in kwargs:
         kwargs["dtype"] = _resolve_dtype(kwargs["dtype"])
     kwargs.setdefault("trust_remote_code", False)
+    return resolve_quantization(kwargs)
+
+
+# ----- quantization (QLoRA) --------------------------------------------------------------------------------
+BNB_INSTALL_HINT = ('Fix: pip install bitsandbytes (from a tether checkout: pip install -e ".[quant]"), or drop the '
+                    'quantization options (load_in_4bit, load_in_8bit, quantization_config) to load in full precision.')
+
+# Keys of `model_init_kwargs` that describe bitsandbytes quantization, TRL's ModelConfig names included
+# (`use_bnb_nested_quant` is TRL's name for `bnb_4bit_use_double_quant`).
+FOUR_BIT_KEYS = ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant",
+                 "use_bnb_nested_quant", "bnb_4bit_quant_storage")
+QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit", *FOUR_BIT_KEYS)
+
+
+def require_bitsandbytes(what: str = "Quantized loading") -> None:
+    """Raise an ImportError that says how to install bitsandbytes when it cannot be imported.
+
+    Quantization never falls back to full precision silently: a run asked for 4-bit weights would otherwise
+    need several times the memory it was planned with.
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"{what} needs bitsandbytes, which is not installed or cannot be imported "
+                          f"({error}). {BNB_INSTALL_HINT}") from error
+
+
+def _is_bnb(quantization_config: Any) -> bool:
+    method = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
+              else getattr(quantization_config, "quant_method", None))
+    return str(getattr(method, "value", method)) == "bitsandbytes"
+
+
+def _bnb_config_from_dict(values: dict[str, Any]) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    values = {k: v for k, v in values.items() if k != "quant_method"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"quantization_config has unknown key(s) {unknown}; BitsAndBytesConfig takes "
+                         f"{sorted(known)}.")
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        if isinstance(values.get(key), str):
+            values[key] = _resolve_dtype(values[key]) if values[key] in _DTYPES else values[key]
+    return BitsAndBytesConfig(**values)
+
+
+def resolve_quantization(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` with its quantization keys replaced by one `quantization_config=BitsAndBytesConfig(...)`.
+
+    Accepted, TRL style: `load_in_4bit=True` or `load_in_8bit=True`, with for 4 bits `bnb_4bit_quant_type`
+    ("nf4" by default, as in QLoRA), `bnb_4bit_compute_dtype` (default: `dtype` when given, else float32),
+    `bnb_4bit_use_double_quant` / `use_bnb_nested_quant` and `bnb_4bit_quant_storage`; or
+    `quantization_config` as a `BitsAndBytesConfig` or a dict of its arguments. Other quantization configs
+    (GPTQ, torchao, ...) pass through untouched. bitsandbytes must be importable (else an ImportError
+    that says how to install it); on a CUDA machine each process loads onto its own GPU (`device_map`).
+    """
+    kwargs = dict(kwargs)
+    flags = {key: kwargs.pop(key) for key in QUANTIZATION_KEYS if key in kwargs}
+    config = kwargs.pop("quantization_config", None)
+    four_bit, eight_bit = bool(flags.get("load_in_4bit")), bool(flags.get("load_in_8bit"))
+    if four_bit and eight_bit:
+        raise ValueError("load_in_4bit and load_in_8bit are both set; choose one.")
+    if config is not None and (four_bit or eight_bit):
+        raise ValueError("Both quantization_config and load_in_4bit/load_in_8bit are set; put everything in "
+                         "quantization_config, or use only the load_in_* keys.")
+    stray = sorted(key for key in FOUR_BIT_KEYS if key in flags)
+    if stray and not four_bit:
+        raise ValueError(f"{', '.join(stray)} apply only to 4-bit loading: add load_in_4bit=True "
+                         "(CLI: --load_in_4bit) or remove them.")
+    if four_bit or eight_bit:
+        from transformers import BitsAndBytesConfig
+
+        nested = flags.get("bnb_4bit_use_double_quant", flags.get("use_bnb_nested_quant", False))
+        if flags.get("use_bnb_nested_quant", nested) != nested:
+            raise ValueError("bnb_4bit_use_double_quant and use_bnb_nested_quant (the same option) disagree.")
+        dtype = kwargs.get("dtype")
+        compute = flags.get("bnb_4bit_compute_dtype") or (dtype if isinstance(dtype, torch.dtype) else torch.float32)
+        config = BitsAndBytesConfig(
+            load_in_8bit=eight_bit, load_in_4bit=four_bit, bnb_4bit_quant_type=flags.get("bnb_4bit_quant_type", "nf4"),
+            bnb_4bit_compute_dtype=_resolve_dtype(compute), bnb_4bit_use_double_quant=bool(nested),
+            bnb_4bit_quant_storage=_resolve_dtype(flags.get("bnb_4bit_quant_storage")),
+        ) if four_bit else BitsAndBytesConfig(load_in_8bit=True)
+    elif isinstance(config, dict) and (_is_bnb(config) or "quant_method" not in config):
+        config = _bnb_config_from_dict(config)
+    if config is None:
+        return kwargs
+    if _is_bnb(config):
+        require_bitsandbytes()
+        if torch.cuda.is_available() and "device_map" not in kwargs:
+            # Quantized weights are placed at load time and cannot be moved later; under DDP each process
+            # must get its own GPU, not GPU 0 for all.
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    kwargs["quantization_config"] = config
     return kwargs
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether `model` (or the model inside a PEFT or value-head wrapper) holds quantized weights."""
+    inner = getattr(model, "pretrained_model", model)
+    return bool(getattr(inner, "is_quantized", False))
+
+
+def check_quantized_for_training(model: Any) -> None:
+    """Before training a quantized model: it must carry an adapter (quantized weights cannot be trained;
+    QLoRA trains LoRA over them), and its 4-bit layers must keep a layout that backpropagates (see
+    `_keep_4bit_layers_differentiable`). Nothing happens for a full-precision model."""
+    if not is_quantized(model):
+        return
+    if not is_peft_model(getattr(model, "pretrained_model", model)):
+        raise ValueError("The model is quantized (load_in_4bit / load_in_8bit / quantization_config), and "
+                         "quantized weights cannot be trained directly. Fix: train a LoRA adapter over it, "
+                         "e.g. peft_config=LoraConfig(target_modules='all-linear', task_type='CAUSAL_LM') "
+                         "(CLI: --use_peft), or load the model in full precision.")
+    _keep_4bit_layers_differentiable(model)
+
+
+def _keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes (0.50) repacking 4-bit weights for CPU inference in a model that will be trained.
+
+    On a CPU with AVX512-BF16, the first eval-mode forward without grad (an evaluation, a generation, DPO's
+    reference pass) repacks each Linear4bit's weight in place into a bf16 layout whose matmul has no autograd
+    kernel: afterwards no gradient flows back through the frozen base layers, so every adapter below the
+    last layer gets a wrong gradient, silently. Training models keep the differentiable layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def is_encoder_decoder(model_or_config: Any) -> bool:
@@ -87,9 +219,17 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel 
 
 
 def apply_peft(model: PreTrainedModel, peft_config: Any, activation_checkpointing: bool = False) -> Any:
-    """Wrap `model` with a PEFT adapter described by `peft_config` (e.g. `LoraConfig`)."""
-    from peft import get_peft_model
+    """Wrap `model` with a PEFT adapter described by `peft_config` (e.g. `LoraConfig`).
 
+    A quantized model is first prepared for k-bit training (base frozen, half-precision norms and heads
+    upcast to float32 for stable adapter gradients). Activation checkpointing stays the trainer's choice:
+    peft's preparation would switch it on by default, which doubles the forward cost when nobody asked.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_4bit_layers_differentiable(model)
     if activation_checkpointing:
         # Frozen embeddings give checkpointed blocks inputs without grad; adapters downstream still need it.
         model.enable_input_require_grads()
@@ -128,3 +268,72 @@ def load_critic(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
         base = load_reward_model(base_name, **kwargs)
         return PeftModel.from_pretrained(base, name_or_path).merge_and_unload()
     return load_reward_model(name_or_path, **kwargs)
+
+
+# ----- merging an adapter into its base ---------------------------------------------------------------------
+def merge_adapter_and_save(adapter: Any, output_dir: str, base_model_name_or_path: str | None = None,
+                           tokenizer: PreTrainedTokenizerBase | None = None, **load_kwargs: Any) -> str:
+    """Merge a LoRA adapter into full-precision base weights and save a plain safetensors model.
+
+    `adapter` is a folder written by `save_pretrained` of a PEFT model, or a PEFT model in memory. The base
+    is `base_model_name_or_path`, else the one the adapter records. An adapter trained over a quantized
+    base (QLoRA) is merged into the base reloaded in full precision (`load_kwargs`, e.g. `dtype`), never
+    into the quantized weights: rounding W + BA back to 4 bits would undo most of what the adapter
+    learned. A full-precision PEFT model in memory is merged in a copy, leaving it untouched.
+    The tokenizer (given, else found next to the adapter or the base) is saved too. Returns `output_dir`.
+    """
+    from peft import (
+        PeftConfig,
+        PeftModel,
+        get_peft_model,
+        get_peft_model_state_dict,
+        set_peft_model_state_dict,
+    )
+
+    if any(key in load_kwargs for key in (*QUANTIZATION_KEYS, "quantization_config")):
+        raise ValueError("merge_adapter_and_save merges into full-precision weights; drop the quantization "
+                         "options from its keyword arguments.")
+    adapter_dir = adapter if isinstance(adapter, str) else None
+    if adapter_dir is not None:
+        peft_config = PeftConfig.from_pretrained(adapter_dir)
+    elif is_peft_model(adapter):
+        peft_config = adapter.peft_config[adapter.active_adapter]
+    else:
+        raise TypeError(f"adapter must be an adapter folder or a PEFT model, got {type(adapter).__name__}.")
+
+    if adapter_dir is None and not is_quantized(adapter):
+        merged = copy.deepcopy(adapter).merge_and_unload()
+    else:
+        base_name = base_model_name_or_path or peft_config.base_model_name_or_path
+        if not base_name:
+            raise ValueError("The adapter does not record its base model; pass base_model_name_or_path=.")
+        if getattr(AutoConfig.from_pretrained(base_name), "quantization_config", None) is not None:
+            raise ValueError(f"{base_name} is stored quantized, so it has no full-precision weights to merge "
+                             "into. Fix: pass base_model_name_or_path= the original full-precision model.")
+        loader = load_reward_model if peft_config.task_type == "SEQ_CLS" else load_language_model
+        base = loader(base_name, **load_kwargs)
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(base, adapter_dir)
+        else:  # a quantized PEFT model in memory: carry its adapter weights over to the full-precision base
+            model = get_peft_model(base, copy.deepcopy(peft_config))
+            weights = get_peft_model_state_dict(adapter, adapter_name=adapter.active_adapter)
+            loaded = set_peft_model_state_dict(model, {k: v.to(base.dtype) for k, v in weights.items()})
+            if loaded.unexpected_keys:
+                raise ValueError(f"The adapter's weights do not fit {base_name}: {loaded.unexpected_keys[:5]}; "
+                                 "pass base_model_name_or_path= the model the adapter was trained on.")
+        merged = model.merge_and_unload()
+    merged.save_pretrained(output_dir)
+    tokenizer = tokenizer or _find_tokenizer(adapter_dir, base_model_name_or_path or peft_config.base_model_name_or_path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def _find_tokenizer(*sources: str | None) -> PreTrainedTokenizerBase | None:
+    for source in sources:
+        if source and (not os.path.isdir(source) or os.path.isfile(os.path.join(source, "tokenizer_config.json"))):
+            try:
+                return load_tokenizer(source)
+            except OSError:  # a hub id without tokenizer files (or offline): the merged weights still count
+                logger.info("No tokenizer found at %s.", source)
+    return None

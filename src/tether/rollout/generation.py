@@ -1,10 +1,12 @@
 """Sampling responses: batched, KV-cached, each sequence stopping at EOS and the batch when all have.
 
-Queries are left-padded into one batch (so every row's next token is at the same column) and run
-through the model's `generate`, which caches keys/values and stops early once every row has ended.
-Returned responses drop the padding and everything after the first EOS (the EOS itself is kept).
-An encoder-decoder model's `generate` returns decoder tokens only: its responses are those, starting
-with the decoder start token, and never carry the prompt.
+Decoder-only models with plain sampling or greedy settings go through tether's sampler
+(`rollout.sampling.sample_groups`: preallocated KV cache, finished rows dropped from the batch); any
+other generate() argument (beam search, repetition penalty, ...) and encoder-decoder models go through
+the model's own `generate`, with queries left-padded into one batch. Returned responses drop the padding
+and everything after the first EOS (the EOS itself is kept). An encoder-decoder model's `generate`
+returns decoder tokens only: its responses are those, starting with the decoder start token, and never
+carry the prompt.
 
 Shapes: b = batch, q = query tokens, r = response tokens.
 """
@@ -16,6 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..models.forward import unwrap_model
+from .sampling import sample_groups, supports_group_sampling
 
 
 def _left_pad(queries: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,12 +80,20 @@ def generate_responses(
     was_training = model.training
     model.eval()
     outputs: list[torch.Tensor] = []
+    sampler_settings = None if encoder_decoder else _sampler_settings(model, generation_kwargs)
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
-        input_ids, attention_mask = _left_pad(chunk, pad_token_id)
         kwargs = dict(generation_kwargs)
         if length_sampler is not None:
             kwargs["max_new_tokens"] = length_sampler()
+        if sampler_settings is not None:  # tether's sampler: same distribution, less work (see rollout.sampling)
+            sampled = sample_groups(model, [q.tolist() for q in chunk], 1, kwargs["max_new_tokens"], pad_token_id,
+                                    eos_ids, **sampler_settings)
+            for query, ids, mask in zip(chunk, sampled.completion_ids, sampled.completion_mask):
+                response = ids[mask].to(query.device)
+                outputs.append(torch.cat([query, response]) if return_prompt else response)
+            continue
+        input_ids, attention_mask = _left_pad(chunk, pad_token_id)
         kwargs.setdefault("pad_token_id", pad_token_id)
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                    **kwargs)  # [b, width + r]; [b, r] for an encoder-decoder
@@ -91,6 +104,32 @@ def generate_responses(
             outputs.append(torch.cat([query.to(device), response]) if return_prompt else response)
     model.train(was_training)
     return outputs
+
+
+# generate() arguments tether's sampler implements with the same meaning; any other one (beam search,
+# repetition penalty, min_new_tokens, ...) goes to `model.generate`.
+_SAMPLER_ARGUMENTS = {"do_sample", "temperature", "top_k", "top_p", "min_p", "max_new_tokens", "eos_token_id",
+                      "pad_token_id"}
+
+
+def _sampler_settings(model: nn.Module, generation_kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """sample_groups settings equivalent to these generate() arguments, or None when only `model.generate`
+    can honour them. Unset sampling knobs take the model's generation_config values, as generate() does."""
+    if set(generation_kwargs) - _SAMPLER_ARGUMENTS or "max_new_tokens" not in generation_kwargs:
+        return None
+    if not supports_group_sampling(model):
+        return None
+    defaults = getattr(model, "generation_config", None) or getattr(unwrap_model(model), "generation_config", None)
+    do_sample = generation_kwargs.get("do_sample", getattr(defaults, "do_sample", False))
+    if not do_sample:
+        return {"temperature": 0.0}
+
+    def knob(name: str, off: float) -> Any:
+        value = generation_kwargs.get(name, getattr(defaults, name, None))
+        return off if value is None else value
+
+    return {"temperature": knob("temperature", 1.0), "top_k": int(knob("top_k", 0)), "top_p": knob("top_p", 1.0),
+            "min_p": knob("min_p", 0.0)}
 
 
 def respond_to_batch(model: nn.Module, queries: torch.Tensor, txt_len: int = 20, top_k: int = 0,

@@ -5,11 +5,13 @@
 - token-count loss normalisation that does not depend on how a batch is split over accumulation
   steps or processes (the loss is a sum over tokens divided by the global token count)
 - metrics accumulated between logging steps and averaged over processes
+- checkpoints written atomically (a folder renamed once complete), so a killed run resumes from a whole one
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,16 +21,22 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..distributed import default_ddp_backend
 from ..models.forward import supports_packed_rows
 from ..models.loading import (
     apply_peft,
+    check_quantized_for_training,
     disable_dropout,
     ensure_pad_token,
     load_language_model,
     load_tokenizer,
     model_name,
 )
+from ..reports.callback import RunReportCallback
+from .checkpoints import atomic_directory, rotate_checkpoints
 
 
 def _init_values(args: TrainingArguments) -> dict[str, Any]:
@@ -88,6 +96,8 @@ class TetherConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
+        if self.ddp_backend is None:  # gloo for DeepSpeed on CPU-only machines (see distributed.py)
+            self.ddp_backend = default_ddp_backend()
         super().__post_init__()
 
 
@@ -136,12 +146,15 @@ class TetherTrainer(Trainer):
         ensure_pad_token(processing_class, model)
         if peft_config is not None:
             model = apply_peft(model, self._adapt_peft_config(peft_config), args.activation_checkpointing or False)
+        check_quantized_for_training(model)
         if getattr(args, "disable_dropout", False):
             disable_dropout(model)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(model=model, args=args, processing_class=processing_class, compute_metrics=compute_metrics,
                          callbacks=callbacks, optimizers=optimizers, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, data_collator=data_collator)
+        # metrics.jsonl, and at the end the report (plots picked by method); report_to's loggers are untouched
+        self.add_callback(RunReportCallback(method=self.config_suffix.lower()))
         self.train_dataset = self._prepare(train_dataset, "train")
         if isinstance(eval_dataset, dict):
             self.eval_dataset = {k: self._prepare(v, f"eval {k}") for k, v in eval_dataset.items()}
@@ -237,3 +250,32 @@ class TetherTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    # ----- checkpoints ------------------------------------------------------------------------------
+    _checkpoint_staging: str | None = None  # set while Trainer writes a checkpoint (see _save_checkpoint)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, written atomically. transformers 5 writes straight into checkpoint-N, so a
+        run killed mid-save left a half-written folder that resume_from_checkpoint=True then picked; here
+        Trainer writes into checkpoint-N.partial (its output dir is redirected there while it saves) and
+        the folder becomes checkpoint-N in one rename once every process has written its part."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        path = os.path.join(run_dir, name)
+        with atomic_directory(path, writer=self.args.should_save, barrier=self.accelerator.wait_for_everyone,
+                              subfolder=name) as partial:
+            self._checkpoint_staging = partial
+            try:
+                super()._save_checkpoint(model, trial)  # -> partial/checkpoint-N
+            finally:
+                self._checkpoint_staging = None
+            if self.state.best_model_checkpoint == os.path.join(partial, name):  # the best is this one
+                self.state.best_model_checkpoint = path
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(partial, name, TRAINER_STATE_NAME))
+        # Trainer's own rotation ran inside the staging folder; rotate the real one, partial folders aside.
+        if self.args.should_save:
+            rotate_checkpoints(run_dir, self.args.save_total_limit, keep=(path, self.state.best_model_checkpoint))

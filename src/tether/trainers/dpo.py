@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import copy_for_reference, prepare_frozen_model
 from ..losses.preference import AVERAGED_LOG_PROBS, DPO_LOSSES, dpo_loss
 from ..models.forward import completion_log_probs
 from ..models.loading import disable_dropout, is_peft_model, load_language_model, model_init_kwargs
-from ..models.reference import create_reference_model, freeze, reference_mode
+from ..models.reference import reference_mode
 from .preference import PairwiseConfig, PairwiseTrainer
 
 
@@ -54,6 +55,7 @@ class DPOTrainer(PairwiseTrainer):
 
     def __init__(self, model: nn.Module | str, ref_model: nn.Module | str | None = None, *args: Any,
                  **kwargs: Any) -> None:
+        self._policy_source = model if isinstance(model, str) else None  # a ZeRO-3 reference reloads from it
         super().__init__(model, *args, **kwargs)
         self.ref_model = self._resolve_reference(ref_model)
         self._reward_shift = (0.0, 0)  # running mean of implicit rewards and its count, for bco_pair
@@ -79,10 +81,12 @@ class DPOTrainer(PairwiseTrainer):
         elif is_peft_model(self.model) or self.args.precompute_ref_log_probs:
             return None
         else:
-            ref_model = create_reference_model(self.model)
+            ref_model = copy_for_reference(self.model, self._policy_source, lambda source: load_language_model(
+                source, **(self.args.model_init_kwargs or {})))
         if self.args.disable_dropout:
             disable_dropout(ref_model)
-        return self.accelerator.prepare_model(freeze(ref_model), evaluation_mode=True)
+        # Frozen and placed for the engine: not wrapped for training, partitioned under ZeRO-3.
+        return prepare_frozen_model(self.accelerator, ref_model)
 
     def _reference_context(self, model: nn.Module) -> tuple[nn.Module, contextlib.AbstractContextManager]:
         if self.ref_model is not None:

@@ -35,13 +35,19 @@ from torch import nn
 
 from ..data import prepare_prompts
 from ..data.collate import LanguageModelingCollator
+from ..distributed import (
+    copy_for_reference,
+    prepare_frozen_model,
+    prepare_reward_models,
+    unwrap_model_for_generation,
+)
 from ..losses.group import GroupPolicyLossOutput
 from ..losses.kl import sequence_kl
 from ..models.forward import causal_token_log_probs, supports_packed_rows
-from ..models.loading import is_encoder_decoder, is_peft_model
-from ..models.reference import create_reference_model, reference_mode
+from ..models.loading import is_encoder_decoder, is_peft_model, load_language_model
+from ..models.reference import reference_mode
 from ..ops.stats import masked_mean
-from ..rollout.rewards import RewardFunctions, RewardModelScorer
+from ..rollout.rewards import RewardFunctions
 from ..rollout.sampling import sample_groups
 from .base import TetherConfig, TetherTrainer, as_config
 
@@ -217,13 +223,13 @@ class OnlineTrainer(TetherTrainer):
                          peft_config=peft_config, **legacy_kwargs)
         if is_encoder_decoder(self.model):
             raise ValueError(f"{type(self).__name__} trains decoder-only language models; got an encoder-decoder.")
-        device = self.accelerator.device
-        for func in self.rewards.funcs:
-            if isinstance(func, RewardModelScorer):
-                func.model.to(device)
+        # Reward and reference models are evaluated, never trained: placed for the engine, not wrapped for it.
+        prepare_reward_models(self.rewards, self.accelerator)
         self.ref_model = None
-        if args.beta != 0.0 and not is_peft_model(self.model):
-            self.ref_model = create_reference_model(self.model).to(device)
+        if args.beta != 0.0 and not is_peft_model(self.model):  # under PEFT: the adapter-disabled policy
+            reference = copy_for_reference(self.model, model if isinstance(model, str) else None,
+                                           lambda source: load_language_model(source, **(args.model_init_kwargs or {})))
+            self.ref_model = prepare_frozen_model(self.accelerator, reference)
         self._eos_ids = self._eos_token_ids()
         self._samples_logged_at = -1
 
@@ -273,8 +279,9 @@ class OnlineTrainer(TetherTrainer):
     # ----- 1-3: rollout, score, advantages ----------------------------------------------------------------
     @contextlib.contextmanager
     def _generation_model(self) -> Iterator[nn.Module]:
-        """The policy as generation should see it (unwrapped from DDP)."""
-        yield self.accelerator.unwrap_model(self.model)
+        """The policy as generation should see it: unwrapped, and under ZeRO-3 gathered once per round."""
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy:
+            yield policy
 
     def _generate_round(self, batch: dict[str, list[Any]], training: bool = True) -> Round:
         args, tok = self.args, self.processing_class

@@ -25,6 +25,19 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..distributed import (
+    accelerator_kwargs,
+    backward_micro_batch,
+    configure_deepspeed_for_own_loop,
+    copy_for_reference,
+    masked_whiten_across_processes,
+    mean_across_processes,
+    prepare_frozen_model,
+    prepare_reward_models,
+    token_normalizer_across_processes,
+    unwrap_model_for_generation,
+    zero_stage,
+)
 from ..losses.advantages import gae
 from ..losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from ..losses.ppo import ppo_policy_loss, ppo_value_loss
@@ -35,10 +48,17 @@ from ..models.forward import (
     seq2seq_token_log_probs,
     unwrap_model,
 )
-from ..models.loading import ensure_pad_token, is_encoder_decoder, is_peft_model, load_critic
-from ..models.reference import create_reference_model, reference_mode
+from ..models.loading import (
+    ensure_pad_token,
+    is_encoder_decoder,
+    is_peft_model,
+    load_critic,
+    load_language_model,
+    model_name,
+)
+from ..models.reference import reference_mode
 from ..models.scoring import token_values
-from ..ops.stats import masked_mean, masked_var, masked_whiten
+from ..ops.stats import masked_mean, masked_var
 from ..rollout.generation import generate_responses
 from ..rollout.rewards import RewardFunctions
 from .ppo_config import PPOConfig
@@ -87,7 +107,8 @@ class PPOTrainer(PPOTrainLoop):
         if tokenizer is None:
             raise ValueError("PPOTrainer needs the tokenizer (to pad batches and decode).")
         self.config = config = config or PPOConfig()
-        self.accelerator = Accelerator()  # accumulation is done here, per mini-batch (see _optimize)
+        # accumulation is done here, per mini-batch (see _optimize)
+        self.accelerator = Accelerator(**accelerator_kwargs())
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         self.tokenizer = tokenizer
@@ -95,7 +116,8 @@ class PPOTrainer(PPOTrainLoop):
         self.is_encoder_decoder = is_encoder_decoder(model.pretrained_model)
         self.is_peft_model = is_peft_model(model.pretrained_model)
         if ref_model is None and not self.is_peft_model:
-            ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
+            ref_model = copy_for_reference(model, model_name(model.pretrained_model), load_language_model,
+                                           num_shared_layers=num_shared_layers)
         elif ref_model is not None and num_shared_layers is not None:
             warnings.warn("num_shared_layers only applies when PPOTrainer makes the reference copy itself.",
                           UserWarning, stacklevel=2)
@@ -116,19 +138,33 @@ class PPOTrainer(PPOTrainLoop):
         if dataset is not None:
             self.dataloader = torch.utils.data.DataLoader(
                 dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, collate_fn=self.data_collator)
+        if zero_stage(self.accelerator) is not None:
+            self._configure_deepspeed(critic)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.critic = self.accelerator.prepare_model(critic) if critic is not None else None
         if self.dataloader is not None:
             self.dataloader = self.accelerator.prepare_data_loader(self.dataloader)
-        self.ref_model = (self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-                          if ref_model is not None else None)
+        # Frozen and placed for the engine: not wrapped for training, partitioned under ZeRO-3.
+        self.ref_model = prepare_frozen_model(self.accelerator, ref_model) if ref_model is not None else None
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
                        if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
         self.current_step = 0
         self.rewards = RewardFunctions(reward_funcs, reward_weights) if reward_funcs is not None else None
+        if self.rewards is not None:
+            prepare_reward_models(self.rewards, self.accelerator)
         self._ptx_batches = self._ptx_iterator(ptx_dataset) if config.ptx_coef > 0 else None
         if config.ptx_coef > 0 and ptx_dataset is None:
             raise ValueError("ptx_coef > 0 needs ptx_dataset= (language-modeling data for the PPO-ptx term).")
+
+    def _configure_deepspeed(self, critic: nn.Module | None) -> None:
+        if critic is not None:
+            raise ValueError("A separate critic is not supported under DeepSpeed (one engine per Accelerator); use "
+                             "the policy's value head, or a DDP/FSDP accelerate config.")
+        if self.config.save_steps:
+            raise ValueError("PPO checkpoints (save_steps > 0) are not supported under DeepSpeed: its optimizer state "
+                             "is partitioned over the processes. Use save_steps=0 (the final model is saved), or DDP.")
+        micro = self.config.mini_batch_size // self.config.gradient_accumulation_steps
+        configure_deepspeed_for_own_loop(self.accelerator, micro, self.config.max_grad_norm)
 
     # ----- rollout -----------------------------------------------------------------------------------
     def generate(self, query_tensor: torch.Tensor | list[torch.Tensor], length_sampler: Callable[[], int] | None = None,
@@ -138,9 +174,11 @@ class PPOTrainer(PPOTrainLoop):
         single = isinstance(query_tensor, torch.Tensor) and query_tensor.dim() == 1
         queries = [query_tensor] if single else list(query_tensor)
         generation_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        out = generate_responses(unwrap_model(self.model), queries, self.tokenizer.pad_token_id, batch_size,
-                                 return_prompt and not self.is_encoder_decoder, length_sampler,
-                                 **generation_kwargs)
+        # Under ZeRO-3 the weights are gathered once for the whole rollout, not once per generated token.
+        with unwrap_model_for_generation(self.model, self.accelerator) as policy:
+            out = generate_responses(unwrap_model(policy), queries, self.tokenizer.pad_token_id, batch_size,
+                                     return_prompt and not self.is_encoder_decoder, length_sampler,
+                                     **generation_kwargs)
         return out[0] if single else out
 
     # ----- the PPO step ------------------------------------------------------------------------------
@@ -252,12 +290,14 @@ class PPOTrainer(PPOTrainLoop):
 
         # 3. advantages
         t = time.perf_counter()
-        can_whiten = int(mask.sum()) > 1  # whitening needs a variance: at least two response tokens
+        # Whitened with the statistics of every process's batch: W processes then train like one with
+        # the whole batch. Whitening needs a variance: at least two response tokens in all.
+        can_whiten = int(self.accelerator.reduce(mask.sum(), reduction="sum")) > 1
         if config.whiten_rewards and can_whiten:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten_across_processes(rewards, mask, self.accelerator, shift_mean=False)
         advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         if can_whiten:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten_across_processes(advantages, mask, self.accelerator)
         timing["time/ppo/compute_advantages"] = time.perf_counter() - t
 
         # 4. update: ppo_epochs passes over shuffled mini-batches
@@ -322,26 +362,30 @@ class PPOTrainer(PPOTrainLoop):
             approxkls: list[float] = []
             for start in range(0, config.batch_size, config.mini_batch_size):
                 mini = order[start:start + config.mini_batch_size]
-                num_tokens = rollout["mask"][mini].sum().clamp(min=1)  # normaliser over the whole mini-batch
+                # Normaliser over the whole mini-batch of every process (divided by the process count,
+                # which gradient averaging multiplies back): a per-token mean over all of them.
+                num_tokens = token_normalizer_across_processes(rollout["mask"][mini], self.accelerator)
                 starts = range(0, len(mini), micro)
                 for micro_start in starts:
                     rows = mini[micro_start:micro_start + micro].to(self.accelerator.device)
                     last = micro_start == starts[-1]
                     # Gradients are all-reduced across processes once, on the last micro-batch.
                     with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                        approxkls.append(self._train_micro_batch(batch, rollout, rows, num_tokens, collected))
+                        approxkls.append(self._train_micro_batch(batch, rollout, rows, num_tokens, collected, last))
                 if config.max_grad_norm is not None:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                 self.optimizer.step()
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad()
-                if config.early_stopping and np.mean(approxkls[-len(starts):]) > 1.5 * config.target_kl:
+                # Decided on the mean over processes: all of them must stop together.
+                if config.early_stopping and mean_across_processes(
+                        float(np.mean(approxkls[-len(starts):])), self.accelerator) > 1.5 * config.target_kl:
                     return collected
         return collected
 
     def _train_micro_batch(self, batch: dict[str, torch.Tensor], rollout: dict[str, torch.Tensor], rows: torch.Tensor,
-                           num_tokens: torch.Tensor, collected: dict[str, list[float]]) -> float:
+                           num_tokens: torch.Tensor, collected: dict[str, list[float]], last: bool = True) -> float:
         sub = {k: v[rows] for k, v in batch.items()}
         width = self._grid(sub)[1]
         # Rows keep the full batch's padded width so positions line up with the rollout tensors.
@@ -358,7 +402,7 @@ class PPOTrainer(PPOTrainLoop):
             ptx = next(self._ptx_batches)
             ptx_loss, _ = causal_lm_loss(self.model, ptx, ptx["loss_mask"][:, 1:].sum().clamp(min=1))
             loss = loss + self.config.ptx_coef * ptx_loss / self.config.gradient_accumulation_steps
-        self.accelerator.backward(loss)
+        backward_micro_batch(self.accelerator, self.model, loss, last)
         gas = self.config.gradient_accumulation_steps  # a micro-batch's loss is 1/gas of its mini-batch's
         for name, stat in (("policy_loss", policy.loss * gas), ("value_loss", value.loss * gas),
                            ("clipfrac", policy.clipfrac),
@@ -433,10 +477,13 @@ class PPOTrainer(PPOTrainLoop):
         return logs
 
     def save_pretrained(self, save_directory: str) -> None:
-        """Model (adapter for PEFT) + value head + tokenizer, as safetensors, from the main process."""
+        """Model (adapter for PEFT) + value head + tokenizer, as safetensors, from the main process. Under
+        ZeRO-3 every process must call it: they gather the partitioned weights together."""
+        with unwrap_model_for_generation(self.model, self.accelerator) as model:
+            if self.accelerator.is_main_process:
+                os.makedirs(save_directory, exist_ok=True)
+                model.save_pretrained(save_directory)
         if self.accelerator.is_main_process:
-            os.makedirs(save_directory, exist_ok=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(save_directory)
             self.tokenizer.save_pretrained(save_directory)
             if self.critic is not None:
                 self.accelerator.unwrap_model(self.critic).save_pretrained(os.path.join(save_directory, "critic"))

@@ -4,6 +4,11 @@ rollout (sample responses to a batch of prompts) -> score (reward functions and/
 the dataset's other columns) -> `step()` -> log to output_dir/metrics.jsonl -> checkpoint every
 `save_steps` (atomically) -> save the final model. PPO-ptx mixes a language-model loss on pretraining
 text into each update.
+
+Resuming repeats the uninterrupted run exactly: a checkpoint holds the weights (critic included), the
+optimizer (and scheduler), the KL controller, the step, every process's random state (generation
+sampling, mini-batch shuffling, dropout, and whatever reward functions draw) and the position of the
+prompt and PPO-ptx batch streams, whose order depends on (seed, epoch) alone.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,55 +25,115 @@ import torch
 
 from ..data import LanguageModelingCollator, prepare_language_modeling, prepare_prompts
 from ..models.value_head import VALUE_HEAD_FILE
-from .checkpoints import atomic_directory, latest_checkpoint
+from ..reports.page import write_report
+from ..reports.runfiles import METRICS_FILE, SAMPLES_FILE, read_jsonl, save_run_config, write_jsonl
+from .checkpoints import (
+    PARTIAL_SUFFIX,
+    atomic_directory,
+    latest_checkpoint,
+    load_rng_state,
+    rng_file,
+    save_rng_state,
+)
+
+
+class ShuffledBatches:
+    """Endless batches of `rows`, reshuffled every epoch in an order fixed by (seed, stream, epoch) alone.
+
+    Nothing here draws from a global random stream, so the batches do not depend on what else a run
+    sampled, and the whole state is one number, `position` (batches drawn so far): a resumed run
+    `seek`s to the saved position and draws exactly the batches an uninterrupted run would have.
+    With several processes each draw takes one global batch of `batch_size * world_size` rows and each
+    process collates its own contiguous slice, so N processes see the batches of one process with an
+    N times larger `batch_size`. Each epoch's last incomplete global batch is dropped.
+    """
+
+    def __init__(self, rows: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], Any], seed: int,
+                 stream: int, rank: int = 0, world_size: int = 1, name: str = "dataset") -> None:
+        self.rows, self.batch_size, self.collate = rows, batch_size, collate
+        self.seed, self.stream, self.rank = seed, stream, rank
+        self.global_batch = batch_size * world_size
+        self.per_epoch = len(rows) // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(f"The {name} has fewer rows ({len(rows)}) than one batch: {batch_size} per process x "
+                             f"{world_size} process(es). Add rows or lower the batch size.")
+        self.position = 0
+        self._epoch, self._order = -1, np.arange(0)
+
+    def __iter__(self) -> ShuffledBatches:
+        return self
+
+    def __next__(self) -> Any:
+        epoch, index = divmod(self.position, self.per_epoch)
+        if epoch != self._epoch:
+            # A SeedSequence of (seed, stream, epoch): independent orders per stream and epoch, same on every process.
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, self.stream, epoch]).permutation(
+                len(self.rows))
+        start = index * self.global_batch + self.rank * self.batch_size
+        self.position += 1
+        return self.collate([self.rows[int(i)] for i in self._order[start:start + self.batch_size]])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "rows": len(self.rows), "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, int], name: str) -> None:
+        if (state["rows"], state["global_batch"]) != (len(self.rows), self.global_batch):
+            warnings.warn(f"The {name} was checkpointed with {state['rows']} rows in global batches of "
+                          f"{state['global_batch']}, and now has {len(self.rows)} in batches of {self.global_batch}: "
+                          "the resumed run continues at the same position but sees other batches than an "
+                          "uninterrupted run would.", UserWarning, stacklevel=3)
+        self.position = state["position"]
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in rows[0]}
 
 
 class PPOTrainLoop:
     """The `train()` half of PPOTrainer (the `step()` half is in ppo.py)."""
 
-    def _ptx_iterator(self, dataset: Any) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless shuffled micro-batches of pretraining text for the PPO-ptx term."""
+    def _ptx_iterator(self, dataset: Any) -> ShuffledBatches:
+        """Endless shuffled micro-batches of pretraining text for the PPO-ptx term (one per PPO micro-batch)."""
+        if dataset is None:
+            raise ValueError("ptx_coef > 0 needs ptx_dataset= (language-modeling data for the PPO-ptx term).")
         rows = prepare_language_modeling(dataset, self.tokenizer, max_length=512)
         micro = self.config.mini_batch_size // self.config.gradient_accumulation_steps
         collate = LanguageModelingCollator(self.tokenizer.pad_token_id)
-        loader = torch.utils.data.DataLoader(rows, batch_size=micro, shuffle=True, collate_fn=collate)
-        while True:
-            for batch in loader:
-                yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        device = self.accelerator.device
+        return ShuffledBatches(rows, micro, lambda batch: {k: v.to(device) for k, v in collate(batch).items()},
+                               self.config.seed, stream=1, rank=self.accelerator.process_index,
+                               world_size=self.accelerator.num_processes, name="ptx_dataset")
 
-    def _prompt_batches(self) -> Iterator[dict[str, list]]:
+    def _prompt_batches(self) -> ShuffledBatches:
+        """Endless batches of `batch_size` prompts (per process) as column lists, from shuffled epochs."""
         if self.dataset is None:
             raise ValueError("train() needs a prompt dataset: PPOTrainer(..., dataset=ds) with a 'prompt' column.")
-        prompts = prepare_prompts(self.dataset, self.tokenizer)
-        loader = self.accelerator.prepare_data_loader(torch.utils.data.DataLoader(
-            prompts, batch_size=self.config.batch_size, shuffle=True, drop_last=True,
-            collate_fn=lambda rows: {k: [r[k] for r in rows] for k in rows[0]}))
-        if len(loader) == 0:
-            raise ValueError(f"The prompt dataset has fewer rows ({len(prompts)}) than batch_size "
-                             f"({self.config.batch_size}) x processes.")
-        while True:
-            yield from loader
+        return ShuffledBatches(prepare_prompts(self.dataset, self.tokenizer), self.config.batch_size, _columns,
+                               self.config.seed, stream=0, rank=self.accelerator.process_index,
+                               world_size=self.accelerator.num_processes, name="prompt dataset")
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict[str, float]]:
         """Rollout -> score -> PPO step, `config.total_steps` times, logging to output_dir/metrics.jsonl
-        and checkpointing every `save_steps`; returns the logged rows."""
+        and checkpointing every `save_steps`; returns the logged rows.
+
+        `resume_from_checkpoint`: a checkpoint folder, or True for the latest `checkpoint-N` of
+        output_dir. The resumed run then ends exactly as an uninterrupted one would have.
+        """
         config = self.config
         if self.rewards is None:
             raise ValueError("train() needs reward_funcs=: a function f(prompts, completions, **columns), a "
                              "reward model, or a path to one (or a list of them).")
         os.makedirs(config.output_dir, exist_ok=True)
+        self._prompts, history = self._prompt_batches(), []
         if resume_from_checkpoint:
-            self._load_checkpoint(resume_from_checkpoint)
-        batches, history = self._prompt_batches(), []
-        for _ in range(self.current_step):  # the same prompts as an uninterrupted run would see next
-            next(batches)
+            self._load_checkpoint(resume_from_checkpoint)  # last: it restores the random state too
         while self.current_step < config.total_steps:
-            rows = next(batches)
+            rows = next(self._prompts)
             queries = [torch.tensor(ids) for ids in rows["prompt_input_ids"]]
             t = time.perf_counter()
-            responses = self.generate(queries, return_prompt=False, max_new_tokens=config.max_new_tokens,
-                                      do_sample=True, temperature=config.temperature, top_k=config.top_k,
-                                      top_p=config.top_p)
+            responses = self.generate(queries, batch_size=len(queries), return_prompt=False,
+                                      max_new_tokens=config.max_new_tokens, do_sample=True,
+                                      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
             generation_s, t = time.perf_counter() - t, time.perf_counter()
             completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             columns = {k: v for k, v in rows.items() if k not in ("prompt", "prompt_input_ids")}
@@ -84,33 +150,52 @@ class PPOTrainLoop:
             logs.update({f"rewards/{name}": float(v.mean()) for name, v in per_function.items()})
             history.append(logs)
             if self.accelerator.is_main_process:
-                with open(os.path.join(config.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                with open(os.path.join(config.output_dir, METRICS_FILE), "a", encoding="utf-8") as f:
                     f.write(json.dumps(logs) + "\n")
                 if self.current_step % config.logging_steps == 0:
                     print(f"step {self.current_step}/{config.total_steps}: reward {logs['env/reward_mean']:.3f} "
                           f"kl {logs['objective/kl']:.3f} kl_coef {logs['objective/kl_coef']:.3f}")
+                    write_jsonl(os.path.join(config.output_dir, SAMPLES_FILE), [  # a few rollouts, for the report
+                        {"step": self.current_step, "prompt": p, "completion": c, "reward": float(r)}
+                        for p, c, r in zip(rows["prompt"][:4], completions, scores.tolist())])
             if config.save_steps and self.current_step % config.save_steps == 0:
                 self._save_checkpoint()
         self.save_pretrained(config.output_dir)
+        if self.accelerator.is_main_process:  # the report: plots of reward, KL, losses; samples; the config
+            save_run_config(config.output_dir, "ppo", config.to_dict())
+            write_report(config.output_dir)
         return history
 
     # ----- checkpoints: written to a temporary folder, then renamed, so none is ever half-written -------
     def _save_checkpoint(self) -> str:
         path = os.path.join(self.config.output_dir, f"checkpoint-{self.current_step}")
-        if self.accelerator.is_main_process:
-            with atomic_directory(path) as partial:
+        main = self.accelerator.is_main_process
+        with atomic_directory(path, writer=main, barrier=self.accelerator.wait_for_everyone) as partial:
+            save_rng_state(rng_file(partial, self.accelerator.process_index))  # every process its own
+            if main:
                 self.save_pretrained(partial)
-                torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()},
-                           os.path.join(partial, "trainer_state.pt"))
+                state = {"optimizer": self.optimizer.state_dict()}
+                if self.lr_scheduler is not None:
+                    state["lr_scheduler"] = self.lr_scheduler.state_dict()
+                torch.save(state, os.path.join(partial, "trainer_state.pt"))
+                data = {"prompts": self._prompts.state_dict()}
+                if self._ptx_batches is not None:
+                    data["ptx"] = self._ptx_batches.state_dict()
                 with open(os.path.join(partial, "ppo_state.json"), "w", encoding="utf-8") as f:
-                    json.dump({"step": self.current_step, "kl_ctl": self.kl_ctl.state_dict()}, f)
+                    json.dump({"step": self.current_step, "kl_ctl": self.kl_ctl.state_dict(), "data": data}, f)
         return path
 
     def _load_checkpoint(self, checkpoint: str | bool) -> None:
         if checkpoint is True:
             checkpoint = latest_checkpoint(self.config.output_dir)
             if checkpoint is None:
-                raise ValueError(f"No checkpoint to resume from in {self.config.output_dir}.")
+                raise ValueError(f"No checkpoint-N folder to resume from in {self.config.output_dir}: checkpoints "
+                                 "are written every `save_steps` steps (save_steps=0 writes none).")
+        if checkpoint.rstrip("/").endswith(PARTIAL_SUFFIX):
+            raise ValueError(f"{checkpoint} is a checkpoint the run was still writing when it stopped; resume "
+                             "from a complete checkpoint-N folder (resume_from_checkpoint=True picks the latest).")
+        if not os.path.isfile(os.path.join(checkpoint, "ppo_state.json")):
+            raise ValueError(f"{checkpoint} is not a PPOTrainer.train() checkpoint (no ppo_state.json in it).")
         model = self.accelerator.unwrap_model(self.model)
         restored = type(model).from_pretrained(checkpoint) if not self.is_peft_model else None
         if restored is not None:
@@ -129,8 +214,26 @@ class PPOTrainLoop:
             critic.load_state_dict(load_file(os.path.join(checkpoint, "critic", "model.safetensors")))
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        if self.lr_scheduler is not None and "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         with open(os.path.join(checkpoint, "ppo_state.json"), encoding="utf-8") as f:
             ppo_state = json.load(f)
         self.current_step = ppo_state["step"]
         self.kl_ctl.load_state_dict(ppo_state["kl_ctl"])
+        self._prompts.load_state_dict(ppo_state["data"]["prompts"], "prompt dataset")
+        if self._ptx_batches is not None and "ptx" in ppo_state["data"]:
+            self._ptx_batches.load_state_dict(ppo_state["data"]["ptx"], "ptx_dataset")
+        self._drop_metrics_after_checkpoint()
+        # Last: loading the weights above may have drawn from the random streams (fresh heads).
+        load_rng_state(rng_file(checkpoint, self.accelerator.process_index))
+
+    def _drop_metrics_after_checkpoint(self) -> None:
+        """The interrupted run may have logged steps after its last checkpoint (and cut its last line
+        short); the resumed run logs them again, so metrics.jsonl and samples.jsonl keep one set per step."""
+        if not self.accelerator.is_main_process:
+            return
+        for name in (METRICS_FILE, SAMPLES_FILE):
+            path = os.path.join(self.config.output_dir, name)
+            if os.path.isfile(path):
+                rows = [row for row in read_jsonl(path) if row.get("step", 0) <= self.current_step]
+                write_jsonl(path, rows, append=False)
