@@ -350,7 +350,7 @@ def group_rl_stage(ctx: DemoContext, method: str) -> None:
     prompts = _demo_prompts(ctx)
     config = config_class(
         output_dir=str(ctx.output_dir / method), per_device_train_batch_size=16, num_generations=4,
-        max_completion_length=20, learning_rate=1e-4, beta=0.04, max_steps=ctx.sizes.ppo_steps,
+        max_completion_length=20, learning_rate=3e-4, beta=0.04, max_steps=ctx.sizes.ppo_steps,
         logging_steps=max(1, ctx.sizes.ppo_steps // 5), seed=ctx.seed, report_to=[], save_strategy="no",
         use_cpu=True, disable_tqdm=True)
     trainer = trainer_class(str(ctx.sft_dir), reward_funcs=_reward_scorer(ctx), args=config,

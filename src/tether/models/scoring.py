@@ -33,21 +33,24 @@ def _score_head(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One scalar per sequence, [b] (float32), differentiable. input_ids, attention_mask: [b, t]."""
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    label: int = 0) -> torch.Tensor:
+    """One scalar per sequence, [b] (float32), differentiable. input_ids, attention_mask: [b, t].
+
+    `label`: which output to read from a classifier with several (num_labels > 1); a reward model has one."""
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if accepts_argument(model, "position_ids"):
         inputs["position_ids"] = position_ids_from_mask(attention_mask)
     head = _score_head(model)
     if head is None:
-        return model(**inputs).logits[:, 0].float()  # [b, num_labels=1] -> [b]
+        return model(**inputs).logits[:, label].float()  # [b, num_labels] -> [b]
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _m, _a, output: captured.append(output))
     try:
         model(**inputs, use_cache=False)
     finally:
         handle.remove()
-    per_position = captured[-1][..., 0]  # [b, t]
+    per_position = captured[-1][..., label]  # [b, t, num_labels] -> [b, t]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     return per_position[rows, last_token_index(attention_mask)].float()
 

@@ -16,7 +16,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.tokenize import render_chat
-from ..models.loading import ensure_pad_token, load_reward_model, load_tokenizer, model_name
+from ..models.loading import (
+    ensure_pad_token,
+    load_reward_model,
+    load_tokenizer,
+    model_init_kwargs,
+    model_name,
+)
 from ..models.scoring import sequence_scores
 
 RewardFunction = Callable[..., Sequence[float]]
@@ -65,18 +71,24 @@ class RewardModelScorer:
     `scorer(prompts, completions)` follows the reward-function signature; `scorer.score_texts(texts)`
     scores whole texts. Conversational prompts/completions are rendered with the reward tokenizer's
     chat template.
+
+    A classifier with several labels (a sentiment or toxicity model) scores by one of them: `label` is
+    its name in the model's `id2label` (e.g. "POSITIVE") or its index, and the score is that label's
+    logit. Negate it with a reward weight of -1 to reward its absence (e.g. toxicity).
     """
 
     def __init__(self, model: PreTrainedModel | str, tokenizer: PreTrainedTokenizerBase | None = None,
-                 batch_size: int = 32, max_length: int | None = None) -> None:
+                 batch_size: int = 32, max_length: int | None = None, label: str | int | None = None) -> None:
         if isinstance(model, str):
-            model = load_reward_model(model)
+            model = load_reward_model(model) if label is None else _load_classifier(model)
         self.model = model.eval()
+        self.label = classifier_label_index(model, label)
         self.tokenizer = tokenizer or load_tokenizer(model_name(model))
         ensure_pad_token(self.tokenizer, self.model)
         self.batch_size = batch_size
         self.max_length = max_length
-        self.__name__ = f"reward_model:{model_name(model)}"
+        suffix = "" if label is None else f"[{model.config.id2label.get(self.label, self.label)}]"
+        self.__name__ = f"reward_model:{model_name(model)}{suffix}"
 
     @torch.no_grad()
     def score_texts(self, texts: Sequence[str]) -> list[float]:
@@ -88,7 +100,8 @@ class RewardModelScorer:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt")
-            values = sequence_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            values = sequence_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                     label=self.label)
             for i, value in zip(chunk, values.tolist()):
                 scores[i] = value
         return scores
@@ -101,6 +114,36 @@ class RewardModelScorer:
             else:
                 texts.append(prompt + completion)
         return self.score_texts(texts)
+
+
+def _load_classifier(name_or_path: str) -> PreTrainedModel:
+    """A sequence classifier with all of its labels (a reward model is loaded with one)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(name_or_path, **model_init_kwargs({}))
+
+
+def classifier_label_index(model: PreTrainedModel, label: str | int | None) -> int:
+    """The output index of `label`: a name in `config.id2label` (matched case-insensitively if need be) or an
+    index; 0 for a one-output reward model given no label. A classifier with several outputs needs a label:
+    reading the first one silently would reward, say, NEGATIVE."""
+    config = model.config
+    num_labels = getattr(config, "num_labels", 1)
+    names = {int(i): name for i, name in (getattr(config, "id2label", None) or {}).items()}
+    if label is None:
+        if num_labels != 1:
+            raise ValueError(f"{model_name(model)} is a classifier with {num_labels} labels {sorted(names.values())}; "
+                             "pass label= the one to score by, e.g. RewardModelScorer(path, label='POSITIVE').")
+        return 0
+    if isinstance(label, int) and not isinstance(label, bool):
+        if not 0 <= label < num_labels:
+            raise ValueError(f"label={label} is out of range for {model_name(model)}, which has {num_labels} labels.")
+        return label
+    matches = [i for i, name in names.items() if name == label] or [
+        i for i, name in names.items() if str(name).lower() == str(label).lower()]
+    if len(matches) != 1:
+        raise ValueError(f"{model_name(model)} has no label {label!r}; its labels are {names}.")
+    return matches[0]
 
 
 class RewardFunctions:

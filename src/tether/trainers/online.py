@@ -284,45 +284,49 @@ class OnlineTrainer(TetherTrainer):
             yield policy
 
     def _generate_round(self, batch: dict[str, list[Any]], training: bool = True) -> Round:
-        args, tok = self.args, self.processing_class
+        """Stages 1-3 for this process's prompts in `batch`: sample, score, advantages (see the module doc)."""
+        args, k = self.args, self.args.num_generations
         started = time.perf_counter()
-        with self._generation_model() as policy:
-            sampled = sample_groups(policy, batch["prompt_input_ids"], args.num_generations, args.max_completion_length,
-                                    tok.pad_token_id, self._eos_ids, args.temperature, args.top_k, args.top_p,
-                                    args.min_p)
-        generation_s = time.perf_counter() - started
-        k = args.num_generations
-        prompt_ids = [ids for ids in batch["prompt_input_ids"] for _ in range(k)]
-        columns = {key: [v for v in values for _ in range(k)] for key, values in batch.items()
-                   if key not in ("prompt", "prompt_input_ids")}
-        prompts = [p for p in batch["prompt"] for _ in range(k)]
-        completion_ids = [ids[m].tolist() for ids, m in zip(sampled.completion_ids, sampled.completion_mask)]
-        texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-        # Conversational prompts get conversational completions, as TRL passes them to reward functions.
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(prompts[0], list) else texts
-
-        started = time.perf_counter()
-        rewards, per_function = self.rewards.score(prompts, completions, completion_ids=completion_ids,
-                                                   **columns)  # [n], {name: [n]}
+        with self._generation_model() as policy:  # 1. rollout
+            sampled = sample_groups(policy, batch["prompt_input_ids"], k, args.max_completion_length,
+                                    self.processing_class.pad_token_id, self._eos_ids, args.temperature,
+                                    args.top_k, args.top_p, args.min_p)
+        generation_s, started = time.perf_counter() - started, time.perf_counter()
+        prompts, completions, rewards, per_function = self._score(batch, sampled)  # 2. score
         scoring_s = time.perf_counter() - started
 
+        prompt_ids = [ids for ids in batch["prompt_input_ids"] for _ in range(k)]  # 3. advantages
         mask = sampled.completion_mask
-        device = self.accelerator.device
         ref_logps = self._reference_logps(prompt_ids, sampled.completion_ids, mask) if args.beta != 0.0 else None
         kl_per_sequence = None
         if self.kl_in_reward and ref_logps is not None:
+            device = self.accelerator.device
             kl_per_sequence = sequence_kl(sampled.logps.to(device), ref_logps, mask.to(device)).cpu()  # [n]
         advantages = self.compute_advantages(rewards, kl_per_sequence)  # [n]
         loss_mask = mask & ~sampled.truncated[:, None] if args.mask_truncated_completions else mask
         self._record_round(rewards, per_function, sampled, advantages, kl_per_sequence, generation_s, scoring_s)
         if not training:
             return Round(rewards, prompt_ids, sampled.completion_ids, loss_mask, None, ref_logps, advantages, [], 0.0)
-        self._log_samples(prompts, texts, rewards)
+        self._log_samples(prompts, completions, rewards)
         # Off-policy micro-batches (replayed, or after an optimizer step within the round) need the sampling
         # policy's log-probs; on-policy ones use the current ones, detached (ratio exactly 1).
         stored_old = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
         return Round(rewards, prompt_ids, sampled.completion_ids, loss_mask, sampled.logps if stored_old else None,
                      ref_logps, advantages, *self._normalisers(loss_mask))
+
+    def _score(self, batch: dict[str, list[Any]], sampled: Any) -> tuple[list[Any], list[Any], torch.Tensor, dict]:
+        """Reward functions on the decoded completions, each group's prompt and dataset columns repeated for
+        its completions. Returns (prompts, completions, weighted rewards [n], {function: rewards [n]})."""
+        k = self.args.num_generations
+        columns = {key: [v for v in values for _ in range(k)] for key, values in batch.items()
+                   if key not in ("prompt", "prompt_input_ids")}
+        prompts = [p for p in batch["prompt"] for _ in range(k)]
+        completion_ids = [ids[m].tolist() for ids, m in zip(sampled.completion_ids, sampled.completion_mask)]
+        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        # Conversational prompts get conversational completions, as TRL passes them to reward functions.
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(prompts[0], list) else texts
+        rewards, per_function = self.rewards.score(prompts, completions, completion_ids=completion_ids, **columns)
+        return prompts, completions, rewards, per_function
 
     def _normalisers(self, loss_mask: torch.Tensor) -> tuple[list[float], float]:
         """Per micro-batch slice of this round: the global completion-token count of the optimizer step it
@@ -459,7 +463,7 @@ class OnlineTrainer(TetherTrainer):
             metrics["kl"] = sequence_kl.mean()
         self.record_metrics(**metrics)
 
-    def _log_samples(self, prompts: list[Any], completions: list[str], rewards: torch.Tensor) -> None:
+    def _log_samples(self, prompts: list[Any], completions: list[Any], rewards: torch.Tensor) -> None:
         """A few completions per logging step to output_dir/samples.jsonl (read by the run report)."""
         step, every = self.state.global_step, max(1, int(self.args.logging_steps))
         if (not self.accelerator.is_main_process or self.args.num_completions_to_log <= 0
@@ -471,6 +475,7 @@ class OnlineTrainer(TetherTrainer):
             for prompt, completion, reward in list(zip(prompts, completions, rewards.tolist()))[
                     :: self.args.num_generations][: self.args.num_completions_to_log]:
                 text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+                completion = completion if isinstance(completion, str) else completion[0]["content"]
                 f.write(json.dumps({"step": step, "prompt": text, "completion": completion,
                                     "reward": reward if math.isfinite(reward) else None}) + "\n")
 
