@@ -98,13 +98,13 @@ class SampledGroups:
 
     completion_ids [n, c] right-padded with pad_token_id; completion_mask [n, c] True at real tokens (an
     EOS that ended a row is real and last); logps [n, c] float32 log-probs of the sampled tokens under
-    softmax(logits / temperature), 0 at padding; truncated [n] True where the row hit max_new_tokens
-    without an EOS.
+    softmax(logits / temperature), 0 at padding (None from samplers that do not provide them, e.g.
+    vLLM); truncated [n] True where the row hit max_new_tokens without an EOS.
     """
 
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
-    logps: torch.Tensor
+    logps: torch.Tensor | None
     truncated: torch.Tensor
 
 

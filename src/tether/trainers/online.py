@@ -22,6 +22,7 @@ Shapes: P = prompts per round, G = num_generations, n = P * G completions, c = c
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -49,6 +50,7 @@ from ..models.reference import reference_mode
 from ..ops.stats import masked_mean
 from ..rollout.rewards import RewardFunctions
 from ..rollout.sampling import sample_groups
+from ..rollout.vllm_generation import VLLMGroupSampler, require_vllm
 from .base import TetherConfig, TetherTrainer, as_config
 
 
@@ -88,7 +90,10 @@ class OnlineConfig(TetherConfig):
     padding_free: bool | None = field(default=None, metadata={
         "help": "Pack the completions of a micro-batch into rows without padding (default: when supported)."})
     logprob_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the log-prob kernel."})
-    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU; needs `pip install vllm`)."})
+    use_vllm: bool = field(default=False, metadata={
+        "help": "Generate with a vLLM engine in the training process (CUDA GPU; needs `pip install vllm`)."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "Share of GPU memory vLLM may take for its weights and KV cache, with use_vllm."})
     num_completions_to_log: int = field(default=4, metadata={
         "help": "Completions written to output_dir/samples.jsonl at each logging step."})
 
@@ -214,7 +219,7 @@ class OnlineTrainer(TetherTrainer):
     ) -> None:
         args = as_config(self.config_class, args, model, self.config_suffix)
         if args.use_vllm:
-            _require_vllm()
+            require_vllm()
         self.rewards = RewardFunctions(reward_funcs, args.reward_weights, reward_processing_classes)
         self._round: Round | None = None
         self._micro_step: int | None = None
@@ -232,6 +237,13 @@ class OnlineTrainer(TetherTrainer):
             self.ref_model = prepare_frozen_model(self.accelerator, reference)
         self._eos_ids = self._eos_token_ids()
         self._samples_logged_at = -1
+        self._vllm = None
+        if args.use_vllm:
+            if not torch.cuda.is_available():
+                raise ValueError("use_vllm=True needs a CUDA GPU; on this machine leave use_vllm=False.")
+            source = model if isinstance(model, str) else self.model.config._name_or_path
+            self._vllm = VLLMGroupSampler(source, (args.max_prompt_length or 2048) + args.max_completion_length,
+                                          args.vllm_gpu_memory_utilization, args.seed)
 
     # ----- data ---------------------------------------------------------------------------------------
     def _prepare(self, dataset: Any, what: str) -> Any:
@@ -288,16 +300,25 @@ class OnlineTrainer(TetherTrainer):
         args, k = self.args, self.args.num_generations
         started = time.perf_counter()
         with self._generation_model() as policy:  # 1. rollout
-            sampled = sample_groups(policy, batch["prompt_input_ids"], k, args.max_completion_length,
-                                    self.processing_class.pad_token_id, self._eos_ids, args.temperature,
-                                    args.top_k, args.top_p, args.min_p)
+            sampler = functools.partial(sample_groups, policy)
+            if self._vllm is not None:
+                self._vllm.sync(policy, self.state.global_step)
+                sampler = self._vllm
+            sampled = sampler(batch["prompt_input_ids"], k, args.max_completion_length,
+                              self.processing_class.pad_token_id, self._eos_ids, args.temperature, args.top_k,
+                              args.top_p, args.min_p)
         generation_s, started = time.perf_counter() - started, time.perf_counter()
         prompts, completions, rewards, per_function = self._score(batch, sampled)  # 2. score
         scoring_s = time.perf_counter() - started
 
         prompt_ids = [ids for ids in batch["prompt_input_ids"] for _ in range(k)]  # 3. advantages
         mask = sampled.completion_mask
-        ref_logps = self._reference_logps(prompt_ids, sampled.completion_ids, mask) if args.beta != 0.0 else None
+        ref_logps = self._frozen_logps(prompt_ids, sampled, reference=True) if args.beta != 0.0 else None
+        # Off-policy micro-batches (replayed, or after an optimizer step within the round) need the sampling
+        # policy's log-probs; on-policy ones use the current ones, detached (ratio exactly 1).
+        stored_old = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
+        if sampled.logps is None and (stored_old or (self.kl_in_reward and ref_logps is not None)):
+            sampled.logps = self._frozen_logps(prompt_ids, sampled, reference=False)
         kl_per_sequence = None
         if self.kl_in_reward and ref_logps is not None:
             device = self.accelerator.device
@@ -308,9 +329,6 @@ class OnlineTrainer(TetherTrainer):
         if not training:
             return Round(rewards, prompt_ids, sampled.completion_ids, loss_mask, None, ref_logps, advantages, [], 0.0)
         self._log_samples(prompts, completions, rewards)
-        # Off-policy micro-batches (replayed, or after an optimizer step within the round) need the sampling
-        # policy's log-probs; on-policy ones use the current ones, detached (ratio exactly 1).
-        stored_old = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
         return Round(rewards, prompt_ids, sampled.completion_ids, loss_mask, sampled.logps if stored_old else None,
                      ref_logps, advantages, *self._normalisers(loss_mask))
 
@@ -343,19 +361,21 @@ class OnlineTrainer(TetherTrainer):
         return token_normalisers, float(b * ga)
 
     @torch.no_grad()
-    def _reference_logps(self, prompt_ids: list[list[int]], completion_ids: torch.Tensor,
-                         mask: torch.Tensor) -> torch.Tensor:
-        """Reference log-probs of the sampled tokens, [n, c], once per round, in micro-batch-sized chunks."""
+    def _frozen_logps(self, prompt_ids: list[list[int]], sampled: Any, reference: bool) -> torch.Tensor:
+        """Log-probs of the sampled tokens without gradients, [n, c], in micro-batch-sized chunks: under the
+        reference model (a frozen copy, or the policy with its adapter disabled), or under the policy as
+        it sampled (for samplers that do not report them)."""
+        ids, mask, size = sampled.completion_ids, sampled.completion_mask, self.args.per_device_train_batch_size
         chunks = []
-        size = self.args.per_device_train_batch_size
         for start in range(0, len(prompt_ids), size):
             rows = slice(start, start + size)
-            if self.ref_model is not None:
-                chunks.append(self._token_logps(self.ref_model, prompt_ids[rows], completion_ids[rows], mask[rows]))
-            else:
-                with reference_mode(self.model):
-                    chunks.append(self._token_logps(self.model, prompt_ids[rows], completion_ids[rows], mask[rows]))
-        return torch.cat([c.logps_grid for c in chunks])
+            model, context = self.model, contextlib.nullcontext()
+            if reference:
+                model = self.ref_model if self.ref_model is not None else self.model
+                context = reference_mode(self.model) if self.ref_model is None else context
+            with context:
+                chunks.append(self._token_logps(model, prompt_ids[rows], ids[rows], mask[rows]).logps_grid)
+        return torch.cat(chunks)
 
     # ----- 4: the update ------------------------------------------------------------------------------------
     def _token_logps(self, model: nn.Module, prompt_ids: list[list[int]], completion_ids: torch.Tensor,
@@ -484,13 +504,3 @@ class OnlineTrainer(TetherTrainer):
 class _GridLogProbs:
     logps_grid: torch.Tensor  # [b, c], differentiable
     entropy: torch.Tensor  # [b, c], detached
-
-
-def _require_vllm() -> None:
-    try:
-        import vllm  # noqa: F401
-    except ImportError as error:
-        raise ImportError("use_vllm=True needs vLLM, which is not installed. Fix: `pip install vllm` on a CUDA "
-                          "machine, or leave use_vllm=False (tether's own batched sampler).") from error
-    raise NotImplementedError("use_vllm=True: vLLM is installed, but tether does not drive it yet; leave "
-                              "use_vllm=False to use tether's batched sampler.")
