@@ -1,5 +1,5 @@
-"""Run by tests/test_ppo_multiprocess.py under `accelerate launch --num_processes 2 --cpu`: a few PPO
-steps through `train()`, then each process writes a checksum of its weights."""
+"""Run by tests/test_ppo_multiprocess.py under `accelerate launch --multi_gpu --num_processes 2` with
+ACCELERATE_USE_CPU=true (gloo): a few PPO steps through `train()`, then each process writes a checksum of its weights."""
 
 from __future__ import annotations
 

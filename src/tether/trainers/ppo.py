@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import nn
+from transformers import set_seed
 
 from ..distributed import (
     accelerator_kwargs,
@@ -109,8 +110,7 @@ class PPOTrainer(PPOTrainLoop):
         self.config = config = config or PPOConfig()
         # accumulation is done here, per mini-batch (see _optimize)
         self.accelerator = Accelerator(**accelerator_kwargs())
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed)
+        set_seed(config.seed)  # python, numpy and torch, as PPOConfig.seed promises
         self.tokenizer = tokenizer
         ensure_pad_token(tokenizer, model.pretrained_model)
         self.is_encoder_decoder = is_encoder_decoder(model.pretrained_model)
