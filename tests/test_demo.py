@@ -78,3 +78,26 @@ def test_demo_full(tmp_path):
     assert dpo and float(dpo[1]) >= 0.8 and float(dpo[2]) > 0, dpo
     ppo = re.search(r"Mean reward of rollouts ([-+\d.]+) -> ([-+\d.]+)", result.stdout)
     assert ppo and float(ppo[2]) > float(ppo[1]) + 0.5, ppo  # PPO raises the reward model's score clearly
+
+
+def test_demo_method_grpo_quick(tmp_path, capsys):
+    """`tether demo --method grpo --quick` (in process): setup, SFT, reward model, then GRPO, one report."""
+    from tether.cli import main
+
+    assert main(["demo", "--method", "grpo", "--quick", "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Samples AFTER GRPO" in out and "Mean reward of sampled reviews" in out
+    assert "Samples AFTER DPO" not in out and "Samples AFTER PPO" not in out
+    assert (tmp_path / "grpo" / "metrics.jsonl").is_file() and (tmp_path / "report.html").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_demo_group_rl_full_raises_the_reward(method, tmp_path):
+    """The full demo with GRPO / RLOO: the reward model's mean reward of sampled reviews rises clearly."""
+    result = run_demo(tmp_path, "--method", method, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    found = re.search(r"Mean reward of sampled reviews ([+-][\d.]+) -> ([+-][\d.]+)", result.stdout)
+    assert found, result.stdout[-3000:]
+    before, after = float(found[1]), float(found[2])
+    assert after > before + 0.3, (before, after)
