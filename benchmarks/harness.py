@@ -125,6 +125,32 @@ def build_base_assets(work: Path, quick: bool) -> tuple[Any, list[str], TextGene
     return tok, docs, gen, info
 
 
+def build_prompt_assets(work: Path, quick: bool, prompt_tokens: int, count: int = 512) -> dict[str, Any]:
+    """The base model and tokenizer, and `count` prompts of exactly `prompt_tokens` tokens in
+    work/prompts.json (equal lengths: no library pads a prompt, every generation batch has one shape)."""
+    tok, _, gen, info = build_base_assets(work, quick)
+    prompts: list[str] = []
+    tried = 0
+    while len(prompts) < count:
+        text = gen.text(gen.randint(20, 30))
+        tried += 1
+        if len(tok(text)["input_ids"]) == prompt_tokens:
+            prompts.append(text)
+    (work / "prompts.json").write_text(json.dumps(prompts))
+    return {**info, "prompts": len(prompts), "prompt_tokens": prompt_tokens, "prompt_texts_drawn": tried}
+
+
+def letter_share(letter: str) -> Any:
+    """A cheap deterministic reward function for online RL benchmarks: the share of a completion's
+    characters that are `letter` (0 for an empty completion)."""
+
+    def share(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        return [c.count(letter) / max(1, len(c)) for c in completions]
+
+    share.__name__ = "target_share"
+    return share
+
+
 def save_reward_model(work: Path, tok: Any) -> Path:
     """LlamaForSequenceClassification (num_labels=1, pad_token_id set), same config and seed, to work/reward_model."""
     import torch

@@ -68,22 +68,10 @@ NAMES = {"hf": "model.generate", "trl": "TRL GRPO", "tether": "tether PPO"}
 
 
 def build_assets(work: Path, quick: bool) -> dict[str, Any]:
-    """The harness' model and tokenizer, and 512 prompts of exactly PROMPT_TOKENS tokens."""
-    tok, _, gen, info = harness.build_base_assets(work, quick)
-    prompts: list[str] = []
-    tried = 0
-    while len(prompts) < 512:
-        text = gen.text(gen.randint(20, 30))
-        tried += 1
-        if len(tok(text)["input_ids"]) == PROMPT_TOKENS:
-            prompts.append(text)
-    (work / "prompts.json").write_text(json.dumps(prompts))
-    return {**info, "prompts": len(prompts), "prompt_tokens": PROMPT_TOKENS, "prompt_texts_drawn": tried}
+    return harness.build_prompt_assets(work, quick, PROMPT_TOKENS)
 
 
-def target_share(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
-    """Reward: the share of the completion's characters that are TARGET (0 for an empty completion)."""
-    return [c.count(TARGET) / max(1, len(c)) for c in completions]
+target_share = harness.letter_share(TARGET)
 
 
 # ----- timing phases (child) ------------------------------------------------------------------------------------

@@ -10,11 +10,9 @@ import sys
 import pytest
 import yaml
 
+from launching import OFFLINE_ENV
 from tether.cli import RESOLVED_CONFIG_NAME, main, parse_command_args
 from tether.demo.corpus import generate_reviews
-
-OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture()

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+from launching import OFFLINE_ENV
+
 EXPECTED_FILES = [
     "corpus.jsonl", "corpus_eval.jsonl", "tokenizer/tokenizer.json",
     "base/config.json", "base/model.safetensors", "base/tokenizer.json",

@@ -316,3 +316,13 @@ def test_cli_grpo_and_rloo_with_a_reward_module(tiny_decoder_dir, tmp_path, monk
     with pytest.raises(SystemExit, match="no function 'nope'"):
         main(["grpo", "--model_name_or_path", tiny_decoder_dir, "--dataset_name", str(data), "--output_dir",
               str(tmp_path / "x"), "--reward_funcs", "my_rewards:nope", "--use_cpu"])
+
+
+def test_generation_batch_size_sets_the_round_and_survives_a_rebuild(tmp_path):
+    from tether.trainers.base import _init_values
+
+    args = config(GRPOConfig, tmp_path, per_device_train_batch_size=4, generation_batch_size=16)
+    assert args.steps_per_generation == 4  # 16 completions per round = 4 micro-batches of 4 (one process)
+    assert GRPOConfig(**_init_values(args)).steps_per_generation == 4  # both fields set, and they agree
+    with pytest.raises(ValueError, match="disagree"):
+        config(GRPOConfig, tmp_path, per_device_train_batch_size=4, generation_batch_size=16, steps_per_generation=2)

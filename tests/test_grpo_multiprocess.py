@@ -5,23 +5,15 @@ share a prompt within a step, and DDP keeps their weights identical."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
-from test_ppo_multiprocess import OFFLINE_ENV
+from launching import run_two_processes
 from tether.losses.advantages import group_relative_advantages
 
 
 def test_grpo_groups_with_two_processes(tiny_decoder_dir, tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "scripts", "grpo_two_process.py")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           script, tiny_decoder_dir, str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=OFFLINE_ENV, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_processes("grpo_two_process.py", tiny_decoder_dir, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["processes"] == 2 and len(r["rounds"]) == 3 for r in ranks)
     seen = set()

@@ -19,6 +19,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from launching import run_two_processes
 from tether import (
     AutoModelForCausalLMWithValueHead,
     DPOConfig,
@@ -264,17 +265,7 @@ def test_ppo_resume_errors(tiny_decoder_dir, tokenizer, tmp_path):
 def test_ppo_resume_with_two_processes(tiny_decoder_dir, tmp_path):
     """Under `accelerate launch` with 2 processes each one restores its own random state (its python stream
     differs from the other's here): the resumed run generates and ends as the uninterrupted one."""
-    import subprocess
-    import sys
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    script = os.path.join(os.path.dirname(__file__), "scripts", "ppo_resume_two_process.py")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           script, tiny_decoder_dir, str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_processes("ppo_resume_two_process.py", tiny_decoder_dir, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank in ranks:
         assert rank["processes"] == 2 and len(rank["resumed"]) == 2

@@ -23,7 +23,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from tether import cli
+from launching import CPU_ENV, ONE_THREAD_ENV, SCRIPTS
+from tether import cli, launch
 from tether.distributed import (
     copy_for_reference,
     deepspeed_inference_config,
@@ -36,11 +37,6 @@ from tether.distributed import (
 from tether.models.forward import causal_token_log_probs, splittable_head
 from tether.ops.stats import masked_whiten
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
-OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-# What `tether CMD --accelerate_config ddp` adds on a machine without GPUs: gloo processes on the CPU.
-CPU_ENV = {**OFFLINE_ENV, "ACCELERATE_USE_CPU": "true"}
 SFT_TEXTS = [" ".join(["the film was good"] * n) for n in (1, 7, 2, 9, 3, 5, 4, 8)]  # unequal token counts
 
 
@@ -53,7 +49,7 @@ def _load_script():
 
 def _launch(args: list[str], env: dict[str, str], config: str = "ddp") -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               cli.shipped_accelerate_configs().get(config, config), "--num_processes", "2",
+               launch.shipped_accelerate_configs().get(config, config), "--num_processes", "2",
                "--main_process_port", "0", *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -83,7 +79,7 @@ def test_shipped_config_is_accepted_by_accelerate_launch(name, kind, zero_stage,
     from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    path = cli.shipped_accelerate_configs()[name]
+    path = launch.shipped_accelerate_configs()[name]
     args = launch_command_parser().parse_args(["--config_file", path, "--num_processes", "2", "train.py"])
     args, defaults, _ = _validate_launch_command(args)
     assert (args.multi_gpu, args.use_deepspeed, args.use_fsdp) == (kind == "multi_gpu", kind == "deepspeed",
@@ -117,24 +113,24 @@ def test_shipped_config_is_accepted_by_accelerate_launch(name, kind, zero_stage,
 def test_accelerate_config_flag_builds_the_launch_command(tmp_path):
     argv = ["--model_name_or_path", "m", "--accelerate_config", "zero3", "--dataset_name", "d.jsonl",
             "--num_processes=4", "--learning_rate", "1e-4"]
-    spec = cli.accelerate_launch("dpo", argv, gpu_count=8)
-    config = cli.shipped_accelerate_configs()["zero3"]
+    spec = launch.accelerate_launch("dpo", argv, gpu_count=8)
+    config = launch.shipped_accelerate_configs()["zero3"]
     assert spec.command == [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
                             "--num_processes", "4", "--main_process_port", "0", "-m", "tether.cli", "dpo",
                             "--model_name_or_path", "m", "--dataset_name", "d.jsonl", "--learning_rate", "1e-4"]
     assert spec.env == {}  # GPUs: accelerate's defaults
     # No --num_processes: one per GPU.
-    assert cli.accelerate_launch("sft", ["--accelerate_config", "ddp"], gpu_count=8).command[5:7] == [
+    assert launch.accelerate_launch("sft", ["--accelerate_config", "ddp"], gpu_count=8).command[5:7] == [
         "--num_processes", "8"]
     # Without GPUs: gloo processes on the CPU (DDP through ACCELERATE_USE_CPU, DeepSpeed its CPU accelerator).
-    assert cli.accelerate_launch("sft", ["--accelerate_config", "ddp", "--num_processes", "2"],
+    assert launch.accelerate_launch("sft", ["--accelerate_config", "ddp", "--num_processes", "2"],
                                  gpu_count=0).env == {"ACCELERATE_USE_CPU": "true"}
-    assert cli.accelerate_launch("sft", ["--accelerate_config", "zero2", "--num_processes", "2"],
+    assert launch.accelerate_launch("sft", ["--accelerate_config", "zero2", "--num_processes", "2"],
                                  gpu_count=0).env == {"DS_ACCELERATOR": "cpu"}
     # A YAML file of the user's, with its own process count and port.
     own = tmp_path / "mine.yaml"
     own.write_text("distributed_type: MULTI_GPU\nnum_processes: 3\nmain_process_port: 29123\n")
-    command = cli.accelerate_launch("sft", ["--accelerate_config", str(own)], gpu_count=8).command
+    command = launch.accelerate_launch("sft", ["--accelerate_config", str(own)], gpu_count=8).command
     assert command[4] == str(own) and "--num_processes" not in command and "--main_process_port" not in command
 
 
@@ -148,14 +144,14 @@ def test_accelerate_config_flag_builds_the_launch_command(tmp_path):
 ])
 def test_accelerate_config_flag_errors(argv, gpus, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        cli.accelerate_launch("sft", argv, gpu_count=gpus)
+        launch.accelerate_launch("sft", argv, gpu_count=gpus)
 
 
 def test_accelerate_config_must_be_an_accelerate_file(tmp_path, capsys):
     bad = tmp_path / "run.yaml"
     bad.write_text("learning_rate: 0.1\n")  # a tether --config file, not an accelerate one
     with pytest.raises(ValueError, match="not an accelerate config"):
-        cli.accelerate_launch("sft", ["--accelerate_config", str(bad)], gpu_count=1)
+        launch.accelerate_launch("sft", ["--accelerate_config", str(bad)], gpu_count=1)
     assert cli.main(["sft", "--accelerate_config", "nope"]) == 2  # main() reports it, no traceback
     assert "tether sft: error: --accelerate_config nope" in capsys.readouterr().err
 
@@ -296,7 +292,7 @@ def test_two_process_sft_through_the_cli_equals_one_process(tiny_decoder_dir, sf
     argv = _sft_argv(tiny_decoder_dir, sft_data, str(tmp_path / "sft"), per_device=2)
     argv += ["--accelerate_config", "ddp", "--num_processes", "2"]
     result = subprocess.run([sys.executable, "-m", "tether.cli", *argv], capture_output=True, text=True,
-                            env=OFFLINE_ENV, timeout=900)
+                            env=ONE_THREAD_ENV, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "accelerate.commands.launch --config_file" in result.stderr  # the command is shown
     _assert_same_training(os.path.join(one_process, "sft", "model.safetensors"),
@@ -353,7 +349,7 @@ def test_zero3_dpo_and_ppo_equal_one_process_and_generation_gathers_once(tiny_de
                       "  zero3_init_flag: true\nnum_machines: 1\nmachine_rank: 0\nuse_cpu: false\n")
     out = tmp_path / "out"
     out.mkdir()
-    env = {**OFFLINE_ENV, **cli.accelerate_launch("dpo", ["--accelerate_config", str(config), "--num_processes", "2"],
+    env = {**ONE_THREAD_ENV, **launch.accelerate_launch("dpo", ["--accelerate_config", str(config), "--num_processes", "2"],
                                                   gpu_count=0).env}
     _launch([os.path.join(SCRIPTS, "scale_out_train.py"), tiny_decoder_dir, str(out), "dpo,ppo"], env, str(config))
     initial = os.path.join(tiny_decoder_dir, "model.safetensors")
@@ -375,9 +371,9 @@ def test_zero2_sft_through_the_cli_equals_one_process(tiny_decoder_dir, sft_data
     """`--accelerate_config zero2` on a machine without GPUs: DeepSpeed's CPU accelerator, gloo asked for by
     the trainer's config, and the same training as one process."""
     argv = _sft_argv(tiny_decoder_dir, sft_data, str(tmp_path / "sft"), per_device=2)
-    spec = cli.accelerate_launch(argv[0], [*argv[1:], "--accelerate_config", "zero2", "--num_processes", "2"],
+    spec = launch.accelerate_launch(argv[0], [*argv[1:], "--accelerate_config", "zero2", "--num_processes", "2"],
                                  gpu_count=0)
-    result = subprocess.run(spec.command, capture_output=True, text=True, env={**OFFLINE_ENV, **spec.env}, timeout=900)
+    result = subprocess.run(spec.command, capture_output=True, text=True, env={**ONE_THREAD_ENV, **spec.env}, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     _assert_same_training(os.path.join(one_process, "sft", "model.safetensors"),
                           str(tmp_path / "sft" / "model.safetensors"), os.path.join(tiny_decoder_dir, "model.safetensors"))

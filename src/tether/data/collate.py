@@ -65,6 +65,12 @@ def _pad(rows: list[list[Any]], value: Any, width: int, left: bool, dtype: torch
     return out
 
 
+def collate_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows -> columns of lists, nothing padded or converted: for batches of prompts that online methods
+    read as they are (the rollout builds tensors later)."""
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
 @dataclass
 class LanguageModelingCollator:
     """Collate token examples for causal LM losses.

@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import prepare_prompts
+from ..data import collate_columns, prepare_prompts
 from ..data.collate import LanguageModelingCollator
+from ..data.rounds import PromptRoundSampler
 from ..distributed import (
     copy_for_reference,
     prepare_frozen_model,
@@ -105,14 +106,18 @@ class OnlineConfig(TetherConfig):
             raise ValueError("max_completion_length must be at least 1.")
         if self.num_iterations < 1:
             raise ValueError("num_iterations must be at least 1.")
-        if self.steps_per_generation is not None and self.generation_batch_size is not None:
-            raise ValueError("Set steps_per_generation or generation_batch_size, not both.")
         if self.generation_batch_size is not None:
             per_round = self.per_device_train_batch_size * self.world_size
             if self.generation_batch_size % per_round:
                 raise ValueError(f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
                                  f"per_device_train_batch_size x processes ({per_round}).")
-            self.steps_per_generation = self.generation_batch_size // per_round
+            derived = self.generation_batch_size // per_round
+            # Both may be given when a config is rebuilt from its own fields; they must then agree.
+            if self.steps_per_generation not in (None, derived):
+                raise ValueError(f"steps_per_generation={self.steps_per_generation} and generation_batch_size="
+                                 f"{self.generation_batch_size} disagree (that batch is {derived} micro-batches); "
+                                 "set one of them.")
+            self.steps_per_generation = derived
         if self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
         if self.steps_per_generation % self.gradient_accumulation_steps:
@@ -125,52 +130,6 @@ class OnlineConfig(TetherConfig):
                 f"process, which is not a multiple of num_generations={self.num_generations}: each process samples "
                 "whole groups. Fix: make per_device_train_batch_size (or steps_per_generation / "
                 "gradient_accumulation_steps) a multiple of num_generations, or lower num_generations.")
-
-
-class PromptRoundSampler(torch.utils.data.Sampler[int]):
-    """Prompt indices for rounds of generation, laid out for accelerate's batch sharding.
-
-    Each round takes `processes x prompts_per_round` fresh prompts; process w's block is its
-    `prompts_per_round` of them. The DataLoader groups indices into batches of prompts_per_round, and
-    accelerate deals batches to processes in turn (batch j to process j % processes), so emitting the
-    blocks of a round in process order, `repeats` times (one per micro-step of the round), hands each
-    process its own block at every micro-step of the round. Order is a seeded shuffle per epoch, the
-    same on every process; the prompts that do not fill a last round are left for the next epoch.
-    """
-
-    def __init__(self, num_prompts: int, prompts_per_round: int, processes: int, repeats: int, seed: int,
-                 shuffle: bool = True) -> None:
-        self.num_prompts, self.block, self.processes, self.repeats = num_prompts, prompts_per_round, processes, repeats
-        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
-        self.rounds = num_prompts // (prompts_per_round * processes)
-        if self.rounds == 0:
-            raise ValueError(
-                f"The prompt dataset has {num_prompts} rows; one round of generation needs "
-                f"{prompts_per_round * processes} (prompts per round x processes). Fix: add prompts or lower "
-                "per_device_train_batch_size / steps_per_generation.")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_prompts, generator=generator).tolist()
-        else:
-            order = list(range(self.num_prompts))
-        per_round = self.block * self.processes
-        for r in range(self.rounds):
-            round_indices = order[r * per_round:(r + 1) * per_round]
-            for _ in range(self.repeats):
-                yield from round_indices
-
-    def __len__(self) -> int:
-        return self.rounds * self.repeats * self.block * self.processes
-
-
-def collate_prompt_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Prompt rows -> columns of lists (the rollout tokenizes nothing more; tensors come later)."""
-    return {key: [row[key] for row in rows] for key in rows[0]}
 
 
 @dataclass
@@ -251,7 +210,7 @@ class OnlineTrainer(TetherTrainer):
                                num_proc=self.args.dataset_num_proc, what=what)
 
     def _default_collator(self) -> Any:
-        return collate_prompt_rows
+        return collate_columns
 
     @property
     def _prompts_per_round(self) -> int:

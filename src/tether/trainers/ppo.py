@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import set_seed
 
+from ..data import collate_columns
 from ..distributed import (
     accelerator_kwargs,
     backward_micro_batch,
@@ -133,7 +134,7 @@ class PPOTrainer(PPOTrainLoop):
         self.optimizer = optimizer or torch.optim.Adam(trainable, lr=config.learning_rate)
         self.lr_scheduler = lr_scheduler
         self.dataset = dataset
-        self.data_collator = data_collator or (lambda rows: {k: [r[k] for r in rows] for k in rows[0]})
+        self.data_collator = data_collator or collate_columns
         self.dataloader = None
         if dataset is not None:
             self.dataloader = torch.utils.data.DataLoader(

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import LanguageModelingCollator, prepare_language_modeling, prepare_prompts
+from ..data import LanguageModelingCollator, collate_columns, prepare_language_modeling, prepare_prompts
 from ..models.value_head import VALUE_HEAD_FILE
 from ..reports.page import write_report
 from ..reports.runfiles import METRICS_FILE, SAMPLES_FILE, read_jsonl, save_run_config, write_jsonl
@@ -85,10 +85,6 @@ class ShuffledBatches:
         self.position = state["position"]
 
 
-def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
-    return {k: [r[k] for r in rows] for k in rows[0]}
-
-
 class PPOTrainLoop:
     """The `train()` half of PPOTrainer (the `step()` half is in ppo.py)."""
 
@@ -108,7 +104,7 @@ class PPOTrainLoop:
         """Endless batches of `batch_size` prompts (per process) as column lists, from shuffled epochs."""
         if self.dataset is None:
             raise ValueError("train() needs a prompt dataset: PPOTrainer(..., dataset=ds) with a 'prompt' column.")
-        return ShuffledBatches(prepare_prompts(self.dataset, self.tokenizer), self.config.batch_size, _columns,
+        return ShuffledBatches(prepare_prompts(self.dataset, self.tokenizer), self.config.batch_size, collate_columns,
                                self.config.seed, stream=0, rank=self.accelerator.process_index,
                                world_size=self.accelerator.num_processes, name="prompt dataset")
 
