@@ -20,17 +20,7 @@ import torch
 from torch import nn
 
 from ..models.forward import unwrap_model
-from .sampling import sample_groups, supports_group_sampling
-
-
-def _left_pad(queries: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(q) for q in queries)
-    input_ids = torch.full((len(queries), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(queries), width), dtype=torch.long)
-    for i, query in enumerate(queries):
-        input_ids[i, width - len(query):] = query
-        attention_mask[i, width - len(query):] = 1
-    return input_ids, attention_mask
+from .sampling import left_pad, sample_groups, supports_group_sampling
 
 
 def truncate_after_eos(response: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
@@ -42,8 +32,10 @@ def truncate_after_eos(response: torch.Tensor, eos_token_ids: Sequence[int]) -> 
     return response[: int(hits[0]) + 1] if len(hits) else response
 
 
-def _eos_ids(generation_kwargs: dict[str, Any], model: nn.Module) -> list[int]:
-    eos = generation_kwargs.get("eos_token_id")
+def eos_token_ids(model: nn.Module, generation_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """The ids that end a response: generate()'s `eos_token_id` argument if given, else the model's
+    generation_config's (one id or several)."""
+    eos = (generation_kwargs or {}).get("eos_token_id")
     if eos is None:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
@@ -72,7 +64,7 @@ def generate_responses(
         if query.dim() != 1 or len(query) == 0:
             raise ValueError(f"Query {i} must be a non-empty 1-D tensor of token ids, got shape {tuple(query.shape)}.")
     device = next(model.parameters()).device
-    eos_ids = _eos_ids(generation_kwargs, model)
+    eos_ids = eos_token_ids(model, generation_kwargs)
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     if encoder_decoder and return_prompt:
         raise ValueError("return_prompt=True needs a decoder-only model: an encoder-decoder's response "
@@ -93,7 +85,7 @@ def generate_responses(
                 response = ids[mask].to(query.device)
                 outputs.append(torch.cat([query, response]) if return_prompt else response)
             continue
-        input_ids, attention_mask = _left_pad(chunk, pad_token_id)
+        input_ids, attention_mask = left_pad(chunk, pad_token_id)
         kwargs.setdefault("pad_token_id", pad_token_id)
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                    **kwargs)  # [b, width + r]; [b, r] for an encoder-decoder

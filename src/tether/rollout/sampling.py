@@ -145,8 +145,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int, device: torch.device | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists (or 1-D tensors) -> (input_ids, attention_mask) [b, q], padded on the left so every
+    row's next token is at the same column."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -201,7 +203,7 @@ def sample_groups(
 def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max_new_tokens: int,
                  pad_token_id: int, eos_token_ids: list[int], temperature: float, top_k: int, top_p: float,
                  min_p: float, generator: torch.Generator | None, device: torch.device) -> SampledGroups:
-    input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)  # [p, q]
+    input_ids, attention_mask = left_pad(prompts, pad_token_id, device)  # [p, q]
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=True, logits_to_keep=1)
     cache = out.past_key_values

@@ -49,6 +49,7 @@ from ..models.forward import causal_token_log_probs, supports_packed_rows
 from ..models.loading import is_encoder_decoder, is_peft_model, load_language_model
 from ..models.reference import reference_mode
 from ..ops.stats import masked_mean
+from ..rollout.generation import eos_token_ids
 from ..rollout.rewards import RewardFunctions
 from ..rollout.sampling import sample_groups
 from ..rollout.vllm_generation import VLLMGroupSampler, require_vllm
@@ -194,7 +195,8 @@ class OnlineTrainer(TetherTrainer):
             reference = copy_for_reference(self.model, model if isinstance(model, str) else None,
                                            lambda source: load_language_model(source, **(args.model_init_kwargs or {})))
             self.ref_model = prepare_frozen_model(self.accelerator, reference)
-        self._eos_ids = self._eos_token_ids()
+        # The tokenizer's EOS and any the model's generation_config adds (chat models often have several).
+        self._eos_ids = sorted({self.processing_class.eos_token_id, *eos_token_ids(self.model)} - {None})
         self._samples_logged_at = -1
         self._vllm = None
         if args.use_vllm:
@@ -229,12 +231,6 @@ class OnlineTrainer(TetherTrainer):
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> None:
         return None  # the round carries its own normalisers
-
-    def _eos_token_ids(self) -> list[int]:
-        ids = {self.processing_class.eos_token_id}
-        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-        return sorted(i for i in ids if i is not None)
 
     # ----- the method: subclasses -----------------------------------------------------------------------
     def compute_advantages(self, rewards: torch.Tensor, sequence_kl: torch.Tensor | None) -> torch.Tensor:
