@@ -75,28 +75,22 @@ def generate_samples(model: nn.Module | None, tokenizer: Any, dataset: Any, num_
             prompts.append(ids)
         if len(prompts) == num_samples:
             break
-    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    if not prompts:
+        return []
+    from ..rollout.generation import generate_responses
+
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    samples = []
     try:
-        with torch.no_grad():
-            for ids in prompts:
-                input_ids = torch.tensor([ids], device=device)  # [1, t]
-                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)  # [1, t + new], or [1, new] for seq2seq
-                completion = out[0] if encoder_decoder else out[0, len(ids):]
-                samples.append({"prompt": tokenizer.decode(ids, skip_special_tokens=True),
-                                "completion": tokenizer.decode(completion, skip_special_tokens=True)})
+        completions = generate_responses(model, [torch.tensor(ids, device=device) for ids in prompts],
+                                         tokenizer.pad_token_id, batch_size=len(prompts),
+                                         max_new_tokens=max_new_tokens, do_sample=False)
     except Exception as error:  # the run has trained and saved its metrics: a sample failure must not lose it
         warnings.warn(f"Could not generate sample completions for the report ({type(error).__name__}: {error}); "
                       "the report has none.", UserWarning, stacklevel=2)
         return []
-    finally:
-        model.train(was_training)
-    return samples
+    return [{"prompt": tokenizer.decode(ids, skip_special_tokens=True),
+             "completion": tokenizer.decode(completion, skip_special_tokens=True)}
+            for ids, completion in zip(prompts, completions)]
 
 
 class RunReportCallback(TrainerCallback):
