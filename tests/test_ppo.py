@@ -142,7 +142,7 @@ def test_classic_usage_verbatim(tiny_decoder_dir, tokenizer):
 
     logged = ppo_trainer.log_stats(stats, {"query": ["q"], "response": ["r"]}, [torch.tensor(1.0)])
     assert logged["env/reward_mean"] == 1.0 and logged["objective/kl"] == 0.0
-    assert "objective/logprobs" not in logged  # arrays are not logged as scalars
+    assert logged["objective/logprobs"].shape == (1, width)  # arrays go to trackers as histograms
 
 
 def test_trainer_save_pretrained_round_trip(tmp_path, tiny_decoder_dir, tokenizer):
@@ -286,7 +286,8 @@ def test_step_kl_is_the_per_token_estimate_summed_over_the_response(tiny_decoder
     per_row = (kl_penalty(logprobs, ref_logprobs, kind) * mask).sum(1)  # [b]
     np.testing.assert_allclose(stats["objective/kl_dist"], per_row.numpy(), rtol=1e-6, atol=1e-7)
     assert stats["objective/kl"] == pytest.approx(float(per_row.mean()), rel=1e-6)
-    assert stats["ppo/mean_non_score_reward"] == pytest.approx(-0.3 * float(per_row.mean()), rel=1e-5)
+    per_token_mean = (kl_penalty(logprobs, ref_logprobs, kind) * mask).sum() / mask.sum()  # TRL: per token
+    assert stats["ppo/mean_non_score_reward"] == pytest.approx(-0.3 * float(per_token_mean), rel=1e-5)
     assert abs(stats["objective/kl"]) > 1e-3
 
 
@@ -371,16 +372,18 @@ def test_early_stopping_on_a_tiny_target_kl(tiny_decoder_dir, tokenizer, early_s
         assert len(steps) == 8 and stats["ppo/epochs_run"] == 4
 
 
-@pytest.mark.parametrize("gas", [1, 2, 4])
-def test_one_optimizer_step_per_mini_batch(tiny_decoder_dir, tokenizer, gas):
+@pytest.mark.parametrize("mini, gas", [(4, 1), (2, 2), (1, 4), (2, 4)])
+def test_one_optimizer_step_per_mini_batch_times_accumulation(tiny_decoder_dir, tokenizer, mini, gas):
+    """TRL's meaning: an optimizer step every mini_batch_size * gradient_accumulation_steps samples."""
     model = value_model(tiny_decoder_dir)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     steps = count_optimizer_steps(optimizer)
-    config = PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=gas, ppo_epochs=2)
+    config = PPOConfig(batch_size=8, mini_batch_size=mini, gradient_accumulation_steps=gas, ppo_epochs=2)
     trainer = PPOTrainer(config, model, None, tokenizer, optimizer=optimizer)
+    per_step = 2 * 8 // (mini * gas)  # epochs x optimizer steps per epoch
     for n in (1, 2):
         stats = trainer.step(make_queries(tokenizer, 8), make_responses(8), scores_for(8))
-        assert len(steps) == 4 * n and stats["ppo/epochs_run"] == 2
+        assert len(steps) == per_step * n and stats["ppo/epochs_run"] == 2
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # nothing left over
 
 
@@ -388,7 +391,7 @@ def test_accumulation_is_per_trainer(tiny_decoder_dir, tokenizer):
     model = value_model(tiny_decoder_dir)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     steps = count_optimizer_steps(optimizer)
-    config = PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=1)
+    config = PPOConfig(batch_size=8, mini_batch_size=2, gradient_accumulation_steps=2, ppo_epochs=1)
     trainer = PPOTrainer(config, model, None, tokenizer, optimizer=optimizer)
     PPOTrainer(PPOConfig(batch_size=2), value_model(tiny_decoder_dir), None, tokenizer)  # another, gas=1
     trainer.step(make_queries(tokenizer, 8), make_responses(8), scores_for(8))
@@ -404,15 +407,18 @@ def test_early_stopping_leaves_no_gradient_behind(tiny_decoder_dir, tokenizer):
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
-def test_lr_scheduler_steps_with_the_optimizer(tiny_decoder_dir, tokenizer):
+def test_lr_scheduler_steps_once_per_ppo_step(tiny_decoder_dir, tokenizer):
+    """As in TRL: the schedule counts PPO steps, not optimizer steps; stats report the step's learning rate."""
     model = value_model(tiny_decoder_dir)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     steps = count_optimizer_steps(optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-    config = PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 ** i)
+    config = PPOConfig(batch_size=8, mini_batch_size=2, gradient_accumulation_steps=2, ppo_epochs=1)
     trainer = PPOTrainer(config, model, None, tokenizer, optimizer=optimizer, lr_scheduler=scheduler)
-    trainer.step(make_queries(tokenizer, 8), make_responses(8), scores_for(8))
-    assert len(steps) == 2 and scheduler.last_epoch == 2
+    first = trainer.step(make_queries(tokenizer, 8), make_responses(8), scores_for(8))
+    second = trainer.step(make_queries(tokenizer, 8), make_responses(8), scores_for(8))
+    assert len(steps) == 4 and scheduler.last_epoch == 2
+    assert first["ppo/learning_rate"] == pytest.approx(1e-3) and second["ppo/learning_rate"] == pytest.approx(5e-4)
 
 
 # ----- 10. gradient accumulation == one mini-batch ----------------------------------------------------------
@@ -420,7 +426,8 @@ def _one_step(path: str, tokenizer, gas: int) -> tuple[dict[str, torch.Tensor], 
     model = value_model(path)
     # SGD: the update is linear in the gradient, so a scaled gradient cannot hide (Adam normalises it away)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    config = PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=gas, ppo_epochs=1)
+    # one optimizer step per 4 samples either way: 4 at once, or 2 x 2 accumulated
+    config = PPOConfig(batch_size=8, mini_batch_size=4 // gas, gradient_accumulation_steps=gas, ppo_epochs=1)
     trainer = PPOTrainer(config, model, None, tokenizer, optimizer=optimizer)
     torch.manual_seed(1)  # the same mini-batch order
     stats = trainer.step(make_queries(tokenizer, 8), make_responses(8), scores_for(8))
@@ -454,8 +461,8 @@ def test_seq2seq_generate_and_step(tiny_seq2seq_dir, tokenizer):
     start = model.config.decoder_start_token_id
     assert all(len(r) >= 2 and r[0] == start for r in responses)
     assert all(len(r) == 7 or r[-1] == tokenizer.eos_token_id for r in responses)
-    single = trainer.generate(queries[0], max_new_tokens=3, do_sample=True)
-    assert single.dim() == 1 and single[0] == start
+    single = trainer.generate(queries[0], max_new_tokens=3, do_sample=True)  # [1, r], as model.generate gives
+    assert single.shape[0] == 1 and single.dim() == 2 and single[0, 0] == start
     before = snapshot(model)
     stats = trainer.step(queries, responses, scores_for(4))
     assert_classic_stats(stats)
@@ -525,8 +532,13 @@ def test_trainer_rejects_bad_construction(tiny_decoder_dir, tiny_decoder, tokeni
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(batch_size=8, mini_batch_size=3), r"batch_size \(8\) must be a multiple of mini_batch_size \(3\)"),
-    (dict(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=3), "multiple of gradient_accum"),
+    (dict(batch_size=8, mini_batch_size=3), r"batch_size \(8\) must be a multiple of mini_batch_size \* "
+                                             r"gradient_accumulation_steps \(3 \* 1 = 3\)"),
+    (dict(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=3), r"\(4 \* 3 = 12\)"),
+    (dict(cliprange=-0.1), "cliprange must be >= 0"),
+    (dict(log_with="mlflow"), "log_with must be"),
+    (dict(tracker_kwargs="{not json"), "tracker_kwargs must be a JSON object"),
+    (dict(push_to_hub_if_best_kwargs={"private": True}), "needs a 'repo_id'"),
     (dict(kl_penalty="k9"), "kl_penalty must be one of"),
     (dict(batch_size=0), "batch_size must be at least 1"),
     (dict(ppo_epochs=0), "ppo_epochs must be at least 1"),

@@ -272,3 +272,15 @@ def configure_deepspeed_for_own_loop(accelerator: Accelerator, micro_batch_size:
     config["gradient_accumulation_steps"] = 1
     config.pop("train_batch_size", None)  # DeepSpeed derives it
     config["gradient_clipping"] = max_grad_norm or 0.0
+
+
+def empty_device_cache() -> None:
+    """Return cached, unused accelerator memory to the device (and collect Python garbage first, so tensors
+    only reachable through cycles are freed): PPOConfig.optimize_device_cache's trade of time for memory."""
+    import gc
+
+    gc.collect()
+    for backend in ("cuda", "xpu", "npu", "mps"):
+        module = getattr(torch, backend, None)
+        if module is not None and getattr(module, "is_available", lambda: False)():
+            module.empty_cache()

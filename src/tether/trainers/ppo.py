@@ -13,6 +13,7 @@ Shapes: b = batch, t = tokens (query + response, right-padded).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, gather_object
 from torch import nn
 from transformers import set_seed
 
@@ -32,6 +34,7 @@ from ..distributed import (
     backward_micro_batch,
     configure_deepspeed_for_own_loop,
     copy_for_reference,
+    empty_device_cache,
     masked_whiten_across_processes,
     mean_across_processes,
     prepare_frozen_model,
@@ -43,6 +46,7 @@ from ..distributed import (
 from ..losses.advantages import gae
 from ..losses.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from ..losses.ppo import ppo_policy_loss, ppo_value_loss
+from ..models.dropout import disable_dropout
 from ..models.forward import (
     TokenLogProbs,
     causal_lm_loss,
@@ -60,7 +64,8 @@ from ..models.loading import (
 )
 from ..models.reference import reference_mode
 from ..models.scoring import token_values
-from ..ops.stats import masked_mean, masked_var
+from ..ops.stats import RunningMoments, masked_mean, masked_var
+from ..reports.trackers import log_to_trackers
 from ..rollout.generation import generate_responses
 from ..rollout.rewards import RewardFunctions
 from .ppo_config import PPOConfig
@@ -76,6 +81,21 @@ def _stack_padded(rows: Sequence[torch.Tensor], pad: int) -> tuple[torch.Tensor,
         out[i, : len(row)] = row.cpu()
         mask[i, : len(row)] = True
     return out, mask
+
+
+def _pad_each_batch(rows: list[torch.Tensor], batch_size: int, pad: int) -> list[torch.Tensor]:
+    """Each run of `batch_size` responses right-padded to its longest (what model.generate returns)."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        out += [torch.cat([r, r.new_full((width - len(r),), pad)]) for r in chunk]
+    return out
+
+
+def _tracker_config(config: PPOConfig) -> dict[str, Any]:
+    """The config as trackers take it: scalars and strings only (None and lists as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
 
 
 class PPOTrainer(PPOTrainLoop):
@@ -103,19 +123,37 @@ class PPOTrainer(PPOTrainLoop):
         ptx_dataset: Any = None,
         critic: nn.Module | str | None = None,
     ) -> None:
+        config = PPOConfig() if config is None else config
+        if not isinstance(config, PPOConfig):
+            raise ValueError(f"config must be a PPOConfig, got {type(config).__name__}.")
         if model is None or not hasattr(model, "v_head"):
             raise ValueError("PPOTrainer needs a model with a value head: "
                              "AutoModelForCausalLMWithValueHead.from_pretrained(path).")
         if tokenizer is None:
             raise ValueError("PPOTrainer needs the tokenizer (to pad batches and decode).")
-        self.config = config = config or PPOConfig()
-        # accumulation is done here, per mini-batch (see _optimize)
-        self.accelerator = Accelerator(**accelerator_kwargs())
+        if lr_scheduler is not None and not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
+            raise ValueError("lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler (it steps once per step()).")
+        self.config = config
+        # Accumulation is done here, per mini-batch (see _optimize), so accelerate is not told about it.
+        self.accelerator = Accelerator(log_with=config.log_with,
+                                       project_config=ProjectConfiguration(**config.project_kwargs),
+                                       **{**accelerator_kwargs(), **config.accelerator_kwargs})
         set_seed(config.seed)  # python, numpy and torch, as PPOConfig.seed promises
         self.tokenizer = tokenizer
         ensure_pad_token(tokenizer, model.pretrained_model)
         self.is_encoder_decoder = is_encoder_decoder(model.pretrained_model)
         self.is_peft_model = is_peft_model(model.pretrained_model)
+        config.world_size = self.accelerator.num_processes
+        config.global_batch_size = config.batch_size * config.world_size
+        config.global_backward_batch_size = config.backward_batch_size * config.world_size
+        config.is_encoder_decoder, config.is_peft_model = self.is_encoder_decoder, self.is_peft_model
+        if config.log_with is not None:
+            self.accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config),
+                                           init_kwargs=config.tracker_kwargs)
+        # The update's ratio pi/pi_old must start at exactly 1: no dropout in the policy's passes.
+        disable_dropout(model.pretrained_model)
+        if config.gradient_checkpointing:
+            unwrap_model(model.pretrained_model).gradient_checkpointing_enable()
         if ref_model is None and not self.is_peft_model:
             ref_model = copy_for_reference(model, model_name(model.pretrained_model), load_language_model,
                                            num_shared_layers=num_shared_layers)
@@ -129,6 +167,7 @@ class PPOTrainer(PPOTrainLoop):
                 raise ValueError("A separate critic is supported for causal LMs only.")
             critic = load_critic(critic) if isinstance(critic, str) else critic
             ensure_pad_token(tokenizer, critic)
+            disable_dropout(critic)
             model.v_head.requires_grad_(False)
         trainable = [p for m in (model, critic) if m is not None for p in m.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.Adam(trainable, lr=config.learning_rate)
@@ -138,7 +177,8 @@ class PPOTrainer(PPOTrainLoop):
         self.dataloader = None
         if dataset is not None:
             self.dataloader = torch.utils.data.DataLoader(
-                dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, collate_fn=self.data_collator)
+                self._remove_unused_columns(dataset, model), batch_size=config.batch_size, shuffle=True,
+                drop_last=True, collate_fn=self.data_collator)
         if zero_stage(self.accelerator) is not None:
             self._configure_deepspeed(critic)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
@@ -149,6 +189,8 @@ class PPOTrainer(PPOTrainLoop):
         self.ref_model = prepare_frozen_model(self.accelerator, ref_model) if ref_model is not None else None
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
                        if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
+        self.running = RunningMoments(self.accelerator)  # score statistics for use_score_scaling
+        self.highest_reward = -math.inf  # for push_to_hub_if_best_kwargs
         self.current_step = 0
         self.rewards = RewardFunctions(reward_funcs, reward_weights) if reward_funcs is not None else None
         if self.rewards is not None:
@@ -157,6 +199,16 @@ class PPOTrainer(PPOTrainLoop):
         if config.ptx_coef > 0 and ptx_dataset is None:
             raise ValueError("ptx_coef > 0 needs ptx_dataset= (language-modeling data for the PPO-ptx term).")
 
+    def _remove_unused_columns(self, dataset: Any, model: nn.Module) -> Any:
+        """A datasets.Dataset keeps only the model's input columns and 'label'/'query'/'response', as TRL's
+        PPOTrainer did (remove_unused_columns=False keeps them all)."""
+        if not self.config.remove_unused_columns or not hasattr(dataset, "remove_columns"):
+            return dataset
+        keep = set(inspect.signature(unwrap_model(model.pretrained_model).forward).parameters)
+        keep |= {"label", "query", "response"}
+        unused = [c for c in dataset.column_names if c not in keep]
+        return dataset.remove_columns(unused) if unused else dataset
+
     def _configure_deepspeed(self, critic: nn.Module | None) -> None:
         if critic is not None:
             raise ValueError("A separate critic is not supported under DeepSpeed (one engine per Accelerator); use "
@@ -164,23 +216,47 @@ class PPOTrainer(PPOTrainLoop):
         if self.config.save_steps:
             raise ValueError("PPO checkpoints (save_steps > 0) are not supported under DeepSpeed: its optimizer state "
                              "is partitioned over the processes. Use save_steps=0 (the final model is saved), or DDP.")
-        micro = self.config.mini_batch_size // self.config.gradient_accumulation_steps
-        configure_deepspeed_for_own_loop(self.accelerator, micro, self.config.max_grad_norm)
+        configure_deepspeed_for_own_loop(self.accelerator, self.config.mini_batch_size, self.config.max_grad_norm)
 
     # ----- rollout -----------------------------------------------------------------------------------
     def generate(self, query_tensor: torch.Tensor | list[torch.Tensor], length_sampler: Callable[[], int] | None = None,
-                 batch_size: int = 4, return_prompt: bool = True, **generation_kwargs: Any,
-                 ) -> torch.Tensor | list[torch.Tensor]:
-        """Responses to one query (1-D tensor in, 1-D tensor out) or to a list of queries (list out)."""
-        single = isinstance(query_tensor, torch.Tensor) and query_tensor.dim() == 1
+                 batch_size: int = 4, return_prompt: bool = True, generate_ref_response: bool = False,
+                 remove_padding: bool = True, **generation_kwargs: Any) -> Any:
+        """Responses to a list of 1-D queries (a list of 1-D tensors), or to one 1-D query (a [1, r] tensor,
+        as `model.generate` gives). Every `generate()` keyword passes through (pad_token_id, min_length,
+        top_k, do_sample, max_new_tokens, ...); `length_sampler()` draws max_new_tokens per batch of
+        `batch_size` queries. Responses end at their first EOS (kept); `remove_padding=False` keeps each
+        list batch's responses padded to its longest with the pad id instead. `return_prompt=False` drops the
+        query (decoder-only models). `generate_ref_response=True` also samples from the reference model
+        (the adapter-disabled policy for PEFT) and returns (responses, reference responses).
+        """
+        if isinstance(query_tensor, torch.Tensor) and query_tensor.dim() != 1:
+            raise ValueError(f"query_tensor must be a 1-D tensor of token ids or a list of them, got shape "
+                             f"{tuple(query_tensor.shape)}; pass list(batch) for a batch.")
+        single = isinstance(query_tensor, torch.Tensor)
         queries = [query_tensor] if single else list(query_tensor)
+        pad_token_id = generation_kwargs.pop("pad_token_id", None)
+        pad_token_id = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         generation_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        # Under ZeRO-3 the weights are gathered once for the whole rollout, not once per generated token.
-        with unwrap_model_for_generation(self.model, self.accelerator) as policy:
-            out = generate_responses(unwrap_model(policy), queries, self.tokenizer.pad_token_id, batch_size,
-                                     return_prompt and not self.is_encoder_decoder, length_sampler,
-                                     **generation_kwargs)
-        return out[0] if single else out
+        if generation_kwargs.get("min_length") is not None and generation_kwargs["min_length"] <= 0:
+            del generation_kwargs["min_length"]  # the classic scripts' min_length=-1 means "no minimum"
+
+        def sample(model: nn.Module, context: Any) -> list[torch.Tensor]:
+            # Under ZeRO-3 the weights are gathered once for the whole rollout, not once per generated token.
+            with unwrap_model_for_generation(model, self.accelerator) as unwrapped, context:
+                out = generate_responses(unwrap_model(unwrapped), queries, pad_token_id, batch_size,
+                                         return_prompt and not self.is_encoder_decoder, length_sampler,
+                                         **generation_kwargs)
+            if not remove_padding:
+                out = _pad_each_batch(out, batch_size, pad_token_id)
+            return out[0].unsqueeze(0) if single else out
+
+        responses = sample(self.model, contextlib.nullcontext())
+        if not generate_ref_response:
+            return responses
+        if self.ref_model is not None:
+            return responses, sample(self.ref_model, contextlib.nullcontext())
+        return responses, sample(self.model, reference_mode(self.model))
 
     # ----- the PPO step ------------------------------------------------------------------------------
     def _check_step_inputs(self, queries: list, responses: list, scores: list, masks: list | None) -> torch.Tensor:
@@ -207,10 +283,36 @@ class PPOTrainer(PPOTrainLoop):
             if not torch.isfinite(score):
                 raise ValueError(f"scores[{i}] is {score.item()}; scores must be finite.")
             values.append(score.reshape(()))
-        scores_tensor = torch.stack(values)
-        if self.config.score_clip is not None:
-            scores_tensor = scores_tensor.clamp(-self.config.score_clip, self.config.score_clip)
-        return scores_tensor.to(self.accelerator.device)
+        return torch.stack(values).to(self.accelerator.device)
+
+    def _scale_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """use_score_scaling: divide by the running std of every score seen so far (all processes), and
+        with use_score_norm subtract the running mean first; then score_clip. scores [b] -> [b]."""
+        config = self.config
+        if config.use_score_scaling:
+            self.running.update(scores)
+            scale = self.running.std.to(scores) + torch.finfo(scores.dtype).eps
+            scores = (scores - self.running.mean.to(scores)) / scale if config.use_score_norm else scores / scale
+        if config.score_clip is not None:
+            scores = scores.clamp(-config.score_clip, config.score_clip)
+        return scores
+
+    def _push_if_best(self, scores: torch.Tensor) -> None:
+        """push_to_hub_if_best_kwargs: push when this step's mean score (all processes) is the best so far,
+        checked every compare_steps steps."""
+        if not self.config.push_to_hub_if_best_kwargs or self.current_step % self.config.compare_steps:
+            return
+        mean = float(self.accelerator.reduce(scores.mean(), reduction="mean"))
+        if mean > self.highest_reward:
+            self.highest_reward = mean
+            self.push_to_hub(**self.config.push_to_hub_if_best_kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> None:
+        """Push the policy (adapter for PEFT, with its value head) and the tokenizer to the hub repository."""
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            model.push_to_hub(repo_id, **kwargs)
+            self.tokenizer.push_to_hub(repo_id, **kwargs)
 
     def _batch(self, queries: list[torch.Tensor], responses: list[torch.Tensor],
                response_masks: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -265,7 +367,8 @@ class PPOTrainer(PPOTrainLoop):
         """One PPO optimisation step on a batch of (query, response, score); returns the classic stats."""
         config, timing = self.config, {}
         start = time.perf_counter()
-        scores_t = self._check_step_inputs(queries, responses, scores, response_masks)
+        scores_t = self._scale_scores(self._check_step_inputs(queries, responses, scores, response_masks))
+        self._push_if_best(scores_t)
         batch = self._batch(queries, responses, response_masks)
         grid = self._grid(batch)
 
@@ -311,18 +414,24 @@ class PPOTrainer(PPOTrainLoop):
         epoch_stats = self._optimize(batch, rollout)
         timing["time/ppo/optimize_step"] = time.perf_counter() - t
 
-        # 5. KL control, on the mean per-sequence KL of this batch
+        # 5. KL control, on the mean per-sequence KL of this batch; the LR schedule advances once per step
         mean_kl = self.accelerator.reduce(kl.sum(1).mean(), reduction="mean")
         kl_coef = self.kl_ctl.value
         self.kl_ctl.update(mean_kl.item(), config.batch_size * self.accelerator.num_processes)
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
         self.current_step += 1
 
         t = time.perf_counter()
         stats = self._stats(batch, queries, responses, scores_t, old, mask, old_logprobs, ref_logprobs,
-                            non_score_reward, kl, advantages, returns, old_values, epoch_stats, kl_coef)
+                            non_score_reward, kl, advantages, returns, old_values, epoch_stats, kl_coef,
+                            learning_rate)
         timing["time/ppo/calc_stats"] = time.perf_counter() - t
         timing["time/ppo/total"] = time.perf_counter() - start
         stats.update(timing)
+        if config.optimize_device_cache:
+            empty_device_cache()
         return stats
 
     def _full_kl_rewards(self, batch: dict[str, torch.Tensor], scores: torch.Tensor,
@@ -350,43 +459,46 @@ class PPOTrainer(PPOTrainLoop):
         return kl_penalized_rewards(scores, policy, reference, mask, self.kl_ctl.value, "full")
 
     def _optimize(self, batch: dict[str, torch.Tensor], rollout: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-        """ppo_epochs passes over shuffled mini-batches; one optimizer step per mini-batch, its gradient
-        summed over `gradient_accumulation_steps` micro-batches (each loss is normalised by the whole
-        mini-batch's token count, so the sum is the mini-batch's loss)."""
+        """ppo_epochs passes over the shuffled batch. Each pass runs mini-batches of `mini_batch_size`
+        samples (one forward/backward each) and steps the optimizer once per `gradient_accumulation_steps` of
+        them (a backward batch). Each mini-batch's loss is normalised by its backward batch's token count, so
+        the summed gradient is that of the backward batch's per-token mean loss. With early_stopping, the
+        remaining epochs are skipped once an epoch ends with the policy KL above 1.5 * target_kl (TRL)."""
         config = self.config
-        micro = config.mini_batch_size // config.gradient_accumulation_steps
-        collected: dict[str, list[float]] = {k: [] for k in (
+        collected: dict[str, list[Any]] = {k: [] for k in (
             "policy_loss", "value_loss", "clipfrac", "approxkl", "policykl", "vf_clipfrac", "value_error",
-            "entropy", "vpred")}
+            "entropy", "vpred", "ratio")}
+        modules = [m for m in (self.model, self.critic) if m is not None]
+        parameters = [p for m in modules for p in m.parameters() if p.requires_grad]
         for _epoch in range(config.ppo_epochs):
             order = torch.randperm(config.batch_size)
-            approxkls: list[float] = []
-            for start in range(0, config.batch_size, config.mini_batch_size):
-                mini = order[start:start + config.mini_batch_size]
-                # Normaliser over the whole mini-batch of every process (divided by the process count,
+            for start in range(0, config.batch_size, config.backward_batch_size):
+                rows = order[start:start + config.backward_batch_size]
+                # Normaliser over the whole backward batch of every process (divided by the process count,
                 # which gradient averaging multiplies back): a per-token mean over all of them.
-                num_tokens = token_normalizer_across_processes(rollout["mask"][mini], self.accelerator)
-                starts = range(0, len(mini), micro)
-                for micro_start in starts:
-                    rows = mini[micro_start:micro_start + micro].to(self.accelerator.device)
-                    last = micro_start == starts[-1]
-                    # Gradients are all-reduced across processes once, on the last micro-batch.
-                    with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                        approxkls.append(self._train_micro_batch(batch, rollout, rows, num_tokens, collected, last))
+                num_tokens = token_normalizer_across_processes(rollout["mask"][rows], self.accelerator)
+                starts = range(0, len(rows), config.mini_batch_size)
+                for mini_start in starts:
+                    mini = rows[mini_start:mini_start + config.mini_batch_size].to(self.accelerator.device)
+                    last = mini_start == starts[-1]
+                    # Gradients (policy and critic alike) are all-reduced across processes once, at the boundary.
+                    with contextlib.ExitStack() as stack:
+                        if not last:
+                            for module in modules:
+                                stack.enter_context(self.accelerator.no_sync(module))
+                        policykl = self._train_mini_batch(batch, rollout, mini, num_tokens, collected, last)
                 if config.max_grad_norm is not None:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                    self.accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
                 self.optimizer.step()
-                if self.lr_scheduler is not None:
-                    self.lr_scheduler.step()
                 self.optimizer.zero_grad()
-                # Decided on the mean over processes: all of them must stop together.
-                if config.early_stopping and mean_across_processes(
-                        float(np.mean(approxkls[-len(starts):])), self.accelerator) > 1.5 * config.target_kl:
-                    return collected
+            # Decided on the mean over processes of the epoch's last mini-batch: all of them stop together.
+            if config.early_stopping and mean_across_processes(policykl, self.accelerator) > 1.5 * config.target_kl:
+                break
         return collected
 
-    def _train_micro_batch(self, batch: dict[str, torch.Tensor], rollout: dict[str, torch.Tensor], rows: torch.Tensor,
-                           num_tokens: torch.Tensor, collected: dict[str, list[float]], last: bool = True) -> float:
+    def _train_mini_batch(self, batch: dict[str, torch.Tensor], rollout: dict[str, torch.Tensor], rows: torch.Tensor,
+                          num_tokens: torch.Tensor, collected: dict[str, list[Any]], last: bool = True) -> float:
+        """Forward and backward of one mini-batch; returns its policy KL."""
         sub = {k: v[rows] for k, v in batch.items()}
         width = self._grid(sub)[1]
         # Rows keep the full batch's padded width so positions line up with the rollout tensors.
@@ -399,27 +511,42 @@ class PPOTrainer(PPOTrainLoop):
         value = ppo_value_loss(values, rollout["old_values"][rows], rollout["returns"][rows], mask,
                                self.config.cliprange_value, num_tokens=num_tokens)
         loss = policy.loss + self.config.vf_coef * value.loss
+        if policy.ratio_mean > self.config.ratio_threshold:
+            # A stale or broken batch: its huge ratios would spike the update. Skipped, as TRL did (loss x 0
+            # keeps the backward, so every process still joins the gradient all-reduce).
+            warnings.warn(f"Step {self.current_step}: a mini-batch's mean probability ratio is "
+                          f"{float(policy.ratio_mean):.2f} > ratio_threshold ({self.config.ratio_threshold}); "
+                          "its update is skipped.", UserWarning, stacklevel=2)
+            loss = loss * 0.0
         if self._ptx_batches is not None:  # PPO-ptx (Ouyang et al., 2022, eq. 2): keep the pretraining LM
             ptx = next(self._ptx_batches)
             ptx_loss, _ = causal_lm_loss(self.model, ptx, ptx["loss_mask"][:, 1:].sum().clamp(min=1))
             loss = loss + self.config.ptx_coef * ptx_loss / self.config.gradient_accumulation_steps
         backward_micro_batch(self.accelerator, self.model, loss, last)
-        gas = self.config.gradient_accumulation_steps  # a micro-batch's loss is 1/gas of its mini-batch's
+        gas = self.config.gradient_accumulation_steps  # a mini-batch's loss is about 1/gas of its backward batch's
         for name, stat in (("policy_loss", policy.loss * gas), ("value_loss", value.loss * gas),
                            ("clipfrac", policy.clipfrac),
                            ("approxkl", policy.approxkl), ("policykl", policy.policykl),
                            ("vf_clipfrac", value.clipfrac), ("value_error", value.value_error),
                            ("entropy", new.stats.entropy.mean()), ("vpred", masked_mean(values.detach(), mask))):
             collected[name].append(float(stat.detach()) if torch.is_tensor(stat) else float(stat))
-        return float(policy.approxkl)
+        collected["ratio"].append((logprobs.detach() - rollout["old_logprobs"][rows])[mask.bool()].exp().cpu())
+        return float(policy.policykl)
 
     def _stats(self, batch, queries, responses, scores, old, mask, old_logprobs, ref_logprobs, non_score_reward,
-               kl, advantages, returns, old_values, epoch_stats, kl_coef) -> dict[str, Any]:
+               kl, advantages, returns, old_values, epoch_stats, kl_coef, learning_rate) -> dict[str, Any]:
+        """TRL's classic stats keys: scalars averaged over processes, distributions as arrays."""
         def mean(values: list[float]) -> float:
             return float(np.mean(values)) if values else float("nan")
 
+        def length_std(lengths: torch.Tensor) -> torch.Tensor:
+            return lengths.std() if len(lengths) > 1 else torch.tensor(0.0)
+
         unbiased = int(mask.sum()) > 1
-        value_var = masked_var(old_values, mask, unbiased)
+        returns_var = masked_var(returns, mask, unbiased)
+        query_lengths = torch.tensor([len(q) for q in queries], dtype=torch.float32)
+        response_lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
+        optimizer_steps = self.config.batch_size // self.config.backward_batch_size
         stats = {
             "objective/kl": kl.sum(1).mean(),
             "objective/kl_dist": kl.sum(1),
@@ -427,7 +554,7 @@ class PPOTrainer(PPOTrainLoop):
             "objective/ref_logprobs": ref_logprobs,
             "objective/kl_coef": kl_coef,
             "objective/entropy": (-old_logprobs * mask).sum(1).mean(),
-            "ppo/mean_non_score_reward": non_score_reward.sum(1).mean(),
+            "ppo/mean_non_score_reward": masked_mean(non_score_reward, mask),  # per response token
             "ppo/mean_scores": scores.mean(),
             "ppo/std_scores": scores.std() if len(scores) > 1 else torch.tensor(0.0),
             "ppo/loss/policy": mean(epoch_stats["policy_loss"]),
@@ -439,19 +566,24 @@ class PPOTrainer(PPOTrainLoop):
             "ppo/policy/clipfrac": mean(epoch_stats["clipfrac"]),
             "ppo/policy/advantages": advantages[mask],
             "ppo/policy/advantages_mean": masked_mean(advantages, mask),
+            "ppo/policy/ratio": torch.cat(epoch_stats["ratio"]),
             "ppo/returns/mean": masked_mean(returns, mask),
-            "ppo/returns/var": masked_var(returns, mask, unbiased),
+            "ppo/returns/var": returns_var,
             "ppo/val/vpred": mean(epoch_stats["vpred"]),
             "ppo/val/error": mean(epoch_stats["value_error"]),
             "ppo/val/clipfrac": mean(epoch_stats["vf_clipfrac"]),
             "ppo/val/mean": masked_mean(old_values, mask),
-            "ppo/val/var": value_var,
-            "ppo/val/var_explained": 1 - masked_var(returns - old_values, mask, unbiased) / value_var.clamp(min=1e-8),
-            "ppo/learning_rate": self.optimizer.param_groups[0]["lr"],
-            "ppo/epochs_run": len(epoch_stats["approxkl"]) / max(1, math.ceil(
-                self.config.batch_size / (self.config.mini_batch_size // self.config.gradient_accumulation_steps))),
-            "tokens/queries_len_mean": float(np.mean([len(q) for q in queries])),
-            "tokens/responses_len_mean": float(np.mean([len(r) for r in responses])),
+            "ppo/val/var": masked_var(old_values, mask, unbiased),
+            # Share of the returns' variance the rollout values explain: 1 - Var(R - V) / Var(R).
+            "ppo/val/var_explained": 1 - masked_var(returns - old_values, mask, unbiased) / returns_var.clamp(min=1e-8),
+            "ppo/learning_rate": learning_rate,
+            "ppo/epochs_run": len(epoch_stats["approxkl"]) / (optimizer_steps * self.config.gradient_accumulation_steps),
+            "tokens/queries_len_mean": query_lengths.mean(),
+            "tokens/queries_len_std": length_std(query_lengths),
+            "tokens/queries_dist": query_lengths,
+            "tokens/responses_len_mean": response_lengths.mean(),
+            "tokens/responses_len_std": length_std(response_lengths),
+            "tokens/responses_dist": response_lengths,
         }
         out = {}
         for key, value in stats.items():
@@ -465,16 +597,27 @@ class PPOTrainer(PPOTrainLoop):
 
     # ----- logging and saving ------------------------------------------------------------------------
     def log_stats(self, stats: dict[str, Any], batch: dict[str, Any], rewards: Sequence[Any],
-                  columns_to_log: Sequence[str] = ("query", "response")) -> dict[str, float]:
-        """Scalar stats plus reward statistics, printed on the main process; returns what was logged."""
+                  columns_to_log: Sequence[str] = ("query", "response")) -> dict[str, Any]:
+        """Send a step's stats to the tracker of `log_with` (nothing is printed): scalars as scalars,
+        distributions as histograms, and a game log (`columns_to_log` of `batch` and each reward) as a table.
+        Rewards are gathered from every process. Returns what was logged (on the main process)."""
         rewards_t = torch.stack([torch.as_tensor(r, dtype=torch.float32).reshape(()) for r in rewards])
-        logs = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) or np.ndim(v) == 0}
-        logs.update({"env/reward_mean": float(rewards_t.mean()), "env/reward_std": float(rewards_t.std()) if
-                     len(rewards_t) > 1 else 0.0, "env/reward_dist": rewards_t.tolist()})
-        if self.accelerator.is_main_process:
-            shown = {k: round(v, 4) for k, v in logs.items() if k.startswith(("env/reward_mean", "objective/kl",
-                                                                            "ppo/loss/total", "ppo/mean_scores"))}
-            print(f"step {self.current_step}: {shown}")
+        rewards_t = self.accelerator.gather(rewards_t.to(self.accelerator.device)).cpu()
+        missing = [c for c in columns_to_log if c not in batch]
+        if self.config.log_with is not None and missing:
+            raise ValueError(f"columns_to_log {list(columns_to_log)}: {missing} not in the batch (its keys: "
+                             f"{sorted(batch)}); set batch['query'] / batch['response'] or pass columns_to_log=.")
+        table = None
+        if not missing:
+            columns = [gather_object(list(batch[c])) if self.accelerator.num_processes > 1 else list(batch[c])
+                       for c in columns_to_log]
+            table = ([*columns_to_log, "reward"], [[*row, r] for row, r in zip(zip(*columns), rewards_t.tolist())])
+        logs = dict(stats)
+        logs.update({"env/reward_mean": float(rewards_t.mean()),
+                     "env/reward_std": float(rewards_t.std()) if len(rewards_t) > 1 else 0.0,
+                     "env/reward_dist": rewards_t.numpy()})
+        if self.accelerator.is_main_process and self.config.log_with is not None:
+            log_to_trackers(self.accelerator, logs, table, self.current_step)
         return logs
 
     def save_pretrained(self, save_directory: str) -> None:

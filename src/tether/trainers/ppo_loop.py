@@ -13,6 +13,7 @@ prompt and PPO-ptx batch streams, whose order depends on (seed, epoch) alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..data import LanguageModelingCollator, collate_columns, prepare_language_modeling, prepare_prompts
 from ..models.value_head import VALUE_HEAD_FILE
@@ -89,11 +91,11 @@ class PPOTrainLoop:
     """The `train()` half of PPOTrainer (the `step()` half is in ppo.py)."""
 
     def _ptx_iterator(self, dataset: Any) -> ShuffledBatches:
-        """Endless shuffled micro-batches of pretraining text for the PPO-ptx term (one per PPO micro-batch)."""
+        """Endless shuffled batches of pretraining text for the PPO-ptx term (one per PPO mini-batch)."""
         if dataset is None:
             raise ValueError("ptx_coef > 0 needs ptx_dataset= (language-modeling data for the PPO-ptx term).")
         rows = prepare_language_modeling(dataset, self.tokenizer, max_length=512)
-        micro = self.config.mini_batch_size // self.config.gradient_accumulation_steps
+        micro = self.config.mini_batch_size
         collate = LanguageModelingCollator(self.tokenizer.pad_token_id)
         device = self.accelerator.device
         return ShuffledBatches(rows, micro, lambda batch: {k: v.to(device) for k, v in collate(batch).items()},
@@ -109,7 +111,7 @@ class PPOTrainLoop:
                                world_size=self.accelerator.num_processes, name="prompt dataset")
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict[str, float]]:
-        """Rollout -> score -> PPO step, `config.total_steps` times, logging to output_dir/metrics.jsonl
+        """Rollout -> score -> PPO step, `config.train_steps` times (total_steps, or ceil(steps / batch_size)), logging to output_dir/metrics.jsonl
         and checkpointing every `save_steps`; returns the logged rows.
 
         `resume_from_checkpoint`: a checkpoint folder, or True for the latest `checkpoint-N` of
@@ -123,7 +125,9 @@ class PPOTrainLoop:
         self._prompts, history = self._prompt_batches(), []
         if resume_from_checkpoint:
             self._load_checkpoint(resume_from_checkpoint)  # last: it restores the random state too
-        while self.current_step < config.total_steps:
+        progress = tqdm(total=config.train_steps, initial=self.current_step, desc="PPO", unit="step",
+                        disable=not self.accelerator.is_main_process)
+        while self.current_step < config.train_steps:
             rows = next(self._prompts)
             queries = [torch.tensor(ids) for ids in rows["prompt_input_ids"]]
             t = time.perf_counter()
@@ -145,20 +149,26 @@ class PPOTrainLoop:
                 "time/scoring": scoring_s})
             logs.update({f"rewards/{name}": float(v.mean()) for name, v in per_function.items()})
             history.append(logs)
+            if config.log_with is not None:
+                self.log_stats(stats, {"query": rows["prompt"], "response": completions}, list(scores))
+            progress.update(1)
+            progress.set_postfix(reward=f"{logs['env/reward_mean']:.3f}", kl=f"{logs['objective/kl']:.3f}")
             if self.accelerator.is_main_process:
                 with open(os.path.join(config.output_dir, METRICS_FILE), "a", encoding="utf-8") as f:
                     f.write(json.dumps(logs) + "\n")
                 if self.current_step % config.logging_steps == 0:
-                    print(f"step {self.current_step}/{config.total_steps}: reward {logs['env/reward_mean']:.3f} "
-                          f"kl {logs['objective/kl']:.3f} kl_coef {logs['objective/kl_coef']:.3f}")
+                    progress.write(f"step {self.current_step}/{config.train_steps}: reward "
+                                   f"{logs['env/reward_mean']:.3f} kl {logs['objective/kl']:.3f} kl_coef "
+                                   f"{logs['objective/kl_coef']:.3f}")
                     write_jsonl(os.path.join(config.output_dir, SAMPLES_FILE), [  # a few rollouts, for the report
                         {"step": self.current_step, "prompt": p, "completion": c, "reward": float(r)}
                         for p, c, r in zip(rows["prompt"][:4], completions, scores.tolist())])
             if config.save_steps and self.current_step % config.save_steps == 0:
                 self._save_checkpoint()
+        progress.close()
         self.save_pretrained(config.output_dir)
         if self.accelerator.is_main_process:  # the report: plots of reward, KL, losses; samples; the config
-            save_run_config(config.output_dir, "ppo", config.to_dict())
+            save_run_config(config.output_dir, "ppo", dataclasses.asdict(config))
             write_report(config.output_dir)
         return history
 
