@@ -291,8 +291,8 @@ class PPOTrainer(PPOTrainLoop):
         config = self.config
         if config.use_score_scaling:
             self.running.update(scores)
-            scale = self.running.std.to(scores) + torch.finfo(scores.dtype).eps
-            scores = (scores - self.running.mean.to(scores)) / scale if config.use_score_norm else scores / scale
+            scale = float(self.running.std) + torch.finfo(scores.dtype).eps
+            scores = (scores - float(self.running.mean)) / scale if config.use_score_norm else scores / scale
         if config.score_clip is not None:
             scores = scores.clamp(-config.score_clip, config.score_clip)
         return scores

@@ -53,14 +53,14 @@ class PPOConfig:
         "Reward model ('task:model id'), for tracking only."))
     remove_unused_columns: bool = field(default=True, metadata=_help(
         "Drop dataset columns that are neither model inputs nor 'label'/'query'/'response' (datasets.Dataset)."))
-    tracker_kwargs: dict | str = field(default_factory=dict, metadata=_help(
+    tracker_kwargs: dict | str | None = field(default_factory=dict, metadata=_help(
         "Keyword arguments per tracker for init_trackers, e.g. '{\"wandb\": {\"entity\": \"me\"}}' (JSON)."))
-    accelerator_kwargs: dict | str = field(default_factory=dict, metadata=_help(
+    accelerator_kwargs: dict | str | None = field(default_factory=dict, metadata=_help(
         "Keyword arguments for accelerate.Accelerator (JSON)."))
-    project_kwargs: dict | str = field(default_factory=dict, metadata=_help(
+    project_kwargs: dict | str | None = field(default_factory=dict, metadata=_help(
         "Keyword arguments for accelerate's ProjectConfiguration, e.g. '{\"logging_dir\": \"logs\"}' (JSON)."))
     tracker_project_name: str = field(default="trl", metadata=_help("Project name of the tracker run."))
-    push_to_hub_if_best_kwargs: dict | str = field(default_factory=dict, metadata=_help(
+    push_to_hub_if_best_kwargs: dict | str | None = field(default_factory=dict, metadata=_help(
         "If set (needs 'repo_id'), push the model to the hub whenever a step's mean score is the best so far, "
         "checked every `compare_steps` steps (JSON)."))
     # ----- the PPO step ----------------------------------------------------------------------------------
