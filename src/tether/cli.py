@@ -2,6 +2,7 @@
 
     tether sft --model_name_or_path DIR --dataset_name data.jsonl --output_dir OUT --max_steps 100
     tether sft --config run.yaml --learning_rate 1e-4      # YAML sets defaults, flags override them
+    tether ppo --model_name_or_path SFT --dataset_name prompts.jsonl --reward_funcs REWARD_MODEL
     tether demo [--output_dir ./tether-demo] [--quick]
     tether report OUTPUT_DIR                               # rebuild a run's report.html and plots
 
@@ -169,6 +170,8 @@ class TrainCommand:
     trainer: str
     script_args: str = "tether.cli:ScriptArguments"
     peft_task_type: str = "CAUSAL_LM"
+    # "module:function(argv) -> exit code" for a trainer that is not a transformers.Trainer (PPO's own loop).
+    runner: str | None = None
 
 
 TRAIN_COMMANDS: dict[str, TrainCommand] = {
@@ -193,6 +196,10 @@ TRAIN_COMMANDS: dict[str, TrainCommand] = {
     "rloo": TrainCommand("RLOO (REINFORCE with a leave-one-out baseline) on prompts with reward functions or "
                          "reward models.", "tether.trainers.rloo:RLOOConfig", "tether.trainers.rloo:RLOOTrainer",
                          script_args="tether.cli:OnlineScriptArguments"),
+    "ppo": TrainCommand("PPO with a value head (or a separate critic) against reward functions or reward models; "
+                        "PPO-ptx, LoRA, resume.", "tether.trainers.ppo_config:PPOConfig",
+                        "tether.trainers.ppo:PPOTrainer", script_args="tether.cli_ppo:PPOScriptArguments",
+                        runner="tether.cli_ppo:train_ppo"),
 }
 
 
@@ -265,7 +272,7 @@ def parse_command_args(command: str, argv: Sequence[str]) -> tuple[Any, Any]:
     if script_args.resume:
         from tether.trainers.checkpoints import latest_checkpoint
 
-        if config.resume_from_checkpoint:
+        if getattr(config, "resume_from_checkpoint", None):
             parser.error("--resume (the last checkpoint of --output_dir) and --resume_from_checkpoint (a given "
                          "folder) are both set; use one, not both.")
         if latest_checkpoint(config.output_dir) is None:
@@ -389,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in TRAIN_COMMANDS:
         if any(a.split("=", 1)[0] in (ACCELERATE_CONFIG_FLAG, NUM_PROCESSES_FLAG) for a in argv[1:]):
             return launch(argv[0], argv[1:])  # several processes: this command again, under accelerate launch
-        return train(argv[0], argv[1:])
+        runner = TRAIN_COMMANDS[argv[0]].runner
+        return _import(runner)(argv[1:]) if runner else train(argv[0], argv[1:])
     if argv and argv[0] in TOOLS:
         return TOOLS[argv[0]][1](argv[1:])
     parser = _top_parser()

@@ -201,11 +201,11 @@ class PPOTrainer(PPOTrainLoop):
 
     def _remove_unused_columns(self, dataset: Any, model: nn.Module) -> Any:
         """A datasets.Dataset keeps only the model's input columns and 'label'/'query'/'response', as TRL's
-        PPOTrainer did (remove_unused_columns=False keeps them all)."""
+        PPOTrainer did, and 'prompt' (train()'s column); remove_unused_columns=False keeps them all."""
         if not self.config.remove_unused_columns or not hasattr(dataset, "remove_columns"):
             return dataset
         keep = set(inspect.signature(unwrap_model(model.pretrained_model).forward).parameters)
-        keep |= {"label", "query", "response"}
+        keep |= {"label", "query", "response", "prompt"}
         unused = [c for c in dataset.column_names if c not in keep]
         return dataset.remove_columns(unused) if unused else dataset
 
