@@ -227,8 +227,10 @@ def test_gradient_accumulation_matches_one_big_batch(loss_type, tiny_decoder_dir
                               processing_class=tokenizer)
         trainer.train()
         weights.append([p.detach().clone() for p in trainer.model.parameters()])
+    # Two Adam steps of lr 1e-3: a wrong split moves weights by ~lr; summation-order rounding in the split
+    # gradients, which Adam's normalisation amplifies where a gradient is near 0, by a few 1e-6 at most.
     for a, b in zip(*weights):
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_rloo_puts_the_kl_in_the_reward(policy, tiny_decoder_dir, tokenizer, tmp_path):

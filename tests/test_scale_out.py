@@ -26,7 +26,6 @@ from safetensors.torch import load_file
 from launching import CPU_ENV, ONE_THREAD_ENV, SCRIPTS
 from tether import cli, launch
 from tether.distributed import (
-    copy_for_reference,
     deepspeed_inference_config,
     masked_whiten_across_processes,
     prepare_frozen_model,
@@ -35,6 +34,7 @@ from tether.distributed import (
     unwrap_model_for_generation,
 )
 from tether.models.forward import causal_token_log_probs, splittable_head
+from tether.models.reference import copy_for_reference
 from tether.ops.stats import masked_whiten
 
 SFT_TEXTS = [" ".join(["the film was good"] * n) for n in (1, 7, 2, 9, 3, 5, 4, 8)]  # unequal token counts

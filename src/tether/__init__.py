@@ -1,12 +1,14 @@
 """tether: post-training for transformer language models, with TRL's names and call shapes.
 
 Public names are imported on first use, so `import tether` (and the CLI's start) stays light.
+`_EXPORTS` maps each name to the module that defines it ("module" or "module:attribute"). TRL's module
+paths (`tether.core`, `tether.trainer`, `tether.models`, `tether.import_utils`, `tether.extras`) hold
+names pointing at the same implementations.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -36,16 +38,26 @@ _EXPORTS = {
     "respond_to_batch": "tether.rollout.generation",
     "create_reference_model": "tether.models.reference",
     "DatasetError": "tether.data.formats",
+    # TRL 0.7.11's top-level names (trl/__init__.py); TextEnvironment/TextHistory and the DDPO names are
+    # issues 16 and 17.
+    "ModelConfig": "tether.models.config",
+    "get_peft_config": "tether.models.config",
+    "get_quantization_config": "tether.models.config",
+    "get_kbit_device_map": "tether.models.config",
+    "setup_chat_format": "tether.data.chat_format",
+    "set_seed": "tether.ops.rng",
+    "PreTrainedModelWrapper": "tether.models.value_head",
+    "IterativeSFTTrainer": "tether.trainers.iterative_sft",
+    "BestOfNSampler": "tether.rollout.best_of_n",
+    "DataCollatorForCompletionOnlyLM": "tether.data.collate",
+    "is_bitsandbytes_available": "tether.import_utils",
+    "is_diffusers_available": "tether.import_utils",
+    "is_npu_available": "tether.import_utils",
+    "is_peft_available": "tether.import_utils",
+    "is_wandb_available": "tether.import_utils",
+    "is_xpu_available": "tether.import_utils",
 }
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'tether' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
-from .models.reference import create_reference_model, freeze
+from .models.reference import freeze
 from .ops.stats import masked_sum, masked_whiten
 from .rollout.rewards import RewardFunctions, RewardModelScorer
 
@@ -77,29 +77,7 @@ def zero_stage(accelerator: Accelerator) -> int | None:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def is_partitioned(model: nn.Module) -> bool:
-    """Whether ZeRO-3 has partitioned `model`'s parameters (loaded under zero.Init, or inside an engine)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 # ----- frozen models: references and reward models ----------------------------------------------------
-def copy_for_reference(policy: nn.Module, source: str | None, load: Callable[[str], nn.Module],
-                       **copy_kwargs: Any) -> nn.Module:
-    """A frozen copy of `policy` to serve as its reference: `create_reference_model(policy, **copy_kwargs)`.
-
-    A partitioned policy (ZeRO-3 loads models partitioned) holds only its shard of each weight, so it
-    cannot be deep-copied: the reference is loaded again with `load(source)`, `source` being the name
-    or path the policy was loaded from (nothing is shared with the policy then).
-    """
-    if not is_partitioned(policy):
-        return create_reference_model(policy, **copy_kwargs)
-    if source is None:
-        raise ValueError("Under DeepSpeed ZeRO-3 the policy's weights are partitioned over the processes and cannot "
-                         "be copied into a reference model. Pass the policy by name or path (the reference is then "
-                         "loaded from it), or pass ref_model= explicitly.")
-    return freeze(load(source))
-
-
 def prepare_frozen_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """Place a model that is evaluated, never trained (reference, reward model), for `accelerator`'s
     engine; see the module docstring for what each engine gets. Returns the module to call."""

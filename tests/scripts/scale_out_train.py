@@ -24,8 +24,9 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from tether import AutoModelForCausalLMWithValueHead, DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
-from tether.distributed import is_partitioned, zero_stage
+from tether.distributed import zero_stage
 from tether.models.forward import unwrap_model
+from tether.models.reference import is_partitioned
 from tether.rollout.generation import generate_responses
 
 GLOBAL_BATCH = 4

@@ -2,13 +2,16 @@
 
 Three forms: an explicit frozen model; a frozen copy of the policy (`create_reference_model`); or, for a
 PEFT policy, the same model with its adapter disabled (`reference_mode`), which holds no second copy.
+`select_reference` is the one rule every trainer picks its reference by, and `reference_context` the one
+way each computes under it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -64,16 +67,82 @@ def _first_parameter_of_layer(names: list[str], layer: int, pattern: str | None)
     raise ValueError("Could not find the model's layers to share; pass pattern=, e.g. 'model.layers.{layer}.'.")
 
 
+def _peft_inside(model: nn.Module) -> nn.Module | None:
+    """The PEFT model inside DDP-style and value-head wrappers, or None."""
+    inner = model
+    while not is_peft_model(inner) and (hasattr(inner, "module") or hasattr(inner, "pretrained_model")):
+        inner = getattr(inner, "module", None) or inner.pretrained_model  # DDP, then the value-head wrapper
+    return inner if is_peft_model(inner) else None
+
+
 @contextlib.contextmanager
 def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, `model` computes as its reference: a PEFT model with adapters disabled.
 
     Unwraps DDP-style wrappers to reach the PEFT model; raises if there is no adapter to disable.
     """
-    inner = model
-    while not is_peft_model(inner) and (hasattr(inner, "module") or hasattr(inner, "pretrained_model")):
-        inner = getattr(inner, "module", None) or inner.pretrained_model  # DDP, then the value-head wrapper
-    if not is_peft_model(inner):
+    inner = _peft_inside(model)
+    if inner is None:
         raise ValueError("reference_mode needs a PEFT model: without an adapter there is no base to fall back to.")
     with inner.disable_adapter():
         yield model
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """Whether ZeRO-3 has partitioned `model`'s parameters (loaded under zero.Init, or inside an engine)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def copy_for_reference(policy: nn.Module, source: str | None, load: Callable[[str], nn.Module],
+                       **copy_kwargs: Any) -> nn.Module:
+    """A frozen copy of `policy` to serve as its reference: `create_reference_model(policy, **copy_kwargs)`.
+
+    A partitioned policy (ZeRO-3 loads models partitioned) holds only its shard of each weight, so it
+    cannot be deep-copied: the reference is loaded again with `load(source)`, `source` being the name
+    or path the policy was loaded from (nothing is shared with the policy then).
+    """
+    if not is_partitioned(policy):
+        return create_reference_model(policy, **copy_kwargs)
+    if source is None:
+        raise ValueError("Under DeepSpeed ZeRO-3 the policy's weights are partitioned over the processes and cannot "
+                         "be copied into a reference model. Pass the policy by name or path (the reference is then "
+                         "loaded from it), or pass ref_model= explicitly.")
+    return freeze(load(source))
+
+
+def select_reference(policy: nn.Module, ref_model: nn.Module | str | None, *, source: str | None,
+                     load: Callable[[str], nn.Module], copy_needed: bool = True,
+                     num_shared_layers: int | None = None) -> nn.Module | None:
+    """The reference module for `policy`, frozen, or None when the policy itself serves. One rule for every trainer:
+
+    1. `ref_model` given: that model (loaded with `load` when it is a name or path); it must share no trainable
+       weight with the policy (freezing it would freeze the policy too); frozen shared layers, as
+       `create_reference_model(policy, num_shared_layers=N)` makes, are fine.
+    2. else a PEFT policy: None; the policy with its adapter disabled is the reference (`reference_context`).
+    3. else, if `copy_needed` (False when no reference is used, e.g. KL coefficient 0, or its log-probs were
+       precomputed): a frozen copy of the policy, sharing its first `num_shared_layers` layers, or reloaded
+       from `source` under ZeRO-3 (see `copy_for_reference`). Otherwise None.
+    """
+    if isinstance(ref_model, str):
+        ref_model = load(ref_model)
+    if ref_model is not None:
+        trainable = {id(p) for p in policy.parameters() if p.requires_grad}
+        if any(id(p) in trainable for p in ref_model.parameters()):
+            raise ValueError("ref_model is the policy itself (or shares its weights); pass a separate model, or None "
+                             "for a frozen copy (or, for a PEFT policy, its adapter-disabled self).")
+        return freeze(ref_model)
+    if _peft_inside(policy) is not None or not copy_needed:
+        return None
+    copy_kwargs = {} if num_shared_layers is None else {"num_shared_layers": num_shared_layers}
+    return copy_for_reference(policy, source, load, **copy_kwargs)
+
+
+def reference_context(policy: nn.Module, ref_model: nn.Module | None
+                      ) -> tuple[nn.Module, contextlib.AbstractContextManager]:
+    """(module to call, context to call it in) for reference log-probs: the reference model; else the PEFT
+    policy with its adapter disabled; else the policy itself (before training it is its own reference)."""
+    if ref_model is not None:
+        return ref_model, contextlib.nullcontext()
+    if _peft_inside(policy) is not None:
+        return policy, reference_mode(policy)
+    return policy, contextlib.nullcontext()

@@ -13,6 +13,9 @@ Here the vocabulary projection runs `chunk_size` tokens at a time, so the larges
 - `linear_log_probs` (any downstream loss): the backward pass recomputes each chunk's logits.
 - `linear_cross_entropy` (a loss that is a weighted sum of token NLLs, e.g. SFT): the gradient is known
   during the forward pass, so it is computed there and backward only rescales it; no recompute.
+
+When only full logits exist: `log_probs_from_logits` (log-probs plus detached TokenStats), and TRL's
+classic `logprobs_from_logits` / `entropy_from_logits` (one tensor each, both differentiable).
 """
 
 from __future__ import annotations
@@ -224,3 +227,31 @@ def log_probs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperatu
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         correct = logits.argmax(-1) == targets
     return logps, TokenStats(entropy=entropy, correct=correct)
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, gather: bool = True) -> torch.Tensor:
+    """TRL's classic helper: log softmax of full logits, at the labels or for the whole vocabulary.
+
+    logits [..., v], labels [...] -> [...] (gather=True: log p(label)), or [..., v] (gather=False: every
+    token's log-prob; `labels` is then unused, as in TRL). Float32 (float64 for float64 logits), like
+    every log-prob in ops/; differentiable. Naive equivalent:
+    log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]. When the logits come from a linear
+    head, `linear_log_probs` gives the same without materialising them.
+    """
+    logp_all = F.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)  # [..., v]
+    if not gather:
+        return logp_all
+    return logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax distribution, -sum_v p_v log p_v: logits [..., v] -> [...].
+
+    Float32 (float64 for float64 logits), differentiable. Tokens a distribution gives probability 0
+    (logit -inf) contribute 0, not nan (the limit of p log p).
+    """
+    logp = F.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)  # [..., v]
+    p = logp.exp()
+    # Zero log p where p is 0 before multiplying, so neither the value nor the gradient sees 0 * -inf.
+    safe_logp = torch.where(p > 0, logp, torch.zeros((), dtype=p.dtype, device=p.device))
+    return -(p * safe_logp).sum(-1)

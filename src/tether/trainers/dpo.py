@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,11 +9,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distributed import copy_for_reference, prepare_frozen_model
+from ..distributed import prepare_frozen_model
 from ..losses.preference import AVERAGED_LOG_PROBS, DPO_LOSSES, dpo_loss
 from ..models.forward import completion_log_probs
-from ..models.loading import disable_dropout, is_peft_model, load_language_model, model_init_kwargs
-from ..models.reference import reference_mode
+from ..models.loading import disable_dropout, load_language_model, model_init_kwargs
+from ..models.reference import reference_context, select_reference
 from .preference import PairwiseConfig, PairwiseTrainer
 
 
@@ -68,38 +67,24 @@ class DPOTrainer(PairwiseTrainer):
     # ----- the reference -----------------------------------------------------------------------------
     def _resolve_reference(self, ref_model: nn.Module | str | None) -> nn.Module | None:
         """The reference module, or None when the adapter-disabled policy (or the initial policy itself,
-        for precomputation) serves."""
+        for precomputation) serves; see models.reference.select_reference."""
         if isinstance(ref_model, str):
-            kwargs = model_init_kwargs(self.args.ref_model_init_kwargs)
-            ref_model = load_language_model(ref_model, **kwargs)
-        if ref_model is not None:
-            # Also the model a PEFT policy wraps: freezing it as the reference would freeze the adapter too.
-            policy_parameters = {id(p) for p in self.model.parameters()}
-            if any(id(p) in policy_parameters for p in ref_model.parameters()):
-                raise ValueError("ref_model is the policy itself (or shares its weights); pass a separate model, "
-                                 "or None for a frozen copy (or, with peft_config, the adapter-disabled policy).")
-        elif is_peft_model(self.model) or self.args.precompute_ref_log_probs:
+            ref_model = load_language_model(ref_model, **model_init_kwargs(self.args.ref_model_init_kwargs))
+        ref_model = select_reference(
+            self.model, ref_model, source=self._policy_source, copy_needed=not self.args.precompute_ref_log_probs,
+            load=lambda source: load_language_model(source, **(self.args.model_init_kwargs or {})))
+        if ref_model is None:
             return None
-        else:
-            ref_model = copy_for_reference(self.model, self._policy_source, lambda source: load_language_model(
-                source, **(self.args.model_init_kwargs or {})))
         if self.args.disable_dropout:
             disable_dropout(ref_model)
         # Frozen and placed for the engine: not wrapped for training, partitioned under ZeRO-3.
         return prepare_frozen_model(self.accelerator, ref_model)
 
-    def _reference_context(self, model: nn.Module) -> tuple[nn.Module, contextlib.AbstractContextManager]:
-        if self.ref_model is not None:
-            return self.ref_model, contextlib.nullcontext()
-        if is_peft_model(self.accelerator.unwrap_model(model)):
-            return model, reference_mode(model)
-        return model, contextlib.nullcontext()  # before training: the policy is still the reference
-
     @torch.no_grad()
     def reference_log_probs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "ref_chosen_logps" in inputs:
             return {"chosen": inputs["ref_chosen_logps"], "rejected": inputs["ref_rejected_logps"]}
-        reference, context = self._reference_context(model)
+        reference, context = reference_context(model, self.ref_model)
         with context:
             sums, _, _ = completion_log_probs(reference, inputs, chunk_size=self.args.logprob_chunk_size)
         chosen, rejected = sums.chunk(2)

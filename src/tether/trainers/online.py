@@ -38,7 +38,6 @@ from ..data import collate_columns, prepare_prompts
 from ..data.collate import LanguageModelingCollator
 from ..data.rounds import PromptRoundSampler
 from ..distributed import (
-    copy_for_reference,
     prepare_frozen_model,
     prepare_reward_models,
     unwrap_model_for_generation,
@@ -46,8 +45,8 @@ from ..distributed import (
 from ..losses.group import GroupPolicyLossOutput
 from ..losses.kl import sequence_kl
 from ..models.forward import causal_token_log_probs, supports_packed_rows
-from ..models.loading import is_encoder_decoder, is_peft_model, load_language_model
-from ..models.reference import reference_mode
+from ..models.loading import is_encoder_decoder, load_language_model
+from ..models.reference import reference_context, select_reference
 from ..ops.stats import masked_mean
 from ..rollout.generation import eos_token_ids
 from ..rollout.rewards import RewardFunctions
@@ -190,11 +189,11 @@ class OnlineTrainer(TetherTrainer):
             raise ValueError(f"{type(self).__name__} trains decoder-only language models; got an encoder-decoder.")
         # Reward and reference models are evaluated, never trained: placed for the engine, not wrapped for it.
         prepare_reward_models(self.rewards, self.accelerator)
-        self.ref_model = None
-        if args.beta != 0.0 and not is_peft_model(self.model):  # under PEFT: the adapter-disabled policy
-            reference = copy_for_reference(self.model, model if isinstance(model, str) else None,
-                                           lambda source: load_language_model(source, **(args.model_init_kwargs or {})))
-            self.ref_model = prepare_frozen_model(self.accelerator, reference)
+        # No reference when beta = 0; under PEFT the adapter-disabled policy; else a frozen copy.
+        reference = select_reference(self.model, None, source=model if isinstance(model, str) else None,
+                                     load=lambda source: load_language_model(source, **(args.model_init_kwargs or {})),
+                                     copy_needed=args.beta != 0.0)
+        self.ref_model = prepare_frozen_model(self.accelerator, reference) if reference is not None else None
         # The tokenizer's EOS and any the model's generation_config adds (chat models often have several).
         self._eos_ids = sorted({self.processing_class.eos_token_id, *eos_token_ids(self.model)} - {None})
         self._samples_logged_at = -1
@@ -324,10 +323,8 @@ class OnlineTrainer(TetherTrainer):
         chunks = []
         for start in range(0, len(prompt_ids), size):
             rows = slice(start, start + size)
-            model, context = self.model, contextlib.nullcontext()
-            if reference:
-                model = self.ref_model if self.ref_model is not None else self.model
-                context = reference_mode(self.model) if self.ref_model is None else context
+            model, context = (reference_context(self.model, self.ref_model) if reference
+                              else (self.model, contextlib.nullcontext()))
             with context:
                 chunks.append(self._token_logps(model, prompt_ids[rows], ids[rows], mask[rows]).logps_grid)
         return torch.cat(chunks)

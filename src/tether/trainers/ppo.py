@@ -33,7 +33,6 @@ from ..distributed import (
     accelerator_kwargs,
     backward_micro_batch,
     configure_deepspeed_for_own_loop,
-    copy_for_reference,
     empty_device_cache,
     masked_whiten_across_processes,
     mean_across_processes,
@@ -62,7 +61,7 @@ from ..models.loading import (
     load_language_model,
     model_name,
 )
-from ..models.reference import reference_mode
+from ..models.reference import reference_context, select_reference
 from ..models.scoring import token_values
 from ..ops.stats import RunningMoments, masked_mean, masked_var
 from ..reports.trackers import log_to_trackers
@@ -154,12 +153,11 @@ class PPOTrainer(PPOTrainLoop):
         disable_dropout(model.pretrained_model)
         if config.gradient_checkpointing:
             unwrap_model(model.pretrained_model).gradient_checkpointing_enable()
-        if ref_model is None and not self.is_peft_model:
-            ref_model = copy_for_reference(model, model_name(model.pretrained_model), load_language_model,
-                                           num_shared_layers=num_shared_layers)
-        elif ref_model is not None and num_shared_layers is not None:
+        if ref_model is not None and num_shared_layers is not None:
             warnings.warn("num_shared_layers only applies when PPOTrainer makes the reference copy itself.",
                           UserWarning, stacklevel=2)
+        ref_model = select_reference(model, ref_model, source=model_name(model.pretrained_model),
+                                     load=load_language_model, num_shared_layers=num_shared_layers)
         if critic is not None:
             # A separate value model, initialised from a reward model (InstructGPT); the policy's own value
             # head is then unused, so it is frozen (an unused trainable parameter would stall DDP).
@@ -252,11 +250,8 @@ class PPOTrainer(PPOTrainLoop):
             return out[0].unsqueeze(0) if single else out
 
         responses = sample(self.model, contextlib.nullcontext())
-        if not generate_ref_response:
-            return responses
-        if self.ref_model is not None:
-            return responses, sample(self.ref_model, contextlib.nullcontext())
-        return responses, sample(self.model, reference_mode(self.model))
+        return (responses, sample(*reference_context(self.model, self.ref_model))) if generate_ref_response \
+            else responses
 
     # ----- the PPO step ------------------------------------------------------------------------------
     def _check_step_inputs(self, queries: list, responses: list, scores: list, masks: list | None) -> torch.Tensor:
@@ -357,10 +352,9 @@ class PPOTrainer(PPOTrainLoop):
 
     @torch.no_grad()
     def _reference_log_probs(self, batch: dict[str, torch.Tensor]) -> TokenLogProbs:
-        if self.ref_model is not None:
-            return self._token_log_probs(self.ref_model, batch, with_values=False)
-        with reference_mode(self.model):
-            return self._token_log_probs(self.model, batch, with_values=False)
+        reference, context = reference_context(self.model, self.ref_model)
+        with context:
+            return self._token_log_probs(reference, batch, with_values=False)
 
     def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores: list[torch.Tensor],
              response_masks: list[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -452,10 +446,7 @@ class PPOTrainer(PPOTrainLoop):
             return logits.float().log_softmax(-1)
 
         policy = distributions(self.model, contextlib.nullcontext())
-        if self.ref_model is not None:
-            reference = distributions(self.ref_model, contextlib.nullcontext())
-        else:
-            reference = distributions(self.model, reference_mode(self.model))
+        reference = distributions(*reference_context(self.model, self.ref_model))
         return kl_penalized_rewards(scores, policy, reference, mask, self.kl_ctl.value, "full")
 
     def _optimize(self, batch: dict[str, torch.Tensor], rollout: dict[str, torch.Tensor]) -> dict[str, list[float]]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,3 +87,25 @@ class RewardTrainer(TetherTrainer):
         self.record_metrics(accuracy=out.accuracy, margin=out.margin, mean_reward=out.mean_reward,
                             min_reward=out.min_reward, max_reward=out.max_reward)
         return (out.loss, {"rewards_chosen": chosen, "rewards_rejected": rejected}) if return_outputs else out.loss
+
+
+def compute_accuracy(eval_pred: Any) -> dict[str, float]:
+    """Pairwise accuracy for `Trainer(compute_metrics=...)`, as TRL's reward trainer reports it.
+
+    eval_pred: an `EvalPrediction` (or a (predictions, labels) pair) whose predictions are [n, 2] rewards
+    (chosen, rejected) per pair and whose labels are [n] indices of the preferred column (0: chosen).
+    Returns {"accuracy": share of pairs whose argmax column equals the label}. A tie counts for column 0
+    (numpy's argmax), so a warning says how many pairs tied.
+    """
+    predictions, labels = (eval_pred.predictions, eval_pred.label_ids) if hasattr(eval_pred, "label_ids") \
+        else eval_pred
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if predictions.ndim != 2 or predictions.shape[1] != 2:
+        raise ValueError(f"compute_accuracy: predictions must be [n, 2] (chosen, rejected rewards), got shape "
+                         f"{predictions.shape}.")
+    ties = int((predictions[:, 0] == predictions[:, 1]).sum())
+    if ties:
+        warnings.warn(f"compute_accuracy: {ties} of {len(predictions)} pairs have equal rewards for both "
+                      "completions; they count as choosing the first column, so the accuracy may mislead.",
+                      UserWarning, stacklevel=2)
+    return {"accuracy": float((predictions.argmax(axis=1) == labels).mean())}

@@ -1,0 +1,36 @@
+"""TRL 0.7's `trl.trainer` names, pointing at tether's implementations (imported on first use).
+
+    from tether.trainer import PPOConfig, PPOTrainer, RunningMoments, ConstantLengthDataset
+
+The trainers themselves live in `tether.trainers` (one file per method); `tether.trainer.utils` holds
+the names of TRL's `trl/trainer/utils.py`. DDPOConfig / DDPOTrainer are issue 17.
+"""
+
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "AdaptiveKLController": "tether.losses.kl",
+    "FixedKLController": "tether.losses.kl",
+    "BaseTrainer": "tether.trainer.base",
+    "ConstantLengthDataset": "tether.data.constant_length",
+    "DataCollatorForCompletionOnlyLM": "tether.data.collate",
+    "DPOTrainer": "tether.trainers.dpo",
+    "IterativeSFTTrainer": "tether.trainers.iterative_sft",
+    "ModelConfig": "tether.models.config",
+    "PPOConfig": "tether.trainers.ppo_config",
+    "PPOTrainer": "tether.trainers.ppo",
+    "RewardConfig": "tether.trainers.reward",
+    "RewardTrainer": "tether.trainers.reward",
+    "compute_accuracy": "tether.trainers.reward",
+    "RunningMoments": "tether.ops.stats",
+    "SFTTrainer": "tether.trainers.sft",
+    "disable_dropout_in_model": "tether.models.dropout:disable_dropout",
+    "peft_module_casting_to_bf16": "tether.models.adapter_dtypes",
+    "is_diffusers_available": "tether.import_utils",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
