@@ -27,7 +27,6 @@ from launching import CPU_ENV, ONE_THREAD_ENV, SCRIPTS
 from tether import cli, launch
 from tether.distributed import (
     deepspeed_inference_config,
-    masked_whiten_across_processes,
     prepare_frozen_model,
     prepare_reward_models,
     token_normalizer_across_processes,
@@ -255,11 +254,11 @@ def test_whitening_and_token_normaliser_across_processes():
     twin = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
                            reduce=lambda tensor, reduction: tensor * 2 if reduction == "sum" else tensor)
     both = masked_whiten(torch.cat([values, values]), torch.cat([mask, mask]), shift_mean=False)
-    torch.testing.assert_close(masked_whiten_across_processes(values, mask, twin, shift_mean=False), both[:3])
+    torch.testing.assert_close(masked_whiten(values, mask, shift_mean=False, accelerator=twin), both[:3])
     assert not torch.allclose(masked_whiten(values, mask, shift_mean=False), both[:3])  # the local variance differs
     assert float(token_normalizer_across_processes(mask, twin)) == float(mask.sum())  # (2 * n) / 2
     alone = SimpleNamespace(num_processes=1)
-    torch.testing.assert_close(masked_whiten_across_processes(values, mask, alone), masked_whiten(values, mask))
+    torch.testing.assert_close(masked_whiten(values, mask, accelerator=alone), masked_whiten(values, mask))
 
 
 # ----- two processes equal one --------------------------------------------------------------------------------

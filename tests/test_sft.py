@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -191,3 +192,147 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path, model_dir, reques
         weights.append([p.detach().clone() for p in trainer.model.parameters()])
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ----- TRL 0.7.11's SFTTrainer: every keyword, streams, NEFTune, metrics ------------------------------------
+
+def test_every_trl_0_7_11_keyword_is_accepted_and_means_what_it_did(tmp_path, tiny_decoder_dir):
+    """One call with all of SFTTrainer.__init__'s keywords in TRL 0.7.11, plain TrainingArguments as then;
+    compute_metrics receives preprocess_logits_for_metrics' output and labels -100 outside the targets."""
+    from transformers import TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder_dir)
+    ds = Dataset.from_dict({"text": ["the music was lovely.", "the plot was dull.", "hello world", "two plus two is"]})
+    seen = {}
+
+    def preprocess_logits_for_metrics(logits, labels):
+        return logits.argmax(-1)
+
+    def compute_metrics(prediction):
+        predicted, labels = prediction.predictions[:, :-1], prediction.label_ids[:, 1:]  # position j predicts j+1
+        seen["labels"] = prediction.label_ids
+        counted = labels != -100
+        return {"accuracy": float((predicted == labels)[counted].mean())}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_eval_batch_size=4,
+                             report_to="none", save_strategy="no", disable_tqdm=True)
+    with pytest.warns(FutureWarning):
+        trainer = SFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_decoder_dir), args=args, data_collator=None,
+            train_dataset=ds, eval_dataset=ds, tokenizer=tokenizer, model_init=None, compute_metrics=compute_metrics,
+            callbacks=None, optimizers=(None, None), preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=None, dataset_text_field="text", packing=False, formatting_func=None, max_seq_length=64,
+            infinite=None, num_of_sequences=1024, chars_per_token=3.6, dataset_num_proc=None, dataset_batch_size=500,
+            neftune_noise_alpha=5.0, model_init_kwargs=None, dataset_kwargs={"add_special_tokens": False},
+            eval_packing=False,
+        )
+    assert (trainer.args.max_length, trainer.args.neftune_noise_alpha, trainer.args.dataset_batch_size) == (64, 5.0, 500)
+    assert trainer.args.dataset_kwargs == {"add_special_tokens": False} and trainer.args.eval_packing is False
+    metrics = trainer.evaluate()
+    assert metrics["eval_accuracy"] == pytest.approx(metrics["eval_mean_token_accuracy"], abs=1e-6)
+    first = tokenizer("the music was lovely.")["input_ids"] + [tokenizer.eos_token_id]
+    assert seen["labels"][0, : len(first)].tolist() == [-100, *first[1:]]
+
+
+def test_none_keywords_keep_the_config_and_model_init(tmp_path, tiny_decoder_dir):
+    ds = Dataset.from_dict({"text": ["the plot was dull."] * 4})
+    trainer = SFTTrainer(model_init=lambda: AutoModelForCausalLM.from_pretrained(tiny_decoder_dir),
+                         args=config(tmp_path, max_length=32), train_dataset=ds,
+                         processing_class=AutoTokenizer.from_pretrained(tiny_decoder_dir),
+                         max_seq_length=None, dataset_text_field=None, packing=None)
+    assert trainer.args.max_length == 32 and trainer.args.dataset_text_field == "text"
+    with pytest.raises(ValueError, match="model_init"):
+        SFTTrainer(train_dataset=ds)
+    with pytest.raises(ValueError, match="skip_prepare"):
+        config(tmp_path, dataset_kwargs={"skip_prepare": True})
+
+
+def test_dataset_kwargs_add_special_tokens_and_skip_prepare(tmp_path, tiny_decoder_dir):
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder_dir)
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    ds = Dataset.from_dict({"text": ["hello world"] * 4})
+    firsts = []
+    for options in (None, {"add_special_tokens": False}):
+        trainer = SFTTrainer(tiny_decoder_dir, args=config(tmp_path, dataset_kwargs=options), train_dataset=ds,
+                             processing_class=tokenizer)
+        firsts.append(trainer.train_dataset[0]["input_ids"][0])
+    assert firsts[0] == bos and firsts[1] != bos
+    tokenized = Dataset.from_dict({"input_ids": [[5, 6, 7, 8]] * 8})
+    trainer = SFTTrainer(tiny_decoder_dir, args=config(tmp_path, max_steps=2, dataset_kwargs={"skip_prepare_dataset": True}),
+                         train_dataset=tokenized, processing_class=tokenizer)
+    assert trainer.train_dataset is tokenized
+    assert trainer.data_collator([tokenized[0]])["loss_mask"].tolist() == [[False, True, True, True]]
+    trainer.train()
+
+
+def test_streaming_dataset_is_tokenized_on_the_fly_and_needs_max_steps(tmp_path, tiny_decoder_dir):
+    from tether.data.tokenize import tokenize_text
+
+    texts = ["the music was lovely.", "the plot was dull and slow."] * 8
+    stream = Dataset.from_dict({"text": texts}).to_iterable_dataset()
+    with pytest.raises(ValueError, match="max_steps"):
+        SFTTrainer(tiny_decoder_dir, args=config(tmp_path, max_steps=-1), train_dataset=stream)
+    trainer = SFTTrainer(tiny_decoder_dir, args=config(tmp_path, max_steps=6, logging_steps=2), train_dataset=stream)
+    tokenizer = trainer.processing_class
+    assert next(iter(trainer.train_dataset)) == tokenize_text(tokenizer, texts[0])
+    trainer.train()
+    assert trainer.state.global_step == 6
+    history = losses(trainer)
+    assert history[-1] < history[0]
+
+
+def test_streaming_with_packing_and_a_batched_formatting_func(tmp_path, tiny_decoder_dir):
+    from tether.data.constant_length import ConstantLengthDataset
+
+    stream = Dataset.from_dict({"q": ["two plus two"] * 20, "a": ["four"] * 20}).to_iterable_dataset()
+
+    def batched(batch):
+        return [f"question: {q} answer: {a}" for q, a in zip(batch["q"], batch["a"])]
+
+    trainer = SFTTrainer(tiny_decoder_dir, args=config(tmp_path, max_steps=4, packing=True, max_length=16),
+                         train_dataset=stream, formatting_func=batched)
+    packed = trainer.train_dataset
+    assert isinstance(packed, ConstantLengthDataset) and packed.seq_length == 16 and packed.infinite
+    assert all(row["input_ids"].shape == (16,) for row in itertools.islice(packed, 5))
+    trainer.train()
+    assert trainer.state.global_step == 4
+
+
+def test_neftune_noise_on_embeddings_while_training_only(tmp_path, tiny_decoder_dir):
+    """NEFTune (Jain et al. 2023): the embeddings get uniform noise in [-alpha/sqrt(L d), alpha/sqrt(L d)]
+    (L = sequence length, d = hidden size) during training; the hook is gone afterwards."""
+    from transformers import TrainerCallback
+
+    alpha = 5.0
+    ds = Dataset.from_dict({"text": ["the music was lovely."] * 4})
+    trainer = SFTTrainer(tiny_decoder_dir, args=config(tmp_path, max_steps=1), train_dataset=ds,
+                         neftune_noise_alpha=alpha)
+    model = trainer.model
+    captured = []
+
+    def before_first_layer(_module, args, kwargs):
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    class Capture(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.weight = model.get_input_embeddings().weight.detach().clone()  # before this step's update
+            self.handle = model.model.layers[0].register_forward_pre_hook(before_first_layer, with_kwargs=True)
+
+        def on_step_end(self, *args, **kwargs):
+            self.handle.remove()
+
+    capture = Capture()
+    trainer.add_callback(capture)
+    trainer.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    clean = capture.weight[batch["input_ids"]]
+    noise = (captured[0] - clean).abs()
+    length, dim = batch["input_ids"].shape[1], clean.shape[-1]
+    assert 0 < noise.max() <= alpha / (length * dim) ** 0.5 + 1e-6
+    model.train()
+    with torch.no_grad():
+        after = model.get_input_embeddings()(batch["input_ids"])
+    torch.testing.assert_close(after, model.get_input_embeddings().weight[batch["input_ids"]])

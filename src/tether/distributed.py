@@ -18,7 +18,7 @@ generate() runs the forward once per new token, so a rollout of T tokens would g
 the block runs, and puts them back after (the weights are partitioned again on exit).
 
 Statistics across processes: a PPO batch of B sequences split over W processes must be whitened with
-the mean and variance of all B sequences (`masked_whiten_across_processes`) and its per-token losses
+the mean and variance of all B sequences (`ops.stats.masked_whiten(..., accelerator=)`) and its per-token losses
 divided by the global token count over W (`token_normalizer_across_processes`), or W processes do not
 train like one process with the whole batch.
 
@@ -39,7 +39,6 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from .models.reference import freeze
-from .ops.stats import masked_sum, masked_whiten
 from .rollout.rewards import RewardFunctions, RewardModelScorer
 
 
@@ -187,30 +186,6 @@ def token_normalizer_across_processes(mask: torch.Tensor, accelerator: Accelerat
     if accelerator.num_processes > 1:
         count = accelerator.reduce(count.to(accelerator.device), reduction="sum")
     return count.clamp(min=1) / accelerator.num_processes
-
-
-def masked_whiten_across_processes(values: torch.Tensor, mask: torch.Tensor, accelerator: Accelerator,
-                                   shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """`ops.stats.masked_whiten` with the mean and (unbiased) variance of the counted entries of ALL
-    processes' batches, so the result equals whitening the concatenated batch in one process.
-
-    values [b, t], mask [b, t] -> [b, t], 0 where mask is False. Two all-reduces: (sum, count), then
-    the sum of squared deviations from the global mean (the two-pass formula of masked_var).
-    """
-    if accelerator.num_processes == 1:
-        return masked_whiten(values, mask, shift_mean=shift_mean, eps=eps)
-    mask = mask.bool()
-    totals = torch.stack([masked_sum(values, mask), mask.sum().to(values.dtype)])
-    total, count = accelerator.reduce(totals, reduction="sum")
-    if count < 2:
-        raise ValueError(f"whitening needs at least 2 counted entries over all processes, got {int(count)}")
-    mean = total / count
-    centered = values - mean
-    var = accelerator.reduce(masked_sum(centered * centered, mask), reduction="sum") / (count - 1)
-    whitened = centered * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
 
 
 def mean_across_processes(value: float, accelerator: Accelerator) -> float:

@@ -9,13 +9,18 @@ model's mask keeps sequences from attending to each other).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DataCollatorForLanguageModeling
 
 from .formats import DatasetError
+
+# Label value that marks a position as ignored, in Hugging Face's convention (and its models' losses).
+IGNORE_INDEX = -100
 
 
 def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -65,6 +70,44 @@ def _pad(rows: list[list[Any]], value: Any, width: int, left: bool, dtype: torch
     return out
 
 
+def _as_list(values: Any) -> list:
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+
+
+def _example_loss_mask(example: Mapping[str, Any], ids: list[int]) -> list[bool]:
+    """An example's loss mask: its `loss_mask`; else, for Hugging Face-style rows (e.g. from a
+    ConstantLengthDataset), True where its `labels` name the input token; else every token."""
+    if "loss_mask" in example:
+        return _as_list(example["loss_mask"])
+    if "labels" in example:
+        labels = torch.tensor([_as_list(example["labels"])])
+        return loss_mask_from_labels(torch.tensor([ids]), labels)[0].tolist()
+    return [True] * len(ids)
+
+
+def loss_mask_from_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hugging Face-style causal labels -> tether's loss mask: [b, t] long, [b, t] long -> [b, t] bool.
+
+    `labels[i, j]` is the token to predict at position j (the model shifts), negative (-100 by convention)
+    where nothing is predicted. tether's losses predict the input tokens themselves, so a label must be the
+    input token or negative; a label naming another token is an error rather than silently dropped.
+    """
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids {tuple(input_ids.shape)}; "
+                         "causal LM labels must align with input_ids (the model shifts them).")
+    counted = labels >= 0
+    other = counted & (labels != input_ids)
+    if other.any():
+        row, column = other.nonzero()[0].tolist()
+        raise ValueError(
+            f"labels[{row}, {column}] = {int(labels[row, column])} but input_ids[{row}, {column}] = "
+            f"{int(input_ids[row, column])}: tether trains a causal LM on its input tokens, so each label must be "
+            f"the input token (trained) or {IGNORE_INDEX} (ignored). Fix: build labels as input_ids with "
+            f"{IGNORE_INDEX} where a token should not count."
+        )
+    return counted
+
+
 def collate_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Rows -> columns of lists, nothing padded or converted: for batches of prompts that online methods
     read as they are (the rollout builds tensors later)."""
@@ -95,10 +138,17 @@ class LanguageModelingCollator:
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}.")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [list(e["input_ids"]) for e in examples]
+        if not isinstance(examples[0], Mapping) or "input_ids" not in examples[0]:
+            shown = sorted(examples[0]) if isinstance(examples[0], Mapping) else type(examples[0]).__name__
+            raise DatasetError(
+                f"The collator got a row without `input_ids` ({shown}). Rows of a torch dataset reach it as they "
+                "are, so they must be tokenized. Fix: yield dicts with input_ids (and labels or loss_mask), or "
+                "pass a datasets.Dataset / datasets.IterableDataset with a text column to be tokenized."
+            )
+        ids = [_as_list(e["input_ids"]) for e in examples]
         # The first token of a sequence is never a target (nothing of its own precedes it).
-        masks = [[False, *m[1:]] if m else [] for m in (list(e["loss_mask"]) for e in examples)]
-        positions = [list(e["position_ids"]) if "position_ids" in e else list(range(len(i)))
+        masks = [[False, *m[1:]] if m else [] for m in (_example_loss_mask(e, i) for e, i in zip(examples, ids))]
+        positions = [_as_list(e["position_ids"]) if "position_ids" in e else list(range(len(i)))
                      for e, i in zip(examples, ids, strict=True)]
         owners = None
         if self.pack_to is not None:
@@ -149,3 +199,155 @@ class Seq2SeqCollator:
             "decoder_attention_mask": decoder_mask,
             "decoder_loss_mask": decoder_mask.bool(),
         }
+
+
+def _find_all(ids: list[int], pattern: list[int]) -> list[int]:
+    """Start positions of every occurrence of `pattern` in `ids`."""
+    n = len(pattern)
+    return [i for i in range(len(ids) - n + 1) if ids[i] == pattern[0] and ids[i:i + n] == pattern]
+
+
+def completion_token_mask(ids: list[int], response_ids: list[int], instruction_ids: list[int] | None = None,
+                          ) -> list[bool] | None:
+    """Which tokens of a formatted text are completion tokens, found by template token ids, [t] bools.
+
+    Without `instruction_ids`: the tokens after the LAST occurrence of the response template (earlier
+    ones, e.g. in few-shot examples inside the prompt, are prompt). With `instruction_ids` (multi-turn
+    chats): the tokens of every assistant turn, i.e. those after a response template and before the next
+    instruction template. Template tokens themselves never count. None when a template is missing.
+    """
+    responses = _find_all(ids, response_ids)
+    instructions = _find_all(ids, instruction_ids) if instruction_ids is not None else []
+    if not responses or (instruction_ids is not None and not instructions):
+        return None
+    if instruction_ids is None:
+        start = responses[-1] + len(response_ids)
+        return [j >= start for j in range(len(ids))]
+    # Walk the text: a response template ending opens an assistant turn, an instruction template closes it.
+    opens = {i + len(response_ids) for i in responses}
+    closes = set(instructions)
+    template = {i + k for i in responses for k in range(len(response_ids))}
+    template |= {i + k for i in instructions for k in range(len(instruction_ids))}
+    mask, inside = [], False
+    for j in range(len(ids)):
+        if j in closes:
+            inside = False
+        elif j in opens:
+            inside = True
+        mask.append(inside and j not in template)
+    return mask
+
+
+class DataCollatorForCompletionOnlyLM(DataCollatorForLanguageModeling):
+    """Pads like `DataCollatorForLanguageModeling(mlm=False)` and sets the labels of every token that is
+    not a completion to `ignore_index`, so only completions are trained (TRL's collator of this name).
+
+    response_template: the text (or its token ids) that precedes each completion, e.g. " ### Answer:".
+    Some tokenizers split a string differently alone than in context; then pass the ids as they appear in
+    the formatted texts, e.g. `tokenizer.encode("\\n### Assistant:", add_special_tokens=False)[2:]`.
+    instruction_template: for multi-turn chats, the text (or ids) that starts each user turn; only the
+    assistant turns between a response template and the next instruction template are trained.
+    The tokenizer is the `tokenizer=` keyword (or the next positional argument), as for the parent class.
+
+    Returns {"input_ids", "attention_mask", "labels"}: [b, t] each. A row whose template is not found
+    (e.g. cut off by truncation) is left out of the loss, all labels `ignore_index`, with a warning that
+    names the row and the template.
+    """
+
+    def __init__(self, response_template: str | list[int], instruction_template: str | list[int] | None = None,
+                 *args: Any, mlm: bool = False, ignore_index: int = IGNORE_INDEX, **kwargs: Any) -> None:
+        super().__init__(*args, mlm=mlm, **kwargs)
+        self.response_template = response_template
+        self.instruction_template = instruction_template
+        self.response_token_ids = self._template_ids(response_template, "response_template")
+        self.instruction_token_ids = (None if instruction_template is None
+                                      else self._template_ids(instruction_template, "instruction_template"))
+        self.ignore_index = ignore_index
+        if instruction_template is not None and not mlm and self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
+            warnings.warn(
+                "The tokenizer pads with its EOS token, and padding is never a target, so in multi-turn training "
+                "the model never learns to end a turn with EOS. Fix: give the tokenizer a pad token of its own.",
+                UserWarning, stacklevel=2,
+            )
+
+    def _template_ids(self, template: str | Sequence[int], name: str) -> list[int]:
+        if isinstance(template, str):
+            ids = self.tokenizer.encode(template, add_special_tokens=False)
+        else:
+            try:
+                ids = [int(t) for t in template]
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a string or a list of token ids, got {template!r}.") from None
+        if not ids:
+            raise ValueError(f"{name}={template!r} has no tokens. Fix: pass the text that precedes each "
+                             f"{'completion' if name == 'response_template' else 'user turn'}.")
+        return ids
+
+    def torch_call(self, examples: list[Any]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        for row, labels in enumerate(batch["labels"]):
+            keep = completion_token_mask(labels.tolist(), self.response_token_ids, self.instruction_token_ids)
+            if keep is None:
+                self._warn_missing(row, labels)
+                labels[:] = self.ignore_index
+            else:
+                labels[~torch.tensor(keep)] = self.ignore_index
+        return batch
+
+    def _warn_missing(self, row: int, labels: torch.Tensor) -> None:
+        ids = labels.tolist()
+        if not _find_all(ids, self.response_token_ids):
+            name, template, template_ids = "response", self.response_template, self.response_token_ids
+        else:
+            name, template, template_ids = "instruction", self.instruction_template, self.instruction_token_ids
+        text = self.tokenizer.decode([i for i in ids if i >= 0])
+        warnings.warn(
+            f"Row {row} of the batch: the {name} template {template!r} (token ids {template_ids}) is not in its "
+            f"tokens, so the row is left out of the loss (every label {self.ignore_index}). Text: {text[:120]!r}"
+            f"{'...' if len(text) > 120 else ''}. If the text was truncated (max_seq_length), the template may be "
+            "cut off; if the template tokenizes differently in context, pass its token ids as they appear in "
+            "the text.",
+            UserWarning, stacklevel=3,
+        )
+
+
+class LabelsToLossMask:
+    """Wraps a Hugging Face-style collator (batches with `labels`, -100 where nothing is predicted) so
+    tether's losses can read its batches: adds `loss_mask` (causal) or the decoder masks (seq2seq).
+
+    Causal: input_ids, attention_mask, labels [b, t] -> + loss_mask [b, t] (True where the label is the
+    input token, and the token before it is not padding). Seq2seq: labels [b, t] -> labels with -100
+    replaced by the pad id, decoder_loss_mask and decoder_attention_mask [b, t]. Other attributes are the
+    wrapped collator's.
+    """
+
+    def __init__(self, collator: Callable, pad_token_id: int, seq2seq: bool = False) -> None:
+        self.collator, self.pad_token_id, self.seq2seq = collator, pad_token_id, seq2seq
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "collator":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+    def __call__(self, examples: list[Any]) -> dict[str, torch.Tensor]:
+        batch = dict(self.collator(examples))
+        if "loss_mask" in batch or "decoder_loss_mask" in batch:
+            return batch
+        if "labels" not in batch:
+            raise ValueError(f"The data collator {type(self.collator).__name__} returned no `labels` "
+                             f"(keys {sorted(batch)}), so there is nothing to train on.")
+        labels = batch["labels"]
+        if self.seq2seq:
+            counted = labels != IGNORE_INDEX
+            batch.pop("decoder_input_ids", None)  # rebuilt from the labels, behind the start token
+            batch["labels"] = labels.masked_fill(~counted, self.pad_token_id)
+            batch["decoder_loss_mask"] = counted
+            batch.setdefault("decoder_attention_mask", counted.long())
+            batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+            return batch
+        attention = batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        loss_mask = loss_mask_from_labels(batch["input_ids"], labels) & attention
+        loss_mask[:, 1:] &= attention[:, :-1]  # a sequence's first token (after left padding) has no context
+        loss_mask[:, 0] = False
+        batch["loss_mask"] = loss_mask
+        return batch

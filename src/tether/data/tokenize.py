@@ -72,14 +72,17 @@ def tokenize_prompt_completion(
     prompt: str | Messages,
     completion: str | Messages,
     completion_only_loss: bool = True,
+    add_special_tokens: bool = True,
 ) -> dict[str, list]:
-    """{"input_ids", "loss_mask", "prompt_length"} for prompt followed by completion (+ EOS if plain)."""
+    """{"input_ids", "loss_mask", "prompt_length"} for prompt followed by completion (+ EOS if plain).
+
+    add_special_tokens: let the tokenizer add its special tokens (e.g. BOS) to a plain prompt."""
     if isinstance(prompt, list):
         prompt_text, completion_text = split_rendered(tokenizer, prompt, completion)
         prompt_ids = _ids(tokenizer, prompt_text, False)
         completion_ids = _ids(tokenizer, completion_text, False)
     else:
-        prompt_ids = _ids(tokenizer, prompt, True)
+        prompt_ids = _ids(tokenizer, prompt, add_special_tokens)
         completion_ids = with_eos(tokenizer, _ids(tokenizer, completion, False))
     prompt_counts = not completion_only_loss
     loss_mask = [prompt_counts] * len(prompt_ids) + [True] * len(completion_ids)
@@ -87,8 +90,10 @@ def tokenize_prompt_completion(
     return {"input_ids": prompt_ids + completion_ids, "loss_mask": loss_mask, "prompt_length": len(prompt_ids)}
 
 
-def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> dict[str, list]:
-    ids = with_eos(tokenizer, _ids(tokenizer, text, True))
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str,
+                  add_special_tokens: bool = True) -> dict[str, list]:
+    """{"input_ids", "loss_mask"} of a text + EOS; every token but the first is a target."""
+    ids = with_eos(tokenizer, _ids(tokenizer, text, add_special_tokens))
     return {"input_ids": ids, "loss_mask": [False] + [True] * (len(ids) - 1)}
 
 
@@ -187,6 +192,18 @@ def formatting_func_to_text(func: Callable, dataset: Any) -> tuple[Callable[[dic
         f"(and {type(batch).__name__} for a one-example batch); it must return a string per example, "
         "or a list of one string per example of a batch. Fix: make it return the formatted text."
     )
+
+
+def example_formatter(func: Callable, first_example: dict[str, Any]) -> Callable[[dict[str, Any]], str]:
+    """A user `formatting_func` as a function of one example returning its text, for data read one example
+    at a time (streams). Whether `func` formats one example or a batch is decided on the first example, as
+    in `formatting_func_to_text`: a batch-style function is called on one-example batches."""
+    import datasets
+
+    to_text, batched = formatting_func_to_text(func, datasets.Dataset.from_list([first_example]))
+    if batched:
+        return lambda example: to_text({key: [value] for key, value in example.items()})["text"][0]
+    return lambda example: to_text(example)["text"]
 
 
 def _checked_strs(values: Any, expected: int) -> list[str]:

@@ -337,3 +337,98 @@ def _find_tokenizer(*sources: str | None) -> PreTrainedTokenizerBase | None:
             except OSError:  # a hub id without tokenizer files (or offline): the merged weights still count
                 logger.info("No tokenizer found at %s.", source)
     return None
+
+
+# ----- files of a saved model, local or on the hub, and adapters loaded by path -----------------------------
+def find_model_file(name_or_path: str, filename: str, token: str | bool | None = None,
+                    revision: str | None = None) -> str | None:
+    """The local path of `filename` inside a model folder, or downloaded from the hub repo `name_or_path`;
+    None when it has no such file (or the hub cannot be reached: an optional file then counts as absent)."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, filename)
+        return path if os.path.isfile(path) else None
+    if os.path.exists(name_or_path):
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return hf_hub_download(name_or_path, filename, token=token, revision=revision)
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+            HFValidationError, OfflineModeIsEnabled):
+        return None
+
+
+def read_weights(path: str, keep: Any = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors or PyTorch weights file (the latter with `weights_only=True`), on CPU;
+    with `keep` (a predicate on names) only those it accepts, read lazily where the format allows."""
+    keep = keep or (lambda _name: True)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys() if keep(name)}
+    try:  # memory-mapped: a whole LM's .bin is not read into memory to find a few tensors in it
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files in the legacy (pre-zip) format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return {name: tensor for name, tensor in state.items() if keep(name)}
+
+
+def load_peft_adapter(model: PreTrainedModel, source: str, is_trainable: bool = True, **hub_kwargs: Any) -> Any:
+    """`model` wrapped with the PEFT adapter saved at `source` (a folder or hub id). A trainable adapter over
+    a quantized model gets the same k-bit preparation as a new one (`apply_peft`), so training resumed from
+    a saved adapter computes like the run that saved it."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    if is_trainable and is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_4bit_layers_differentiable(model)
+    return PeftModel.from_pretrained(model, source, is_trainable=is_trainable, **hub_kwargs)
+
+
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def load_reward_adapter(model: Any, source: str, adapter_name: str = "reward_adapter",
+                        head_names: tuple[str, ...] = ("score",), token: str | bool | None = None,
+                        revision: str | None = None) -> torch.nn.Linear:
+    """Add the reward model's LoRA adapter at `source` (trained as a sequence classifier over the same base
+    model) to the PEFT model `model`, frozen and inactive, and return its classification head (the
+    adapter's saved `score` layer) as a frozen float32 `nn.Linear(h, num_labels)` on CPU.
+
+    Multi-adapter RLHF: policy adapter, value head and reward adapter share one base model.
+    """
+    hub_kwargs = {k: v for k, v in (("token", token), ("revision", revision)) if v is not None}
+    weights_file = next((path for name in ADAPTER_WEIGHT_FILES
+                         if (path := find_model_file(source, name, token, revision)) is not None), None)
+    if weights_file is None:
+        raise ValueError(f"reward_adapter={source!r} holds no adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)}); "
+                         "pass the folder (or hub id) that a PEFT reward model was saved to.")
+    head = read_weights(weights_file, keep=lambda name: _head_key(name, head_names) is not None)
+    head = {_head_key(name, head_names): tensor for name, tensor in head.items()}
+    if "weight" not in head:
+        raise ValueError(f"The reward adapter at {source!r} has no saved classification head ({'/'.join(head_names)}"
+                         ".weight): train it with task_type='SEQ_CLS' so the head is saved with the adapter.")
+    loaded = model.load_adapter(source, adapter_name, is_trainable=False, **hub_kwargs)
+    misfit = [key for key in loaded.unexpected_keys if _head_key(key, head_names) is None]
+    if misfit:
+        raise ValueError(f"The reward adapter at {source!r} does not fit this base model (unexpected weights "
+                         f"{misfit[:3]}); train the reward adapter on the same base model as the policy.")
+    num_labels, hidden_size = head["weight"].shape
+    score = torch.nn.Linear(hidden_size, num_labels, bias="bias" in head)
+    score.load_state_dict({k: v.float() for k, v in head.items()})
+    return score.requires_grad_(False)
+
+
+def _head_key(name: str, head_names: tuple[str, ...]) -> str | None:
+    """'weight' or 'bias' when `name` is a parameter of one of the `head_names` modules, else None."""
+    *path, leaf = name.split(".")
+    return leaf if path and path[-1] in head_names and leaf in ("weight", "bias") else None

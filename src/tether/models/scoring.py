@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .forward import accepts_argument, position_ids_from_mask, unwrap_model
+from .forward import _final_hidden_states, accepts_argument, position_ids_from_mask, unwrap_model
 
 _SCORE_HEAD_NAMES = ("score", "v_head")
 
@@ -92,3 +92,40 @@ def token_values(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     finally:
         handle.remove()
     return captured[-1][..., 0].float()
+
+
+@torch.no_grad()
+def adapter_token_scores(model: nn.Module, adapter_name: str, score_head: nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None = None, restore_adapter: str | None = None,
+                         **kwargs: torch.Tensor) -> torch.Tensor:
+    """The score head of a reward adapter at every position: [b, t, num_labels] float32, no gradient.
+
+    `model` is a PEFT causal LM that also holds the reward adapter `adapter_name` (see
+    `loading.load_reward_adapter`); that adapter computes the final hidden states (in eval mode), then
+    `score_head` reads them, as the sequence classifier it was trained as would. Afterwards the adapter
+    `restore_adapter` (default: the one active before) is active again, and training mode and every
+    parameter's requires_grad are as they were (peft's `set_adapter` would make the reward adapter trainable).
+    Positions are counted over real tokens, so left padding gives the scores of the unpadded sequence.
+    """
+    previous = model.active_adapter
+    previous = restore_adapter or (previous[0] if isinstance(previous, (list, tuple)) else previous)
+    trainable = [param.requires_grad for param in model.parameters()]
+    was_training = model.training
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
+    if "token_type_ids" in inputs and not accepts_argument(model, "token_type_ids"):
+        inputs.pop("token_type_ids")  # tokenizers of some families return it; decoder LMs take none
+    if "position_ids" not in inputs and accepts_argument(model, "position_ids"):
+        inputs["position_ids"] = position_ids_from_mask(attention_mask)
+    model.set_adapter(adapter_name)
+    model.eval()
+    try:
+        hidden, _ = _final_hidden_states(model, inputs)  # [b, t, h]
+        weight = next(score_head.parameters())
+        return score_head(hidden.to(device=weight.device, dtype=weight.dtype)).float()  # [b, t, num_labels]
+    finally:
+        model.set_adapter(previous)
+        for param, flag in zip(model.parameters(), trainable):
+            param.requires_grad_(flag)
+        model.train(was_training)

@@ -74,14 +74,22 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+                  eps: float = 1e-8, accelerator: Any = None) -> torch.Tensor:
     """(values - mean) / sqrt(var + eps) with mean and unbiased var over the counted entries.
 
     values [b, t], mask [b, t] -> [b, t], 0 where mask is False. shift_mean=False adds the mean back
-    (only the scale changes), as TRL's classic `masked_whiten` does for rewards.
+    (only the scale changes), as TRL's classic `masked_whiten` does for rewards. With an `accelerator` of
+    several processes, mean and var are those of every process's counted entries (`get_global_statistics`),
+    so each process's result equals whitening the concatenated batch in one process.
     """
     mask = _as_bool(mask)
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+        mean, population_var, count = get_global_statistics(accelerator, values, mask, device=values.device)
+        if count < 2:
+            raise ValueError(f"whitening needs at least 2 counted entries over all processes, got {int(count)}")
+        mean, var = mean.to(values.dtype), (population_var * count / (count - 1)).to(values.dtype)
+    else:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -34,7 +34,6 @@ from ..distributed import (
     backward_micro_batch,
     configure_deepspeed_for_own_loop,
     empty_device_cache,
-    masked_whiten_across_processes,
     mean_across_processes,
     prepare_frozen_model,
     prepare_reward_models,
@@ -63,7 +62,7 @@ from ..models.loading import (
 )
 from ..models.reference import reference_context, select_reference
 from ..models.scoring import token_values
-from ..ops.stats import RunningMoments, masked_mean, masked_var
+from ..ops.stats import RunningMoments, masked_mean, masked_var, masked_whiten
 from ..reports.trackers import log_to_trackers
 from ..rollout.generation import generate_responses
 from ..rollout.rewards import RewardFunctions
@@ -392,10 +391,10 @@ class PPOTrainer(PPOTrainLoop):
         # the whole batch. Whitening needs a variance: at least two response tokens in all.
         can_whiten = int(self.accelerator.reduce(mask.sum(), reduction="sum")) > 1
         if config.whiten_rewards and can_whiten:
-            rewards = masked_whiten_across_processes(rewards, mask, self.accelerator, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, accelerator=self.accelerator)
         advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         if can_whiten:
-            advantages = masked_whiten_across_processes(advantages, mask, self.accelerator)
+            advantages = masked_whiten(advantages, mask, accelerator=self.accelerator)
         timing["time/ppo/compute_advantages"] = time.perf_counter() - t
 
         # 4. update: ppo_epochs passes over shuffled mini-batches

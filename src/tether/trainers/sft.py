@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from ..data import LanguageModelingCollator, Seq2SeqCollator, prepare_language_modeling, prepare_seq2seq
+from ..data import LanguageModelingCollator, Seq2SeqCollator
+from ..data.collate import IGNORE_INDEX, DataCollatorForCompletionOnlyLM, LabelsToLossMask
+from ..data.constant_length import ConstantLengthDataset
+from ..data.prepare import prepare_sft_dataset
 from ..models.forward import causal_lm_loss, seq2seq_token_log_probs
 from ..models.loading import is_encoder_decoder
 from ..ops.logprobs import DEFAULT_CHUNK_SIZE
 from .base import TetherConfig, TetherTrainer
 
+DATASET_KWARGS = ("add_special_tokens", "append_concat_token", "skip_prepare_dataset")
+
 
 @dataclass
 class SFTConfig(TetherConfig):
-    """Configuration of `SFTTrainer`; every `TrainingArguments` field applies too."""
+    """Configuration of `SFTTrainer`; every `TrainingArguments` field applies too (NEFTune's
+    `neftune_noise_alpha` among them: uniform noise on the input embeddings while training)."""
 
     dataset_text_field: str = field(default="text", metadata={"help": "Column holding the text of language "
                                                                         "modeling data."})
@@ -26,7 +34,10 @@ class SFTConfig(TetherConfig):
                                                                      "tokens; the row length when packing."})
     packing: bool = field(default=False, metadata={"help": "Pack examples into rows of max_length (best fit "
                                                              "decreasing); packed sequences do not attend to "
-                                                             "each other."})
+                                                             "each other. A stream is packed by a "
+                                                             "ConstantLengthDataset."})
+    eval_packing: bool | None = field(default=None, metadata={"help": "Pack the eval dataset (default: as "
+                                                                        "`packing`)."})
     padding_free: bool = field(default=False, metadata={"help": "Put each batch in a single row with "
                                                                   "position_ids, no padding (best with flash "
                                                                   "attention)."})
@@ -35,6 +46,15 @@ class SFTConfig(TetherConfig):
                                                                                 "(default: yes)."})
     assistant_only_loss: bool = field(default=False, metadata={"help": "On conversations, train on assistant "
                                                                          "turns only."})
+    num_of_sequences: int = field(default=1024, metadata={"help": "Packing a stream: rows of text buffered "
+                                                                    "at a time (ConstantLengthDataset)."})
+    chars_per_token: float = field(default=3.6, metadata={"help": "Packing a stream: characters per token, to "
+                                                                    "size the buffer (ConstantLengthDataset)."})
+    dataset_batch_size: int = field(default=1000, metadata={"help": "Examples per batch given to a batched "
+                                                                      "formatting_func."})
+    dataset_kwargs: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Dataset preparation options: add_special_tokens (default true), append_concat_token (packing a "
+                "stream; default true), skip_prepare_dataset (pass the dataset to the collator as it is)."})
     logprob_chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "Tokens per chunk of the "
                                                                                     "vocabulary projection."})
     learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate."})
@@ -44,14 +64,24 @@ class SFTConfig(TetherConfig):
             raise ValueError("packing=True needs max_length (the packed row length).")
         if self.logprob_chunk_size < 1:
             raise ValueError("logprob_chunk_size must be positive.")
+        unknown = set(self.dataset_kwargs or {}) - set(DATASET_KWARGS)
+        if unknown:
+            raise ValueError(f"dataset_kwargs has unknown key(s) {sorted(unknown)}; the options are {DATASET_KWARGS}.")
         super().__post_init__()
 
 
 class SFTTrainer(TetherTrainer):
     """Supervised fine-tuning on language modeling, prompt-completion or conversational data.
 
-    `SFTTrainer("path/or/id", train_dataset=ds)` is enough; see `SFTConfig` for the options.
-    `formatting_func` turns each example (or a batch) into text first.
+    `SFTTrainer("path/or/id", train_dataset=ds)` is enough; see `SFTConfig` for the options. TRL 0.7's
+    keywords (dataset_text_field, packing, max_seq_length, num_of_sequences, ...) set the config fields of
+    the same name; None means "the config's value". `formatting_func` turns each example (or a batch) into
+    text first; `model_init` builds the model when `model` is None.
+
+    train_dataset: a `datasets.Dataset` (tokenized here), a streaming `datasets.IterableDataset`
+    (tokenized on the fly; needs max_steps), or a torch dataset of tokenized rows, e.g. a
+    ConstantLengthDataset. A `data_collator` of Hugging Face's kind (DataCollatorForCompletionOnlyLM,
+    DataCollatorForLanguageModeling) gets rows of input_ids and attention_mask and decides the labels.
     """
 
     config_class = SFTConfig
@@ -60,25 +90,70 @@ class SFTTrainer(TetherTrainer):
     # The loss divides by the step's global token count itself (see `_token_normalizer`).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model: nn.Module | str, *args: Any, formatting_func: Callable | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module | str | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        model_init: Callable[[], nn.Module] | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any = None,
+        *,
+        formatting_func: Callable | None = None,
+        infinite: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            if model_init is None:
+                raise ValueError("SFTTrainer needs `model` (a model, or a name or path to load) or `model_init`.")
+            model = model_init()
+        if infinite is not None:
+            warnings.warn("`infinite` is deprecated (as in TRL): max_steps or num_train_epochs set the length of "
+                          "training. It still makes a packed stream restart at its end.", FutureWarning, stacklevel=2)
+        packing = kwargs.get("packing", getattr(args, "packing", False))
+        if packing and isinstance(data_collator, DataCollatorForCompletionOnlyLM):
+            raise ValueError("DataCollatorForCompletionOnlyLM cannot find completions in packed rows. Fix: set "
+                             "packing=False, or drop the collator (prompt-completion data trains on completions).")
         self._formatting_func = formatting_func
+        self._infinite = infinite
         self._num_tokens_seen = 0
-        super().__init__(model, *args, **kwargs)
+        # A Hugging Face-style collator reads model rows (input_ids, attention_mask) and makes labels.
+        self._hf_collator = data_collator is not None and not isinstance(
+            data_collator, (LanguageModelingCollator, Seq2SeqCollator))
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # TRL's None = "the default"
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class,
+                         compute_metrics, callbacks, optimizers, peft_config, **kwargs)
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        if self._hf_collator:
+            self.data_collator = LabelsToLossMask(data_collator, self.processing_class.pad_token_id, self._seq2seq)
+        if isinstance(self.train_dataset, ConstantLengthDataset) and self.args.packing:
+            self.train_dataset.infinite = self.args.max_steps > 0  # as TRL: iterate until max_steps
 
     @property
     def _seq2seq(self) -> bool:
         return is_encoder_decoder(self.model)
 
     def _prepare(self, dataset: Any, what: str) -> Any:
-        args, tok = self.args, self.processing_class
-        if self._seq2seq:
-            return prepare_seq2seq(dataset, tok, max_length=args.max_length, num_proc=args.dataset_num_proc,
-                                   what=what)
-        return prepare_language_modeling(
-            dataset, tok, text_field=args.dataset_text_field, formatting_func=self._formatting_func,
-            max_length=args.max_length, packing=args.packing, completion_only_loss=args.completion_only_loss,
-            assistant_only_loss=args.assistant_only_loss, num_proc=args.dataset_num_proc, what=what,
+        args, options = self.args, self.args.dataset_kwargs or {}
+        if options.get("skip_prepare_dataset", False):
+            return dataset
+        packing = args.packing if what == "train" or args.eval_packing is None else args.eval_packing
+        return prepare_sft_dataset(
+            dataset, self.processing_class, seq2seq=self._seq2seq, packing=packing,
+            text_field=args.dataset_text_field, formatting_func=self._formatting_func, max_length=args.max_length,
+            completion_only_loss=args.completion_only_loss, assistant_only_loss=args.assistant_only_loss,
+            add_special_tokens=options.get("add_special_tokens", True),
+            append_concat_token=options.get("append_concat_token", True), num_of_sequences=args.num_of_sequences,
+            chars_per_token=args.chars_per_token,
+            infinite=self._infinite if self._infinite is not None else what == "train" and args.max_steps > 0,
+            model_rows=self._hf_collator, num_proc=args.dataset_num_proc, batch_size=args.dataset_batch_size,
+            what=what,
         )
 
     def _default_collator(self) -> Callable:
@@ -90,6 +165,14 @@ class SFTTrainer(TetherTrainer):
         # with SDPA/eager one long row costs attention over all of it, so rows stay separate.
         flatten = self.args.padding_free or (self.args.packing and "flash" in attention)
         return LanguageModelingCollator(pad_id, flatten=flatten)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # A torch dataset or a stream has no column names to keep: keep what the model's forward takes
+        # (Trainer's rule), and the loss mask.
+        if self._signature_columns is None and getattr(self.train_dataset, "column_names", None) is None:
+            Trainer._set_signature_columns_if_needed(self)
+            self._signature_columns = [*self._signature_columns, "loss_mask"]
+        super()._set_signature_columns_if_needed()
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor:
@@ -108,6 +191,21 @@ class SFTTrainer(TetherTrainer):
             mean_token_accuracy=stats.correct.float().mean() if stats.correct.numel() else 0.0,
         )
         return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, Any, Any]:
+        """The loss; with `compute_metrics`, also the logits [b, t, V] and Hugging Face-style labels [b, t]
+        (the input ids, -100 where a token does not count) for it (and `preprocess_logits_for_metrics`)."""
+        loss, _, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if prediction_loss_only or self.compute_metrics is None or self._seq2seq:
+            return loss, None, None
+        inputs = self._prepare_inputs(inputs)
+        forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = model(**forward, use_cache=False).logits
+        mask = inputs["loss_mask"].bool().clone()
+        mask[:, 0] = False
+        return loss, logits, inputs["input_ids"].masked_fill(~mask, IGNORE_INDEX)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
