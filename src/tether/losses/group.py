@@ -19,7 +19,7 @@ import torch
 
 from ..ops.stats import masked_mean, masked_sum
 from .kl import kl_penalty
-from .ppo import Normaliser, aggregate_loss, clipped_surrogate
+from .ppo import Normaliser, clip_shares, clipped_surrogate, ppo_policy_loss
 
 
 @dataclass
@@ -29,13 +29,6 @@ class GroupPolicyLossOutput:
     clip_ratio_high: torch.Tensor
     clip_ratio_region: torch.Tensor
     kl: torch.Tensor  # mean per-token k3 KL to the reference; nan when no reference was given
-
-
-def _clip_shares(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float,
-                 weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    low = ((ratio < 1.0 - eps_low) & (advantages < 0)).float()
-    high = ((ratio > 1.0 + eps_high) & (advantages > 0)).float()
-    return (masked_mean(low, weights), masked_mean(high, weights), masked_mean(torch.maximum(low, high), weights))
 
 
 def token_level_policy_loss(
@@ -65,21 +58,17 @@ def token_level_policy_loss(
     the plain policy gradient A * grad log pi. beta > 0 needs ref_logps.
     """
     mask = mask.bool()
-    eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    log_ratio = torch.where(mask, logps - old_logps.detach(), 0.0)  # [n, t]; ratio 1 at padding
-    per_token, ratio, _ = clipped_surrogate(log_ratio, advantages[:, None].expand_as(log_ratio), epsilon_low,
-                                            eps_high)  # [n, t]
     kl = None
     if beta != 0.0:
         if ref_logps is None:
             raise ValueError("beta > 0 needs ref_logps: the reference model's log-probs of the same tokens.")
         kl = kl_penalty(logps, torch.where(mask, ref_logps, logps.detach()), "k3")  # [n, t]
-        per_token = per_token + beta * kl
-    loss = aggregate_loss(per_token, mask, aggregation, num_tokens, num_sequences, max_length)
+    # PPO's clipped token loss with one advantage per completion, plus the KL term (losses.ppo)
+    out = ppo_policy_loss(logps, old_logps, advantages[:, None], mask, epsilon_low, epsilon_high, aggregation,
+                          num_tokens, num_sequences, max_length, per_token_penalty=None if kl is None else beta * kl)
     with torch.no_grad():
-        shares = _clip_shares(ratio, advantages[:, None].expand_as(ratio), epsilon_low, eps_high, mask)
         kl_mean = masked_mean(kl, mask) if kl is not None else torch.tensor(float("nan"))
-        return GroupPolicyLossOutput(loss, *shares, kl=kl_mean)
+        return GroupPolicyLossOutput(out.loss, out.clip_ratio_low, out.clip_ratio_high, out.clipfrac, kl=kl_mean)
 
 
 def sequence_level_policy_loss(
@@ -107,5 +96,5 @@ def sequence_level_policy_loss(
     per_sequence, ratio, _ = clipped_surrogate(log_ratio, advantages, epsilon_low, eps_high)  # [n]
     loss = per_sequence.sum() / (per_sequence.shape[0] if num_sequences is None else num_sequences)
     with torch.no_grad():
-        shares = _clip_shares(ratio, advantages, epsilon_low, eps_high, torch.ones_like(ratio, dtype=torch.bool))
-        return GroupPolicyLossOutput(loss, *shares, kl=torch.tensor(float("nan")))
+        low, high = clip_shares(ratio, advantages, epsilon_low, eps_high, torch.ones_like(ratio, dtype=torch.bool))
+        return GroupPolicyLossOutput(loss, low, high, low + high, kl=torch.tensor(float("nan")))

@@ -92,6 +92,8 @@ class PolicyLossOutput:
     approxkl: torch.Tensor  # 0.5 * mean (log pi - log pi_old)^2
     policykl: torch.Tensor  # mean (log pi_old - log pi)
     ratio_mean: torch.Tensor  # mean pi / pi_old
+    clip_ratio_low: torch.Tensor  # share of tokens with ratio < 1 - eps_low and A < 0 (clipped from below)
+    clip_ratio_high: torch.Tensor  # share with ratio > 1 + eps_high and A > 0; clipfrac is either of the two
 
 
 @dataclass
@@ -105,6 +107,15 @@ def _zero_outside(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Constant inputs at padding may hold anything; a nan there would turn the (masked, zero) upstream
     gradient of the loss into nan gradients for the model. Replace them with 0 first."""
     return torch.where(mask, x.detach(), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def clip_shares(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float,
+                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, high): shares of the counted entries clipped from below (ratio < 1 - eps_low, A < 0) and from
+    above (ratio > 1 + eps_high, A > 0), where the clip removed the gradient; their sum is the clip fraction."""
+    low = ((ratio < 1.0 - eps_low) & (advantages < 0)).float()
+    high = ((ratio > 1.0 + eps_high) & (advantages > 0)).float()
+    return masked_mean(low, weights), masked_mean(high, weights)
 
 
 def clipped_surrogate(
@@ -136,12 +147,16 @@ def ppo_policy_loss(
     num_tokens: Normaliser = None,
     num_sequences: Normaliser = None,
     max_length: int | None = None,
+    per_token_penalty: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """Clipped surrogate (PPO, Schulman et al., 2017, eq. 7), as a loss to minimise:
 
         r_ij = exp(logprobs_ij - old_logprobs_ij)
-        l_ij = max(-A_ij * r_ij, -A_ij * clip(r_ij, 1 - eps_low, 1 + eps_high))
+        l_ij = max(-A_ij * r_ij, -A_ij * clip(r_ij, 1 - eps_low, 1 + eps_high)) + penalty_ij
         loss = aggregate_loss(l, mask, aggregation, ...)
+
+    `per_token_penalty` [b, t] (differentiable, optional) is added to every token's term before the
+    reduction: GRPO's beta * KL to the reference (`losses.group.token_level_policy_loss`).
 
     eps_low = cliprange; eps_high = cliprange_high, defaulting to cliprange (DAPO's "clip-higher",
     Yu et al., 2025, sets it larger, e.g. 0.28 with cliprange 0.2).
@@ -158,14 +173,19 @@ def ppo_policy_loss(
     advantages = _zero_outside(advantages.expand_as(mask), mask)  # [b, t]
     eps_high = cliprange if cliprange_high is None else cliprange_high
     per_token, ratio, clipped = clipped_surrogate(log_ratio, advantages, cliprange, eps_high)  # [b, t] each
+    if per_token_penalty is not None:
+        per_token = per_token + per_token_penalty
     loss = aggregate_loss(per_token, mask, aggregation, num_tokens, num_sequences, max_length)
     with torch.no_grad():
+        low, high = clip_shares(ratio, advantages, cliprange, eps_high, mask)
         return PolicyLossOutput(
             loss=loss,
             clipfrac=masked_mean(clipped.to(per_token.dtype), mask),
             approxkl=0.5 * masked_mean(log_ratio.square(), mask),
             policykl=masked_mean(-log_ratio, mask),
             ratio_mean=masked_mean(ratio, mask),
+            clip_ratio_low=low,
+            clip_ratio_high=high,
         )
 
 
