@@ -1,10 +1,14 @@
 """Prompt batches for online methods: each process gets its own whole prompts for every micro-step of a
-round of generation (see `PromptRoundSampler`)."""
+round of generation (`PromptRoundSampler`, for the Trainer-based GRPO/RLOO), or endless shuffled batches
+with a resumable position (`ShuffledBatches`, for PPO's own loop and its PPO-ptx data)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -47,3 +51,51 @@ class PromptRoundSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return self.rounds * self.repeats * self.block * self.processes
+
+
+class ShuffledBatches:
+    """Endless batches of `rows`, reshuffled every epoch in an order fixed by (seed, stream, epoch) alone.
+
+    Nothing here draws from a global random stream, so the batches do not depend on what else a run
+    sampled, and the whole state is one number, `position` (batches drawn so far): a resumed run
+    `seek`s to the saved position and draws exactly the batches an uninterrupted run would have.
+    With several processes each draw takes one global batch of `batch_size * world_size` rows and each
+    process collates its own contiguous slice, so N processes see the batches of one process with an
+    N times larger `batch_size`. Each epoch's last incomplete global batch is dropped.
+    """
+
+    def __init__(self, rows: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], Any], seed: int,
+                 stream: int, rank: int = 0, world_size: int = 1, name: str = "dataset") -> None:
+        self.rows, self.batch_size, self.collate = rows, batch_size, collate
+        self.seed, self.stream, self.rank = seed, stream, rank
+        self.global_batch = batch_size * world_size
+        self.per_epoch = len(rows) // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(f"The {name} has fewer rows ({len(rows)}) than one batch: {batch_size} per process x "
+                             f"{world_size} process(es). Add rows or lower the batch size.")
+        self.position = 0
+        self._epoch, self._order = -1, np.arange(0)
+
+    def __iter__(self) -> ShuffledBatches:
+        return self
+
+    def __next__(self) -> Any:
+        epoch, index = divmod(self.position, self.per_epoch)
+        if epoch != self._epoch:
+            # A SeedSequence of (seed, stream, epoch): independent orders per stream and epoch, same on every process.
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, self.stream, epoch]).permutation(
+                len(self.rows))
+        start = index * self.global_batch + self.rank * self.batch_size
+        self.position += 1
+        return self.collate([self.rows[int(i)] for i in self._order[start:start + self.batch_size]])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "rows": len(self.rows), "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, int], name: str) -> None:
+        if (state["rows"], state["global_batch"]) != (len(self.rows), self.global_batch):
+            warnings.warn(f"The {name} was checkpointed with {state['rows']} rows in global batches of "
+                          f"{state['global_batch']}, and now has {len(self.rows)} in batches of {self.global_batch}: "
+                          "the resumed run continues at the same position but sees other batches than an "
+                          "uninterrupted run would.", UserWarning, stacklevel=3)
+        self.position = state["position"]

@@ -237,6 +237,24 @@ def completion_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], tempe
 _PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
+def next_token_log_distributions(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Full next-token log-distributions [b, t, v] (float32), aligned with the tokens they predicted:
+    position j holds log pi(. | tokens before j) for causal models (input_ids [b, t]; row 0 is
+    meaningless), and the distribution at label j for encoder-decoders (batch with `labels`,
+    `decoder_attention_mask`: the decoder reads the labels shifted right). For estimators that need the
+    whole distribution (PPO's kl_penalty="full"); everything else should use the token log-prob paths,
+    which never hold [b, t, v]."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    encoder_decoder = "labels" in batch and "decoder_attention_mask" in batch
+    if encoder_decoder:
+        inputs["decoder_input_ids"] = unwrap_model(model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        inputs["decoder_attention_mask"] = batch["decoder_attention_mask"]
+    logits = _logits(model(**inputs, use_cache=False))  # [b, t, v]
+    if not encoder_decoder:
+        logits = logits.roll(1, dims=1)  # position j: the distribution that predicted token j
+    return logits.float().log_softmax(-1)
+
+
 def supports_packed_rows(model: nn.Module) -> bool:
     """Whether several sequences may share a row (position_ids restarting at 0, no attention mask):
     decoder models of transformers itself, whose mask code keeps packed sequences apart."""

@@ -49,6 +49,7 @@ from ..models.forward import (
     TokenLogProbs,
     causal_lm_loss,
     causal_token_log_probs,
+    next_token_log_distributions,
     seq2seq_token_log_probs,
     unwrap_model,
 )
@@ -432,17 +433,8 @@ class PPOTrainer(PPOTrainLoop):
         """kl_penalty='full': the exact KL between the two next-token distributions at each response
         token, which needs both full [b, t, v] distributions (memory heavy, by the user's choice)."""
         def distributions(model: nn.Module, context: Any) -> torch.Tensor:
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            if self.is_encoder_decoder:  # the decoder reads the labels shifted right: logits at label positions
-                inputs["decoder_input_ids"] = unwrap_model(model).prepare_decoder_input_ids_from_labels(
-                    labels=batch["labels"])
-                inputs["decoder_attention_mask"] = batch["decoder_attention_mask"]
             with torch.no_grad(), context:
-                out = model(**inputs, use_cache=False)
-            logits = out[0] if isinstance(out, tuple) else out.logits  # [b, t, v]
-            if not self.is_encoder_decoder:
-                logits = logits.roll(1, dims=1)  # position j: the distribution that predicted token j
-            return logits.float().log_softmax(-1)
+                return next_token_log_distributions(model, batch)
 
         policy = distributions(self.model, contextlib.nullcontext())
         reference = distributions(*reference_context(self.model, self.ref_model))
