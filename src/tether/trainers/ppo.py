@@ -21,7 +21,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object
@@ -63,12 +62,13 @@ from ..models.loading import (
 )
 from ..models.reference import reference_context, select_reference
 from ..models.scoring import token_values
-from ..ops.stats import RunningMoments, masked_mean, masked_var, masked_whiten
+from ..ops.stats import RunningMoments, masked_mean, masked_whiten
 from ..reports.trackers import log_to_trackers
 from ..rollout.generation import generate_responses
 from ..rollout.rewards import RewardFunctions
 from .ppo_config import PPOConfig
 from .ppo_loop import PPOTrainLoop
+from .ppo_stats import reduce_stats, step_stats
 
 
 def _stack_padded(rows: Sequence[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,9 +418,12 @@ class PPOTrainer(PPOTrainLoop):
         self.current_step += 1
 
         t = time.perf_counter()
-        stats = self._stats(batch, queries, responses, scores_t, old, mask, old_logprobs, ref_logprobs,
-                            non_score_reward, kl, advantages, returns, old_values, epoch_stats, kl_coef,
-                            learning_rate)
+        epochs_run = len(epoch_stats["approxkl"]) / (config.batch_size // config.mini_batch_size)
+        stats = reduce_stats(step_stats(
+            queries=queries, responses=responses, scores=scores_t, mask=mask, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, non_score_reward=non_score_reward, kl=kl, advantages=advantages,
+            returns=returns, old_values=old_values, epoch_stats=epoch_stats, kl_coef=kl_coef,
+            learning_rate=learning_rate, vf_coef=config.vf_coef, epochs_run=epochs_run), self.accelerator)
         timing["time/ppo/calc_stats"] = time.perf_counter() - t
         timing["time/ppo/total"] = time.perf_counter() - start
         stats.update(timing)
@@ -514,68 +517,6 @@ class PPOTrainer(PPOTrainLoop):
             collected[name].append(float(stat.detach()) if torch.is_tensor(stat) else float(stat))
         collected["ratio"].append((logprobs.detach() - rollout["old_logprobs"][rows])[mask.bool()].exp().cpu())
         return float(policy.policykl)
-
-    def _stats(self, batch, queries, responses, scores, old, mask, old_logprobs, ref_logprobs, non_score_reward,
-               kl, advantages, returns, old_values, epoch_stats, kl_coef, learning_rate) -> dict[str, Any]:
-        """TRL's classic stats keys: scalars averaged over processes, distributions as arrays."""
-        def mean(values: list[float]) -> float:
-            return float(np.mean(values)) if values else float("nan")
-
-        def length_std(lengths: torch.Tensor) -> torch.Tensor:
-            return lengths.std() if len(lengths) > 1 else torch.tensor(0.0)
-
-        unbiased = int(mask.sum()) > 1
-        returns_var = masked_var(returns, mask, unbiased)
-        query_lengths = torch.tensor([len(q) for q in queries], dtype=torch.float32)
-        response_lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
-        optimizer_steps = self.config.batch_size // self.config.backward_batch_size
-        stats = {
-            "objective/kl": kl.sum(1).mean(),
-            "objective/kl_dist": kl.sum(1),
-            "objective/logprobs": old_logprobs,
-            "objective/ref_logprobs": ref_logprobs,
-            "objective/kl_coef": kl_coef,
-            "objective/entropy": (-old_logprobs * mask).sum(1).mean(),
-            "ppo/mean_non_score_reward": masked_mean(non_score_reward, mask),  # per response token
-            "ppo/mean_scores": scores.mean(),
-            "ppo/std_scores": scores.std() if len(scores) > 1 else torch.tensor(0.0),
-            "ppo/loss/policy": mean(epoch_stats["policy_loss"]),
-            "ppo/loss/value": mean(epoch_stats["value_loss"]),
-            "ppo/loss/total": mean(epoch_stats["policy_loss"]) + self.config.vf_coef * mean(epoch_stats["value_loss"]),
-            "ppo/policy/entropy": mean(epoch_stats["entropy"]),
-            "ppo/policy/approxkl": mean(epoch_stats["approxkl"]),
-            "ppo/policy/policykl": mean(epoch_stats["policykl"]),
-            "ppo/policy/clipfrac": mean(epoch_stats["clipfrac"]),
-            "ppo/policy/advantages": advantages[mask],
-            "ppo/policy/advantages_mean": masked_mean(advantages, mask),
-            "ppo/policy/ratio": torch.cat(epoch_stats["ratio"]),
-            "ppo/returns/mean": masked_mean(returns, mask),
-            "ppo/returns/var": returns_var,
-            "ppo/val/vpred": mean(epoch_stats["vpred"]),
-            "ppo/val/error": mean(epoch_stats["value_error"]),
-            "ppo/val/clipfrac": mean(epoch_stats["vf_clipfrac"]),
-            "ppo/val/mean": masked_mean(old_values, mask),
-            "ppo/val/var": masked_var(old_values, mask, unbiased),
-            # Share of the returns' variance the rollout values explain: 1 - Var(R - V) / Var(R).
-            "ppo/val/var_explained": 1 - masked_var(returns - old_values, mask, unbiased) / returns_var.clamp(min=1e-8),
-            "ppo/learning_rate": learning_rate,
-            "ppo/epochs_run": len(epoch_stats["approxkl"]) / (optimizer_steps * self.config.gradient_accumulation_steps),
-            "tokens/queries_len_mean": query_lengths.mean(),
-            "tokens/queries_len_std": length_std(query_lengths),
-            "tokens/queries_dist": query_lengths,
-            "tokens/responses_len_mean": response_lengths.mean(),
-            "tokens/responses_len_std": length_std(response_lengths),
-            "tokens/responses_dist": response_lengths,
-        }
-        out = {}
-        for key, value in stats.items():
-            if isinstance(value, torch.Tensor):
-                value = value.detach().float()
-                if value.dim() == 0:
-                    value = self.accelerator.reduce(value.to(self.accelerator.device), reduction="mean")
-                value = value.cpu().numpy() if value.dim() else float(value)
-            out[key] = value
-        return out
 
     # ----- logging and saving ------------------------------------------------------------------------
     def log_stats(self, stats: dict[str, Any], batch: dict[str, Any], rewards: Sequence[Any],
