@@ -57,7 +57,8 @@ class PPOTrainLoop:
         """Endless batches of `batch_size` prompts (per process) as column lists, from shuffled epochs."""
         if self.dataset is None:
             raise ValueError("train() needs a prompt dataset: PPOTrainer(..., dataset=ds) with a 'prompt' column.")
-        return ShuffledBatches(prepare_prompts(self.dataset, self.tokenizer), self.config.batch_size, collate_columns,
+        prompts = prepare_prompts(self.dataset, self.tokenizer, num_proc=self.config.dataset_num_proc)
+        return ShuffledBatches(prompts, self.config.batch_size, collate_columns,
                                self.config.seed, stream=0, rank=self.accelerator.process_index,
                                world_size=self.accelerator.num_processes, name="prompt dataset")
 
