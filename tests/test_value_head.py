@@ -482,7 +482,7 @@ def test_two_ppo_runs_with_one_seed_are_identical_whatever_came_before(tiny_deco
 def test_gradient_checkpointing_keyword(tiny_decoder_dir):
     model = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_decoder_dir, peft_config=lora(),
                                                               use_gradient_checkpointing=True)
-    assert model.pretrained_model.is_gradient_checkpointing
+    assert model.pretrained_model.is_activation_checkpointing
     model.train()
     input_ids, attention_mask = inputs()
     _, _, values = model(input_ids=input_ids, attention_mask=attention_mask)

@@ -135,7 +135,6 @@ class PreTrainedModelWrapper(nn.Module):
             raise ValueError("supports_rm_adapter=True needs score_module= and rm_adapter_name=.")
         self.supports_rm_adapter = supports_rm_adapter
         self.rm_adapter_name = rm_adapter_name
-        self.policy_adapter_name = "default"
         if score_module is not None:
             self.score = score_module
 
@@ -203,8 +202,8 @@ class PreTrainedModelWrapper(nn.Module):
         if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
             raise ValueError("reward_adapter must be the folder or hub id of a PEFT reward adapter, got "
                              f"{type(reward_adapter).__name__}.")
-        source = os.fspath(pretrained_model_name_or_path) if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) \
-            else pretrained_model_name_or_path
+        source = pretrained_model_name_or_path
+        source = os.fspath(source) if isinstance(source, os.PathLike) else source
         token, revision = kwargs.get("token"), kwargs.get("revision")
         hub_kwargs = {k: v for k, v in (("token", token), ("revision", revision)) if v is not None}
         if isinstance(source, nn.Module):
@@ -233,13 +232,15 @@ class PreTrainedModelWrapper(nn.Module):
             else:
                 model = cls.transformers_parent_class.from_pretrained(source, *model_args, **init_kwargs)
         if use_gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            if is_peft_model(model):  # a loaded adapter under frozen embeddings: checkpointed inputs need grad
+                model.enable_input_require_grads()
         if peft_config is not None and not is_peft_model(model):
             with _fork_rng_on(model):  # a new adapter starts the same whatever the caller drew before
                 torch.manual_seed(ADAPTER_INIT_SEED)
                 model = apply_peft(model, peft_config, activation_checkpointing=use_gradient_checkpointing)
 
-        score, rm_args = None, {}
+        rm_args = {}
         if reward_adapter is not None:
             if not is_peft_model(model):
                 raise ValueError("reward_adapter needs a PEFT policy to share the base model with: pass "
@@ -358,7 +359,10 @@ class PreTrainedModelWrapper(nn.Module):
         self.pretrained_model.gradient_checkpointing_disable()
 
     def activation_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.pretrained_model.gradient_checkpointing_enable(**kwargs)
+        self.pretrained_model.activation_checkpointing_enable(**kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.pretrained_model.activation_checkpointing_disable()
 
     @property
     def device(self) -> torch.device:
@@ -385,25 +389,31 @@ def _split_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, to
     return lm_state, head_state
 
 
+def _is_head_entry(name: str) -> bool:
+    return name.startswith("v_head.")
+
+
 def _saved_value_head(source: str, token: str | bool | None, revision: str | None) -> dict[str, torch.Tensor] | None:
     """The value head saved with a model, as `v_head.*` entries: tether's value_head.safetensors, else TRL's
     entries in the model's weight files (whole or sharded); None for a model saved without one."""
     path = find_model_file(source, VALUE_HEAD_FILE, token, revision)
     if path is not None:
         return {f"v_head.{k}": v for k, v in load_file(path).items()}
-    is_head = lambda name: name.startswith("v_head.")  # noqa: E731
     for weights_name, index_name in TRL_WEIGHT_FILES:
         path = find_model_file(source, weights_name, token, revision)
-        shards = [path] if path is not None else []
-        index = find_model_file(source, index_name, token, revision) if path is None else None
-        if index is not None:
+        if path is not None:
+            shards = [path]
+        elif (index := find_model_file(source, index_name, token, revision)) is not None:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-            files = sorted({name for key, name in weight_map.items() if is_head(key)})
-            shards = [find_model_file(source, name, token, revision) for name in files]
-        state = {k: v for shard in shards if shard is not None for k, v in read_weights(shard, keep=is_head).items()}
-        if state:
-            return state
+            shards = [find_model_file(source, name, token, revision)
+                      for name in sorted({name for key, name in weight_map.items() if _is_head_entry(key)})]
+        else:
+            continue
+        # One save writes one format: the first one present is the one to read (and on the hub, a repo
+        # holding both formats is not downloaded twice).
+        state = {k: v for shard in shards if shard is not None for k, v in read_weights(shard, _is_head_entry).items()}
+        return state or None
     return None
 
 
