@@ -131,3 +131,13 @@ def test_respond_to_batch_returns_exactly_txt_len_tokens(tiny_decoder_dir, txt_l
     assert not (out == int(first[0, 0])).any()  # EOS is never sampled: every row runs txt_len tokens
     sampled = respond_to_batch(model, batch, txt_len=txt_len)  # plain sampling (no top-k, no top-p)
     assert sampled.shape == (2, txt_len)
+
+
+def test_classic_keywords_with_a_length_sampler_take_tethers_sampler(tiny_decoder, monkeypatch):
+    """TRL's usual gen_kwargs (min_length=-1, top_k=0.0, top_p=1.0) with a length sampler mean plain sampling:
+    tether's sampler serves them; model.generate is never called."""
+    monkeypatch.setattr(tiny_decoder, "generate", lambda *a, **k: pytest.fail("model.generate was called"))
+    lengths = iter([3, 5])
+    out = generate_responses(tiny_decoder, queries(), PAD, batch_size=2, length_sampler=lambda: next(lengths),
+                             min_length=-1, top_k=0.0, top_p=1.0, do_sample=True, eos_token_id=None)
+    assert [len(r) for r in out] == [3, 3, 5, 5]  # no EOS: each batch runs to its own drawn length

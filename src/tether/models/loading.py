@@ -251,13 +251,6 @@ def load_reward_model(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
     return AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **model_init_kwargs(kwargs))
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off: pairwise losses compare two forward passes, which dropout noise would decorrelate."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 def load_critic(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
     """A value model initialised from a trained reward model's checkpoint (InstructGPT style), whether
     that checkpoint is a full model or a LoRA adapter (then merged into its base)."""

@@ -69,15 +69,17 @@ def generate_responses(
     if encoder_decoder and return_prompt:
         raise ValueError("return_prompt=True needs a decoder-only model: an encoder-decoder's response "
                          "does not continue its prompt.")
+    if generation_kwargs.get("min_length") is not None and generation_kwargs["min_length"] <= 0:
+        generation_kwargs = {k: v for k, v in generation_kwargs.items() if k != "min_length"}  # TRL's -1: no minimum
     was_training = model.training
     model.eval()
     outputs: list[torch.Tensor] = []
-    sampler_settings = None if encoder_decoder else _sampler_settings(model, generation_kwargs)
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
         kwargs = dict(generation_kwargs)
         if length_sampler is not None:
             kwargs["max_new_tokens"] = length_sampler()
+        sampler_settings = None if encoder_decoder else _sampler_settings(model, kwargs)
         if sampler_settings is not None:  # tether's sampler: same distribution, less work (see rollout.sampling)
             sampled = sample_groups(model, [q.tolist() for q in chunk], 1, kwargs["max_new_tokens"], pad_token_id,
                                     eos_ids, **sampler_settings)

@@ -25,11 +25,11 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..distributed import default_ddp_backend
+from ..models.dropout import disable_dropout
 from ..models.forward import supports_packed_rows
 from ..models.loading import (
     apply_peft,
     check_quantized_for_training,
-    disable_dropout,
     ensure_pad_token,
     load_language_model,
     load_tokenizer,

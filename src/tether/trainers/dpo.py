@@ -11,8 +11,9 @@ from tqdm.auto import tqdm
 
 from ..distributed import prepare_frozen_model
 from ..losses.preference import AVERAGED_LOG_PROBS, DPO_LOSSES, dpo_loss
+from ..models.dropout import disable_dropout
 from ..models.forward import completion_log_probs
-from ..models.loading import disable_dropout, load_language_model, model_init_kwargs
+from ..models.loading import load_language_model, model_init_kwargs
 from ..models.reference import reference_context, select_reference
 from .preference import PairwiseConfig, PairwiseTrainer
 

@@ -236,8 +236,6 @@ class PPOTrainer(PPOTrainLoop):
         pad_token_id = generation_kwargs.pop("pad_token_id", None)
         pad_token_id = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         generation_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        if generation_kwargs.get("min_length") is not None and generation_kwargs["min_length"] <= 0:
-            del generation_kwargs["min_length"]  # the classic scripts' min_length=-1 means "no minimum"
 
         def sample(model: nn.Module, context: Any) -> list[torch.Tensor]:
             # Under ZeRO-3 the weights are gathered once for the whole rollout, not once per generated token.
