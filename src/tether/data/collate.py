@@ -263,7 +263,8 @@ class DataCollatorForCompletionOnlyLM(DataCollatorForLanguageModeling):
         self.instruction_token_ids = (None if instruction_template is None
                                       else self._template_ids(instruction_template, "instruction_template"))
         self.ignore_index = ignore_index
-        if instruction_template is not None and not mlm and self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
+        pads_with_eos = self.tokenizer.pad_token_id == self.tokenizer.eos_token_id
+        if instruction_template is not None and not mlm and pads_with_eos:
             warnings.warn(
                 "The tokenizer pads with its EOS token, and padding is never a target, so in multi-turn training "
                 "the model never learns to end a turn with EOS. Fix: give the tokenizer a pad token of its own.",

@@ -204,8 +204,8 @@ def prepare_sft_dataset(
 
     if isinstance(dataset, datasets.IterableDataset):
         if seq2seq:
-            raise DatasetError(f"The {what} dataset is a stream, which encoder-decoder SFT does not read. Fix: load it "
-                               "without streaming=True.")
+            raise DatasetError(f"The {what} dataset is a stream, which encoder-decoder SFT does not read. "
+                               "Fix: load it without streaming=True.")
         if packing:
             return ConstantLengthDataset(
                 tokenizer, dataset, dataset_text_field=None if formatting_func else text_field,

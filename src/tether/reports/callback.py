@@ -34,13 +34,14 @@ def prompt_ids(row: dict[str, Any]) -> list[int] | None:
     trains (plain text), the first few tokens of their (first packed) sequence, so the report still shows
     what the model writes.
     """
+    row = {k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items()}  # tensor rows (streams) too
     if "prompt_input_ids" in row:
         return list(row["prompt_input_ids"])
     if "prompt_ids" in row:
         return list(row["prompt_ids"])
     if "chosen_input_ids" in row:
         return list(row["chosen_input_ids"][: row["prompt_length"]])
-    if "labels" in row:
+    if "labels" in row and row["labels"] != row.get("input_ids"):  # seq2seq: labels are the decoder's targets
         return list(row["input_ids"])
     if "input_ids" not in row:
         return None
@@ -53,7 +54,9 @@ def prompt_ids(row: dict[str, Any]) -> list[int] | None:
 
 
 def _first_rows(dataset: Any, n: int) -> list[dict[str, Any]]:
-    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+    # A torch IterableDataset may define __len__ (ConstantLengthDataset does) but is never indexed.
+    indexable = not isinstance(dataset, torch.utils.data.IterableDataset)
+    if indexable and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         return [dataset[i] for i in range(min(n, len(dataset)))]
     return list(itertools.islice(iter(dataset), n))
 

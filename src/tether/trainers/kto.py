@@ -12,6 +12,7 @@ from torch import nn
 from ..data.preference import UnpairedCollator, prepare_unpaired
 from ..losses.preference import kto_loss, kto_reference_point
 from ..models.forward import completion_log_probs
+from ..models.reference import reference_context
 from .dpo import DPOTrainer
 from .preference import PairwiseConfig
 
@@ -63,7 +64,7 @@ class KTOTrainer(DPOTrainer):
         with torch.no_grad():
             policy_mismatched, _, _ = completion_log_probs(model, {k: v[b:] for k, v in sequences.items()},
                                                            chunk_size=chunk)
-            reference_model, context = self._reference_context(model)
+            reference_model, context = reference_context(model, self.ref_model)
             with context:
                 ref_all, _, _ = completion_log_probs(reference_model, sequences, chunk_size=chunk)  # [2b]
             ref, ref_mismatched = ref_all[:b], ref_all[b:]

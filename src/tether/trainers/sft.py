@@ -66,7 +66,8 @@ class SFTConfig(TetherConfig):
             raise ValueError("logprob_chunk_size must be positive.")
         unknown = set(self.dataset_kwargs or {}) - set(DATASET_KWARGS)
         if unknown:
-            raise ValueError(f"dataset_kwargs has unknown key(s) {sorted(unknown)}; the options are {DATASET_KWARGS}.")
+            raise ValueError(f"dataset_kwargs has unknown key(s) {sorted(unknown)}; the options are "
+                             f"{DATASET_KWARGS}.")
         super().__post_init__()
 
 
@@ -167,12 +168,12 @@ class SFTTrainer(TetherTrainer):
         return LanguageModelingCollator(pad_id, flatten=flatten)
 
     def _set_signature_columns_if_needed(self) -> None:
-        # A torch dataset or a stream has no column names to keep: keep what the model's forward takes
-        # (Trainer's rule), and the loss mask.
-        if self._signature_columns is None and getattr(self.train_dataset, "column_names", None) is None:
+        # With remove_unused_columns=True, keep what the model's forward takes (Trainer's rule: torch datasets
+        # and streams have no column names), the loss mask, and the columns of a prepared train set.
+        if self._signature_columns is None:
             Trainer._set_signature_columns_if_needed(self)
-            self._signature_columns = [*self._signature_columns, "loss_mask"]
-        super()._set_signature_columns_if_needed()
+            columns = getattr(self.train_dataset, "column_names", None) or []
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, "loss_mask", *columns]))
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor:
