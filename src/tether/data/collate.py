@@ -59,15 +59,28 @@ def pack_examples(columns: dict[str, list[list[Any]]], capacity: int) -> dict[st
     return packed
 
 
-def _pad(rows: list[list[Any]], value: Any, width: int, left: bool, dtype: torch.dtype) -> torch.Tensor:
+def pad_rows(rows: Sequence[Sequence[Any] | torch.Tensor], value: Any, width: int | None = None, left: bool = False,
+             dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Rows of different lengths (lists or 1-D tensors) -> [b, width] filled with `value` where a row has no
+    entry: right padding, or left padding (`left=True`, every row ending at the last column, as generation
+    wants). width defaults to the longest row."""
+    width = max((len(row) for row in rows), default=0) if width is None else width
     out = torch.full((len(rows), width), value, dtype=dtype)
     for i, row in enumerate(rows):
-        if row:
+        if len(row):
+            row = torch.as_tensor(row, dtype=dtype)
             if left:
-                out[i, width - len(row):] = torch.tensor(row, dtype=dtype)
+                out[i, width - len(row):] = row
             else:
-                out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+                out[i, : len(row)] = row
     return out
+
+
+def pad_with_mask(rows: Sequence[Sequence[int] | torch.Tensor], value: int, left: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [b, t], mask [b, t] bool, True at each row's real entries), padded as `pad_rows` does."""
+    return pad_rows(rows, value, left=left), pad_rows([[True] * len(row) for row in rows], False, left=left,
+                                                       dtype=torch.bool)
 
 
 def _as_list(values: Any) -> list:
@@ -164,11 +177,11 @@ class LanguageModelingCollator:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         left = self.padding_side == "left"
         batch = {
-            "input_ids": _pad(ids, self.pad_token_id, width, left, torch.long),
-            "loss_mask": _pad(masks, False, width, left, torch.bool),
+            "input_ids": pad_rows(ids, self.pad_token_id, width, left, torch.long),
+            "loss_mask": pad_rows(masks, False, width, left, torch.bool),
         }
         if owners is not None:
-            batch["sequence_ids"] = _pad(owners, -1, width, left, torch.long)
+            batch["sequence_ids"] = pad_rows(owners, -1, width, left, torch.long)
         if self.flatten or owners is not None or "position_ids" in examples[0]:
             # Padding becomes one more (masked-out) sequence: positions restart at 0, on the side
             # where the padding is.
@@ -177,7 +190,7 @@ class LanguageModelingCollator:
             batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
             batch["loss_mask"] &= batch["position_ids"] != 0  # likewise for each packed sequence
         else:
-            batch["attention_mask"] = _pad([[1] * len(i) for i in ids], 0, width, left, torch.long)
+            batch["attention_mask"] = pad_rows([[1] * len(i) for i in ids], 0, width, left, torch.long)
         return batch
 
 
@@ -191,11 +204,11 @@ class Seq2SeqCollator:
         enc = [list(e["input_ids"]) for e in examples]
         dec = [list(e["labels"]) for e in examples]
         enc_width, dec_width = max(map(len, enc)), max(map(len, dec))
-        decoder_mask = _pad([[1] * len(d) for d in dec], 0, dec_width, False, torch.long)
+        decoder_mask = pad_rows([[1] * len(d) for d in dec], 0, dec_width, False, torch.long)
         return {
-            "input_ids": _pad(enc, self.pad_token_id, enc_width, False, torch.long),
-            "attention_mask": _pad([[1] * len(e) for e in enc], 0, enc_width, False, torch.long),
-            "labels": _pad(dec, self.pad_token_id, dec_width, False, torch.long),
+            "input_ids": pad_rows(enc, self.pad_token_id, enc_width, False, torch.long),
+            "attention_mask": pad_rows([[1] * len(e) for e in enc], 0, enc_width, False, torch.long),
+            "labels": pad_rows(dec, self.pad_token_id, dec_width, False, torch.long),
             "decoder_attention_mask": decoder_mask,
             "decoder_loss_mask": decoder_mask.bool(),
         }

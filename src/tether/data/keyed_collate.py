@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .collate import _pad
+from .collate import pad_rows
 
 _REWARD_KEYS = ("input_ids_chosen", "attention_mask_chosen", "input_ids_rejected", "attention_mask_rejected")
 
@@ -105,7 +105,7 @@ class DPODataCollatorWithPadding:
                 rows = [list(f[key]) for f in features]
                 left = not self.is_encoder_decoder and "prompt" in key
                 width = max(len(row) for row in rows)
-                batch[key] = _pad(rows, self._padding_value(key), width, left, torch.long)  # [b, t]
+                batch[key] = pad_rows(rows, self._padding_value(key), width, left, torch.long)  # [b, t]
             elif key.endswith("_logps"):  # reference log-probs computed beforehand, one per row
                 batch[key] = torch.tensor([f[key] for f in features])
             else:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
+from ..data.collate import pad_with_mask
 from ..models.forward import position_ids_from_mask, unwrap_model
 
 # Drop finished rows from the cache once this share of the running batch has finished: compacting costs
@@ -149,13 +150,8 @@ def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int,
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists (or 1-D tensors) -> (input_ids, attention_mask) [b, q], padded on the left so every
     row's next token is at the same column."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, ids in enumerate(prompts):
-        input_ids[i, width - len(ids):] = torch.as_tensor(ids, dtype=torch.long)
-        attention_mask[i, width - len(ids):] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    input_ids, mask = pad_with_mask(prompts, pad_token_id, left=True)
+    return input_ids.to(device), mask.long().to(device)
 
 
 def supports_group_sampling(model: nn.Module) -> bool:

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import set_seed
 
 from ..data import collate_columns
+from ..data.collate import pad_rows, pad_with_mask
 from ..distributed import (
     accelerator_kwargs,
     backward_micro_batch,
@@ -69,27 +70,6 @@ from ..rollout.rewards import RewardFunctions
 from .ppo_config import PPOConfig
 from .ppo_loop import PPOTrainLoop
 from .ppo_stats import reduce_stats, step_stats
-
-
-def _stack_padded(rows: Sequence[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D tensors into [b, t] and the mask of real entries."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), pad, dtype=rows[0].dtype)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row.cpu()
-        mask[i, : len(row)] = True
-    return out, mask
-
-
-def _pad_each_batch(rows: list[torch.Tensor], batch_size: int, pad: int) -> list[torch.Tensor]:
-    """Each run of `batch_size` responses right-padded to its longest (what model.generate returns)."""
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        width = max(len(r) for r in chunk)
-        out += [torch.cat([r, r.new_full((width - len(r),), pad)]) for r in chunk]
-    return out
 
 
 def _tracker_config(config: PPOConfig) -> dict[str, Any]:
@@ -243,8 +223,9 @@ class PPOTrainer(PPOTrainLoop):
                 out = generate_responses(unwrap_model(unwrapped), queries, pad_token_id, batch_size,
                                          return_prompt and not self.is_encoder_decoder, length_sampler,
                                          **generation_kwargs)
-            if not remove_padding:
-                out = _pad_each_batch(out, batch_size, pad_token_id)
+            if not remove_padding:  # each batch right-padded to its longest, as model.generate returns it
+                out = [row for start in range(0, len(out), batch_size)
+                       for row in pad_rows(out[start:start + batch_size], pad_token_id)]
             return out[0].unsqueeze(0) if single else out
 
         responses = sample(self.model, contextlib.nullcontext())
@@ -313,16 +294,16 @@ class PPOTrainer(PPOTrainLoop):
         pad, device = self.tokenizer.pad_token_id, self.accelerator.device
         if self.is_encoder_decoder:
             # The response starts with the decoder start token, which predicts the rest.
-            input_ids, attention_mask = _stack_padded(queries, pad)
-            labels, label_mask = _stack_padded([r[1:] for r in responses], pad)
+            input_ids, attention_mask = pad_with_mask(queries, pad)
+            labels, label_mask = pad_with_mask([r[1:] for r in responses], pad)
             if response_masks is not None:
-                label_mask &= _stack_padded([m[1:].bool() for m in response_masks], 0)[0].bool()
+                label_mask &= pad_with_mask([m[1:].bool() for m in response_masks], 0)[0].bool()
             batch = {"input_ids": input_ids, "attention_mask": attention_mask.long(), "labels": labels,
-                     "decoder_attention_mask": _stack_padded([r[1:] for r in responses], pad)[1].long(),
+                     "decoder_attention_mask": pad_with_mask([r[1:] for r in responses], pad)[1].long(),
                      "decoder_loss_mask": label_mask}
         else:
             sequences = [torch.cat([q.cpu(), r.cpu()]) for q, r in zip(queries, responses)]
-            input_ids, attention_mask = _stack_padded(sequences, pad)
+            input_ids, attention_mask = pad_with_mask(sequences, pad)
             loss_mask = torch.zeros_like(attention_mask)
             for i, (query, response) in enumerate(zip(queries, responses)):
                 counts = response_masks[i].bool().cpu() if response_masks is not None else True
