@@ -261,6 +261,18 @@ def test_max_prompt_length_keeps_the_last_prompt_tokens_and_max_length_truncates
     assert len(row["rejected_input_ids"]) == 6
     row = prepare_preference(data, tokenizer, max_length=len(prompt_ids) + 2, max_prompt_length=None)[0]
     assert row["chosen_input_ids"] == prompt_ids + chosen_ids[:2]
+    row = prepare_preference(data, tokenizer, max_length=None, max_prompt_length=4, max_completion_length=2)[0]
+    assert row["chosen_input_ids"] == prompt_ids[-4:] + chosen_ids[:2]  # the completion's first 2 tokens
+    assert row["chosen_loss_mask"] == [False] * 4 + [True] * 2
+
+
+def test_trl_0_7_max_target_length_is_max_completion_length(tiny_decoder_dir, tokenizer, tmp_path):
+    data = Dataset.from_list([{"prompt": "the film", "chosen": " was great and moving.", "rejected": " was dull."}] * 2)
+    with pytest.warns(FutureWarning, match="max_target_length"):
+        trainer = DPOTrainer(tiny_decoder_dir, None, args=config(tmp_path), train_dataset=data, tokenizer=tokenizer,
+                             max_target_length=2)
+    assert trainer.args.max_completion_length == 2
+    assert all(sum(row["chosen_loss_mask"]) == 2 for row in trainer.train_dataset)
 
 
 def test_collator_puts_chosen_first_and_masks_only_the_completion(tokenizer):

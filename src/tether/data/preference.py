@@ -53,13 +53,15 @@ def prepare_preference(
     *,
     max_length: int | None = 1024,
     max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
     num_proc: int | None = None,
     what: str = "train",
 ) -> Any:
     """Rows with `{chosen,rejected}_input_ids`, `{chosen,rejected}_loss_mask` (completion tokens),
     `prompt_length`, and `margin` when the dataset has that column.
 
-    The prompt keeps its last `max_prompt_length` tokens; each whole sequence its first `max_length`.
+    The prompt keeps its last `max_prompt_length` tokens, each completion its first `max_completion_length`,
+    each whole sequence its first `max_length`.
     """
     fmt = detect_format(dataset, expected=(DatasetType.PREFERENCE,))
     has_margin = "margin" in dataset.column_names
@@ -76,6 +78,8 @@ def prepare_preference(
             if max_prompt_length is not None and prompt_length > max_prompt_length:
                 cut = prompt_length - max_prompt_length
                 ids, mask, prompt_length = ids[cut:], mask[cut:], max_prompt_length
+            if max_completion_length is not None:
+                ids, mask = ids[:prompt_length + max_completion_length], mask[:prompt_length + max_completion_length]
             if max_length is not None:
                 ids, mask = ids[:max_length], mask[:max_length]
             out[f"{side}_input_ids"], out[f"{side}_loss_mask"] = ids, mask

@@ -51,6 +51,7 @@ class DPOTrainer(PairwiseTrainer):
     """
 
     config_class = DPOConfig
+    legacy_renames = {"max_target_length": "max_completion_length"}  # TRL 0.7's name
     config_suffix = "DPO"
 
     def __init__(self, model: nn.Module | str, ref_model: nn.Module | str | None = None, *args: Any,

@@ -25,6 +25,8 @@ class PairwiseConfig(TetherConfig):
                                                                      "tokens."})
     max_prompt_length: int | None = field(default=512, metadata={"help": "Keep the last this many prompt "
                                                                            "tokens."})
+    max_completion_length: int | None = field(default=None, metadata={
+        "help": "Keep the first this many tokens of each completion (None: only max_length limits it)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the model(s)."})
     padding_free: bool | None = field(default=None, metadata={
         "help": "Pack each batch's sequences into rows of max_length (position_ids, no padding) instead of "
@@ -34,6 +36,8 @@ class PairwiseConfig(TetherConfig):
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
 
     def __post_init__(self) -> None:
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be at least 1 (or None), got {self.max_completion_length}.")
         if self.beta <= 0:
             raise ValueError(f"beta must be positive, got {self.beta}.")
         if self.max_length is not None and self.max_prompt_length is not None and (
@@ -56,6 +60,7 @@ class PairwiseTrainer(TetherTrainer):
     def _prepare(self, dataset: Any, what: str) -> Any:
         return prepare_preference(dataset, self.processing_class, max_length=self.args.max_length,
                                   max_prompt_length=self.args.max_prompt_length,
+                                  max_completion_length=self.args.max_completion_length,
                                   num_proc=self.args.dataset_num_proc, what=what)
 
     def pair_log_probs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
