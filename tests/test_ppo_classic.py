@@ -288,3 +288,25 @@ def test_log_stats_writes_scalars_histograms_and_the_game_log_to_tensorboard(tin
     assert "q two" in game_log and "r two" in game_log and "1.5" in game_log
     with pytest.raises(ValueError, match="columns_to_log"):
         trainer.log_stats(stats, {"text": ["a", "b"]}, [torch.tensor(0.0)] * 2)
+
+
+def test_log_stats_sends_histograms_and_a_table_to_wandb(tiny_decoder_dir, tokenizer, tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = PPOConfig(batch_size=2, mini_batch_size=2, log_with="wandb", tracker_project_name="run",
+                       tracker_kwargs={"wandb": {"name": "classic"}})
+    trainer = PPOTrainer(config, value_model(tiny_decoder_dir), None, tokenizer)
+    logged = []
+    run = trainer.accelerator.get_tracker("wandb", unwrap=True)
+    monkeypatch.setattr(run, "log", lambda row, step=None: logged.append((row, step)))
+    stats = trainer.step(make_queries(tokenizer, 2), make_responses(2), scores_for(2))
+    trainer.log_stats(stats, {"query": ["q1", "q2"], "response": ["r1", "r2"]}, [torch.tensor(0.5)] * 2)
+    trainer.accelerator.end_training()
+    (row, step), = logged
+    assert step == 1 and row["env/reward_mean"] == pytest.approx(0.5)
+    assert isinstance(row["objective/kl_dist"], wandb.Histogram)
+    assert isinstance(row["game_log"], wandb.Table) and row["game_log"].columns == ["query", "response", "reward"]
+    assert run.name == "classic"  # tracker_kwargs reach wandb.init
