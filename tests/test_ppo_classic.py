@@ -310,3 +310,18 @@ def test_log_stats_sends_histograms_and_a_table_to_wandb(tiny_decoder_dir, token
     assert isinstance(row["objective/kl_dist"], wandb.Histogram)
     assert isinstance(row["game_log"], wandb.Table) and row["game_log"].columns == ["query", "response", "reward"]
     assert run.name == "classic"  # tracker_kwargs reach wandb.init
+
+
+def test_a_fresh_value_head_is_drawn_from_the_config_seed_and_a_trained_one_is_kept(tiny_decoder_dir, tokenizer,
+                                                                                      tmp_path):
+    def head(seed: int, path: str = tiny_decoder_dir) -> torch.Tensor:
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(path)
+        PPOTrainer(PPOConfig(batch_size=2, seed=seed), model, None, tokenizer)
+        return model.v_head.summary.weight.detach().clone()
+
+    assert torch.equal(head(1), head(1)) and not torch.equal(head(1), head(2))  # each seed its own start
+    trained = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_decoder_dir)
+    with torch.no_grad():
+        trained.v_head.summary.weight.fill_(0.25)
+    trained.save_pretrained(tmp_path / "trained")
+    assert torch.all(head(1, str(tmp_path / "trained")) == 0.25)  # a saved head is never re-drawn

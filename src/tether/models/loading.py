@@ -6,6 +6,7 @@ import copy
 import inspect
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -237,10 +238,12 @@ def apply_peft(model: PreTrainedModel, peft_config: Any, activation_checkpointin
 
 
 def is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a dependency, but keep import-time failures out of unrelated paths
+    # A PEFT model can only exist once peft was imported: asking costs nothing then, and a plain run never
+    # pays for importing peft (and the bitsandbytes it loads, ~55 MiB).
+    if "peft" not in sys.modules:
         return False
+    from peft import PeftModel
+
     return isinstance(model, PeftModel)
 
 

@@ -51,6 +51,12 @@ ADAPTER_INIT_SEED = 0
 INIT_STRATEGIES = (None, "normal")
 
 
+def _is_peft_config(value: Any) -> bool:
+    from peft import PeftConfig
+
+    return isinstance(value, PeftConfig)
+
+
 class ValueHead(nn.Module):
     """hidden [b, t, h] -> value [b, t]: optional dropout, then one linear unit."""
 
@@ -138,19 +144,24 @@ class PreTrainedModelWrapper(nn.Module):
         if score_module is not None:
             self.score = score_module
 
-    def _init_weights(self, v_head_init_strategy: str | None = None, v_head_initializer_range: float = 0.2) -> None:
+    def _init_weights(self, v_head_init_strategy: str | None = None, v_head_initializer_range: float = 0.2,
+                      seed: int = VALUE_HEAD_INIT_SEED) -> None:
         """Initialise the value head: None -> nn.Linear's initialisation (weight and bias uniform in
-        +-1/sqrt(h), TRL's default) from a generator seeded with VALUE_HEAD_INIT_SEED; "normal" -> weight
-        ~ N(0, v_head_initializer_range) from the global RNG and bias 0, exactly as TRL did."""
+        +-1/sqrt(h), TRL's default) from a generator seeded with `seed`; "normal" -> weight
+        ~ N(0, v_head_initializer_range) from the global RNG and bias 0, exactly as TRL did.
+
+        A default-initialised head is marked fresh (`v_head_is_fresh`) until trained weights are loaded into
+        it, so a trainer may draw it again from its own seed (PPOTrainer does, with PPOConfig.seed)."""
         summary = self.v_head.summary
+        self.v_head_is_fresh = v_head_init_strategy is None
         if v_head_init_strategy == "normal":
             summary.weight.data.normal_(mean=0.0, std=v_head_initializer_range)
             summary.bias.data.zero_()
             return
         if summary.weight.device.type == "meta":
             return
-        # The same draws as nn.Linear.reset_parameters under torch.manual_seed(VALUE_HEAD_INIT_SEED).
-        generator = torch.Generator(device=summary.weight.device).manual_seed(VALUE_HEAD_INIT_SEED)
+        # The same draws as nn.Linear.reset_parameters under torch.manual_seed(seed).
+        generator = torch.Generator(device=summary.weight.device).manual_seed(seed)
         with torch.no_grad():
             nn.init.kaiming_uniform_(summary.weight, a=5 ** 0.5, generator=generator)
             bound = 1 / summary.in_features ** 0.5
@@ -195,9 +206,8 @@ class PreTrainedModelWrapper(nn.Module):
             load_in_8bit, bnb_4bit_*, quantization_config, use_safetensors, token, revision, attn_implementation,
             config overrides, ...); `token` and `revision` also apply to the adapter and value-head files.
         """
-        from peft import PeftConfig
-
-        if peft_config is not None and not isinstance(peft_config, PeftConfig):
+        # peft (and the bitsandbytes it imports) only when an adapter is involved: ~55 MiB of memory otherwise
+        if peft_config is not None and not _is_peft_config(peft_config):
             raise ValueError(f"peft_config must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}.")
         if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
             raise ValueError("reward_adapter must be the folder or hub id of a PEFT reward adapter, got "
@@ -225,6 +235,8 @@ class PreTrainedModelWrapper(nn.Module):
                 # A saved PEFT policy: its base model (by the path the adapter records) + the adapter.
                 if peft_config is not None:
                     raise ValueError(f"{source} already holds a PEFT adapter; drop peft_config to load it.")
+                from peft import PeftConfig
+
                 base_path = PeftConfig.from_pretrained(source, **hub_kwargs).base_model_name_or_path
                 base_kwargs = {k: v for k, v in init_kwargs.items() if k != "revision"}  # the adapter's revision
                 base = cls.transformers_parent_class.from_pretrained(base_path, *model_args, **base_kwargs)
@@ -264,6 +276,7 @@ class PreTrainedModelWrapper(nn.Module):
         head_state = {k.split("v_head.", 1)[1]: v for k, v in (state_dict or {}).items() if "v_head." in k}
         if head_state:
             self.v_head.load_state_dict(head_state)
+            self.v_head_is_fresh = False
         device_map = getattr(self.pretrained_model, "hf_device_map", None) or {}
         places = {str(place) for place in device_map.values()}
         if "disk" in places or ("cpu" in places and len(places) > 1):

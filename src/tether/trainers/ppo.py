@@ -25,7 +25,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object
 from torch import nn
-from transformers import set_seed
 
 from ..data import collate_columns
 from ..data.collate import pad_rows, pad_with_mask
@@ -63,6 +62,7 @@ from ..models.loading import (
 )
 from ..models.reference import reference_context, select_reference
 from ..models.scoring import token_values
+from ..ops.rng import set_seed
 from ..ops.stats import RunningMoments, masked_mean, masked_whiten
 from ..reports.trackers import log_to_trackers
 from ..rollout.generation import generate_responses
@@ -70,6 +70,14 @@ from ..rollout.rewards import RewardFunctions
 from .ppo_config import PPOConfig
 from .ppo_loop import PPOTrainLoop
 from .ppo_stats import reduce_stats, step_stats
+
+
+def _adam(parameters: list[nn.Parameter], learning_rate: float) -> torch.optim.Adam:
+    """TRL's default optimizer, Adam, in torch's fused form where it exists (CPU and CUDA, float weights): the
+    same update in one kernel per step instead of several per tensor, which PPO's many small optimizer
+    steps feel (about 4x less optimizer time on CPU)."""
+    fused = bool(parameters) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+    return torch.optim.Adam(parameters, lr=learning_rate, fused=fused or None)
 
 
 def _tracker_config(config: PPOConfig) -> dict[str, Any]:
@@ -131,6 +139,10 @@ class PPOTrainer(PPOTrainLoop):
                                            init_kwargs=config.tracker_kwargs)
         # The update's ratio pi/pi_old must start at exactly 1: no dropout in the policy's passes.
         disable_dropout(model.pretrained_model)
+        if getattr(model, "v_head_is_fresh", False):
+            # An untrained default head is drawn from PPOConfig.seed: each seed its own start, as in TRL, and
+            # still nothing depends on what the script drew before.
+            model._init_weights(seed=config.seed)
         if config.gradient_checkpointing:
             unwrap_model(model.pretrained_model).gradient_checkpointing_enable()
         if ref_model is not None and num_shared_layers is not None:
@@ -148,7 +160,7 @@ class PPOTrainer(PPOTrainLoop):
             disable_dropout(critic)
             model.v_head.requires_grad_(False)
         trainable = [p for m in (model, critic) if m is not None for p in m.parameters() if p.requires_grad]
-        self.optimizer = optimizer or torch.optim.Adam(trainable, lr=config.learning_rate)
+        self.optimizer = optimizer or _adam(trainable, config.learning_rate)
         self.lr_scheduler = lr_scheduler
         self.dataset = dataset
         self.data_collator = data_collator or collate_columns
@@ -198,12 +210,14 @@ class PPOTrainer(PPOTrainLoop):
 
     # ----- rollout -----------------------------------------------------------------------------------
     def generate(self, query_tensor: torch.Tensor | list[torch.Tensor], length_sampler: Callable[[], int] | None = None,
-                 batch_size: int = 4, return_prompt: bool = True, generate_ref_response: bool = False,
+                 batch_size: int | None = None, return_prompt: bool = True, generate_ref_response: bool = False,
                  remove_padding: bool = True, **generation_kwargs: Any) -> Any:
         """Responses to a list of 1-D queries (a list of 1-D tensors), or to one 1-D query (a [1, r] tensor,
         as `model.generate` gives). Every `generate()` keyword passes through (pad_token_id, min_length,
         top_k, do_sample, max_new_tokens, ...); `length_sampler()` draws max_new_tokens per batch of
-        `batch_size` queries. Responses end at their first EOS (kept); `remove_padding=False` keeps each
+        `batch_size` queries (default: all queries in one batch; TRL's default was 4, a memory knob: tether's
+        sampler drops finished rows and preallocates the cache, so one batch is faster at the same memory
+        order). Responses end at their first EOS (kept); `remove_padding=False` keeps each
         list batch's responses padded to its longest with the pad id instead. `return_prompt=False` drops the
         query (decoder-only models). `generate_ref_response=True` also samples from the reference model
         (the adapter-disabled policy for PEFT) and returns (responses, reference responses).
@@ -213,6 +227,7 @@ class PPOTrainer(PPOTrainLoop):
                              f"{tuple(query_tensor.shape)}; pass list(batch) for a batch.")
         single = isinstance(query_tensor, torch.Tensor)
         queries = [query_tensor] if single else list(query_tensor)
+        batch_size = batch_size or len(queries)
         pad_token_id = generation_kwargs.pop("pad_token_id", None)
         pad_token_id = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         generation_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
