@@ -285,7 +285,12 @@ def parse_command_args(command: str, argv: Sequence[str]) -> tuple[Any, Any]:
 def _write_resolved_config(script_args: Any, config: Any, path: str) -> None:
     import yaml
 
-    values = {**dataclasses.asdict(script_args), **config.to_dict()}
+    options = config.to_dict()
+    # TrainingArguments.to_dict hides the value of every field named *_token (a secret like hub_token); the
+    # ones that are not secrets (e.g. SFTConfig.chars_per_token) are numbers, kept as they are.
+    options.update({k: getattr(config, k) for k, v in options.items()
+                    if k.endswith("_token") and v == f"<{k.upper()}>" and isinstance(getattr(config, k), (int, float))})
+    values = {**dataclasses.asdict(script_args), **options}
     values.pop("resume", None)  # how this run started, not an option of the run: repeating it must not resume
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(values, f, sort_keys=False)

@@ -79,7 +79,7 @@ def run_ppo(model_dir: str, out_dir: str, processes: int) -> dict[str, Any]:
     torch.manual_seed(0)  # the value head's initial weights
     model = AutoModelForCausalLMWithValueHead.from_pretrained(model_dir)
     per_process = GLOBAL_BATCH // processes
-    config = PPOConfig(batch_size=per_process, mini_batch_size=per_process, ppo_epochs=2, seed=0,
+    config = PPOConfig(batch_size=per_process, mini_batch_size=GLOBAL_BATCH // 2, ppo_epochs=2, seed=0,
                        gradient_accumulation_steps=2 if processes == 1 else 1,
                        output_dir=os.path.join(out_dir, "ppo-run"))
     trainer = PPOTrainer(config, model, None, tokenizer, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))

@@ -3,13 +3,14 @@ both halves of every pair go through the model in one forward pass."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .collate import LanguageModelingCollator
+from .collate import IGNORE_INDEX, LanguageModelingCollator
 from .formats import DatasetError, DatasetType, detect_format
 from .prepare import drop_untrainable
 from .tokenize import tokenize_conversation, tokenize_prompt_completion, tokenize_text
@@ -17,6 +18,14 @@ from .tokenize import tokenize_conversation, tokenize_prompt_completion, tokeniz
 _SIDES = ("chosen", "rejected")
 # Scalar columns carried into batches as [b] tensors: the reward margin, precomputed reference log-probs.
 _PER_PAIR_VALUES = ("margin", "ref_chosen_logps", "ref_rejected_logps")
+# Which end of a prompt longer than max_prompt_length is kept (TRL's `truncation_mode`).
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+
+def check_truncation_mode(truncation_mode: str) -> None:
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be 'keep_end' (keep the prompt's last max_prompt_length tokens) or "
+                         f"'keep_start' (keep its first ones), got {truncation_mode!r}.")
 
 
 def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
@@ -54,15 +63,24 @@ def prepare_preference(
     max_length: int | None = 1024,
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    label_pad_token_id: int | None = None,
     num_proc: int | None = None,
     what: str = "train",
 ) -> Any:
     """Rows with `{chosen,rejected}_input_ids`, `{chosen,rejected}_loss_mask` (completion tokens),
     `prompt_length`, and `margin` when the dataset has that column.
 
-    The prompt keeps its last `max_prompt_length` tokens, each completion its first `max_completion_length`,
-    each whole sequence its first `max_length`.
+    A prompt longer than `max_prompt_length` keeps its last that many tokens (`truncation_mode="keep_end"`)
+    or its first ones ("keep_start"); each completion keeps its first `max_completion_length`, each whole
+    sequence its first `max_length`.
+
+    With `label_pad_token_id`, rows also carry TRL 0.7's tokenized columns, for data collators written for
+    them (e.g. `DPODataCollatorWithPadding`): `prompt_{input_ids,attention_mask}` and
+    `{chosen,rejected}_{attention_mask,labels}`, labels being the input ids with `label_pad_token_id` wherever
+    the loss mask is False (`PairBatch` turns such batches back into loss masks).
     """
+    check_truncation_mode(truncation_mode)
     fmt = detect_format(dataset, expected=(DatasetType.PREFERENCE,))
     has_margin = "margin" in dataset.column_names
 
@@ -76,14 +94,25 @@ def prepare_preference(
             tokens = _tokenize_side(tokenizer, prompt, completion)
             ids, mask, prompt_length = tokens["input_ids"], tokens["loss_mask"], tokens["prompt_length"]
             if max_prompt_length is not None and prompt_length > max_prompt_length:
-                cut = prompt_length - max_prompt_length
-                ids, mask, prompt_length = ids[cut:], mask[cut:], max_prompt_length
+                if truncation_mode == "keep_end":
+                    cut = prompt_length - max_prompt_length
+                    ids, mask = ids[cut:], mask[cut:]
+                else:  # keep_start: the prompt's first tokens, then the whole completion
+                    ids = ids[:max_prompt_length] + ids[prompt_length:]
+                    mask = mask[:max_prompt_length] + mask[prompt_length:]
+                prompt_length = max_prompt_length
             if max_completion_length is not None:
                 ids, mask = ids[:prompt_length + max_completion_length], mask[:prompt_length + max_completion_length]
             if max_length is not None:
                 ids, mask = ids[:max_length], mask[:max_length]
             out[f"{side}_input_ids"], out[f"{side}_loss_mask"] = ids, mask
+            if label_pad_token_id is not None:
+                out[f"{side}_attention_mask"] = [1] * len(ids)
+                out[f"{side}_labels"] = [t if m else label_pad_token_id for t, m in zip(ids, mask)]
         out["prompt_length"] = prompt_length
+        if label_pad_token_id is not None:
+            out["prompt_input_ids"] = out["chosen_input_ids"][:prompt_length]
+            out["prompt_attention_mask"] = [1] * len(out["prompt_input_ids"])
         if has_margin:
             out["margin"] = float(row["margin"])
             if not torch.isfinite(torch.tensor(out["margin"])):
@@ -122,6 +151,67 @@ class PreferenceCollator:
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         return batch
+
+
+def _widen(rows: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """[b, t] -> [b, width], filled with `value` on the right."""
+    return torch.nn.functional.pad(rows, (0, width - rows.shape[1]), value=value)
+
+
+@dataclass
+class PairBatch:
+    """A user's data collator made to give the batches `PreferenceCollator` gives: [2b, t] `input_ids`,
+    `attention_mask` and `loss_mask`, the b chosen rows first, plus the per-pair values as [b].
+
+    The wrapped collator may return tether's batch (it has `loss_mask`; passed on as it is), TRL 0.7's
+    (`{chosen,rejected}_{input_ids,attention_mask,labels}`, [b, t] each, as `DPODataCollatorWithPadding`
+    builds from the TRL columns of `prepare_preference(..., label_pad_token_id=...)`), or one with
+    `input_ids` and Hugging Face-style `labels` [2b, t]. Labels equal to `label_pad_token_id` are not targets;
+    every other label must be the input token there (tether's losses predict the input tokens). Chosen and
+    rejected halves are padded to one width with `padding_value` (ids), 0 (attention) and the label pad id.
+    """
+
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    padding_value: int
+    label_pad_token_id: int = IGNORE_INDEX
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = dict(self.collator(examples))
+        if "loss_mask" in batch:
+            return batch
+        if all(f"{side}_{key}" in batch for side in _SIDES for key in ("input_ids", "labels")):
+            halves = [{key: torch.as_tensor(batch[f"{side}_{key}"]) for key in ("input_ids", "labels")}
+                      for side in _SIDES]
+            for side, half in zip(_SIDES, halves):
+                mask = batch.get(f"{side}_attention_mask")
+                half["attention_mask"] = (torch.as_tensor(mask) if mask is not None
+                                          else torch.ones_like(half["input_ids"]))
+            width = max(half["input_ids"].shape[1] for half in halves)
+            fills = {"input_ids": self.padding_value, "attention_mask": 0, "labels": self.label_pad_token_id}
+            ids, attention, labels = (torch.cat([_widen(half[key], width, fills[key]) for half in halves])  # [2b, t]
+                                      for key in ("input_ids", "attention_mask", "labels"))
+        elif "input_ids" in batch and "labels" in batch:
+            ids, labels = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["labels"])  # [2b, t]
+            attention = torch.as_tensor(batch["attention_mask"]) if "attention_mask" in batch else torch.ones_like(ids)
+        else:
+            raise ValueError(
+                f"The data collator {type(self.collator).__name__} returned keys {sorted(batch)}; a preference batch "
+                "needs `loss_mask` (tether's PreferenceCollator), chosen_/rejected_ input_ids and labels (TRL's "
+                "DPODataCollatorWithPadding), or input_ids and labels with the chosen rows first.")
+        counted = (labels != self.label_pad_token_id) & attention.bool()
+        wrong = counted & (labels != ids)
+        if wrong.any():
+            row, column = wrong.nonzero()[0].tolist()
+            raise ValueError(
+                f"labels[{row}, {column}] = {int(labels[row, column])} but input_ids[{row}, {column}] = "
+                f"{int(ids[row, column])}: a label must be the input token (a target) or label_pad_token_id="
+                f"{self.label_pad_token_id} (not a target). Fix: build labels as the input ids with the label pad "
+                "id over the prompt and padding, or set label_pad_token_id to the value your collator uses.")
+        out = {"input_ids": ids.long(), "attention_mask": attention.long(), "loss_mask": counted}
+        for key in _PER_PAIR_VALUES:
+            if key in batch:
+                out[key] = torch.as_tensor(batch[key], dtype=torch.float32)
+        return out
 
 
 # ----- unpaired preference (KTO) ---------------------------------------------------------------------

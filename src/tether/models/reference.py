@@ -1,7 +1,8 @@
 """Reference models: the frozen anchor a policy is tethered to.
 
 Three forms: an explicit frozen model; a frozen copy of the policy (`create_reference_model`); or, for a
-PEFT policy, the same model with its adapter disabled (`reference_mode`), which holds no second copy.
+PEFT policy, the same model with its adapter disabled (`reference_mode`) or with another of its adapters
+switched on (`adapter_mode`, TRL's `ref_adapter_name`), which hold no second copy.
 `select_reference` is the one rule every trainer picks its reference by, and `reference_context` the one
 way each computes under it.
 """
@@ -88,6 +89,57 @@ def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
+def check_adapters(model: nn.Module, *names: str | None) -> None:
+    """Raise a ValueError unless `model` (or the PEFT model inside its wrappers) holds every named adapter
+    (None names are skipped)."""
+    names = tuple(name for name in names if name is not None)
+    if not names:
+        return
+    inner = _peft_inside(model)
+    if inner is None:
+        raise ValueError(f"Adapter name(s) {list(names)} were given, but the policy is not a PEFT model. Fix: load "
+                         "it with its adapters (PeftModel.from_pretrained(..., adapter_name=...), then load_adapter "
+                         "for the reference), or drop model_adapter_name / ref_adapter_name.")
+    missing = [name for name in names if name not in inner.peft_config]
+    if missing:
+        raise ValueError(f"The PEFT model has no adapter named {missing}; its adapters: {sorted(inner.peft_config)}.")
+
+
+def activate_trained_adapter(model: nn.Module, model_adapter_name: str | None, ref_adapter_name: str | None) -> str:
+    """For a PEFT policy holding several adapters: make `model_adapter_name` (default: the active adapter) the
+    active and trainable one, which freezes the others, `ref_adapter_name` among them. Returns its name."""
+    check_adapters(model, model_adapter_name, ref_adapter_name)
+    inner = _peft_inside(model)
+    trained = model_adapter_name or inner.active_adapter
+    if trained == ref_adapter_name:
+        raise ValueError(f"The adapter to train would be {trained!r}, which is ref_adapter_name; the reference must "
+                         f"stay as it is. Fix: pass model_adapter_name= the adapter to train (adapters: "
+                         f"{sorted(inner.peft_config)}).")
+    inner.set_adapter(trained)
+    return trained
+
+
+@contextlib.contextmanager
+def adapter_mode(model: nn.Module, adapter: str, restore: str | None = None) -> Iterator[nn.Module]:
+    """Within the block, `model` computes with its PEFT adapter `adapter` active (e.g. a frozen copy of the
+    starting adapter serving as the reference). After it, `restore` is active (default: the adapter that was
+    active before); when that is the one active before, every parameter's requires_grad is what it was, as
+    peft's set_adapter marks adapters trainable or frozen as it switches, which must not leak into training.
+    """
+    check_adapters(model, adapter, restore)
+    inner = _peft_inside(model)
+    before = inner.active_adapter
+    trainable = [(p, p.requires_grad) for p in inner.parameters()]
+    inner.set_adapter(adapter, inference_mode=True)
+    try:
+        yield model
+    finally:
+        inner.set_adapter(restore or before)
+        if (restore or before) == before:  # back where it was: exactly the flags it had
+            for param, flag in trainable:
+                param.requires_grad_(flag)
+
+
 def is_partitioned(model: nn.Module) -> bool:
     """Whether ZeRO-3 has partitioned `model`'s parameters (loaded under zero.Init, or inside an engine)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
@@ -137,12 +189,19 @@ def select_reference(policy: nn.Module, ref_model: nn.Module | str | None, *, so
     return copy_for_reference(policy, source, load, **copy_kwargs)
 
 
-def reference_context(policy: nn.Module, ref_model: nn.Module | None
-                      ) -> tuple[nn.Module, contextlib.AbstractContextManager]:
-    """(module to call, context to call it in) for reference log-probs: the reference model; else the PEFT
-    policy with its adapter disabled; else the policy itself (before training it is its own reference)."""
+def reference_context(policy: nn.Module, ref_model: nn.Module | None, *, ref_adapter_name: str | None = None,
+                      model_adapter_name: str | None = None) -> tuple[nn.Module, contextlib.AbstractContextManager]:
+    """(module to call, context to call it in) for reference log-probs: the reference model; else, with
+    `ref_adapter_name`, the PEFT policy with that adapter active (`model_adapter_name`, default the one
+    active before, is switched back on after); else the PEFT policy with its adapter disabled; else the
+    policy itself (before training it is its own reference)."""
     if ref_model is not None:
+        if ref_adapter_name is not None:
+            raise ValueError("Both ref_model and ref_adapter_name were given; the reference is one or the other. "
+                             "Fix: pass ref_model=None to use the adapter, or drop ref_adapter_name.")
         return ref_model, contextlib.nullcontext()
+    if ref_adapter_name is not None:
+        return policy, adapter_mode(policy, ref_adapter_name, restore=model_adapter_name)
     if _peft_inside(policy) is not None:
         return policy, reference_mode(policy)
     return policy, contextlib.nullcontext()

@@ -1,10 +1,12 @@
 """What every tether trainer shares, on top of `transformers.Trainer`.
 
-- model and tokenizer from a name, a path or an object; pad token handling; PEFT wrapping
+- model and tokenizer from a name, a path, an object or a `model_init` (called again at each train(), as
+  transformers' Trainer does); pad token handling; PEFT wrapping
 - TRL's old keyword arguments mapped onto the config, with a deprecation warning
 - token-count loss normalisation that does not depend on how a batch is split over accumulation
   steps or processes (the loss is a sum over tokens divided by the global token count)
-- metrics accumulated between logging steps and averaged over processes
+- metrics accumulated between logging steps and averaged over processes; sample generations a trainer
+  writes during the run (`write_samples`) kept in samples.jsonl for the report
 - checkpoints written atomically (a folder renamed once complete), so a killed run resumes from a whole one
 """
 
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -35,7 +37,9 @@ from ..models.loading import (
     load_tokenizer,
     model_name,
 )
-from ..reports.callback import RunReportCallback
+from ..reports.callback import WRITE_THEIR_OWN_SAMPLES, RunReportCallback
+from ..reports.page import write_report
+from ..reports.runfiles import SAMPLES_FILE, write_jsonl
 from .checkpoints import atomic_directory, rotate_checkpoints
 
 
@@ -101,6 +105,22 @@ class TetherConfig(TrainingArguments):
         super().__post_init__()
 
 
+class _SampleKeeper(TrainerCallback):
+    """Sample rows a trainer wrote to samples.jsonl during this run (`TetherTrainer.write_samples`), put back
+    after RunReportCallback replaces that file with its end-of-training samples, and the report rebuilt."""
+
+    def __init__(self, method: str) -> None:
+        self.rewritten = method not in WRITE_THEIR_OWN_SAMPLES  # whether RunReportCallback replaces the file
+        self.rows: list[dict[str, Any]] = []
+        self.started = False  # the first write of this trainer starts a new file, as metrics.jsonl does
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = True  # the file now holds this run's samples: later writes append
+        if self.rewritten and self.rows and state.is_world_process_zero:
+            write_jsonl(os.path.join(args.output_dir, SAMPLES_FILE), self.rows, append=True)
+            write_report(args.output_dir)
+
+
 class TetherTrainer(Trainer):
     """Base of the tether trainers. The constructor has TRL's shape; a method sets its config class,
     and overrides `_prepare` (raw dataset -> tokenized rows), `_default_collator` and `compute_loss`."""
@@ -122,7 +142,7 @@ class TetherTrainer(Trainer):
 
     def __init__(
         self,
-        model: nn.Module | str,
+        model: nn.Module | str | None = None,
         args: TrainingArguments | None = None,
         data_collator: Callable | None = None,
         train_dataset: Any = None,
@@ -133,35 +153,80 @@ class TetherTrainer(Trainer):
         optimizers: tuple = (None, None),
         peft_config: Any = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        model_init: Callable[..., nn.Module] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
         **legacy_kwargs: Any,
     ) -> None:
         name = type(self).__name__
-        args = as_config(self.config_class, args, model, self.config_suffix)
+        self._check_model_init(name, model, model_init, optimizers)
+        args = as_config(self.config_class, args, "model" if model is None else model, self.config_suffix)
         args = apply_legacy_kwargs(args, legacy_kwargs, self.legacy_renames, name)
         if train_dataset is None:
             raise ValueError(f"{name} needs {self.dataset_description}.")
         set_seed(args.seed)  # before loading and wrapping: fresh heads and adapters start the same each run
-        model = self._load(model, args)
+        self.model_init, self._peft_config = model_init, peft_config
+        model = self._load(Trainer.call_model_init(self) if model is None else model, args)
         processing_class = processing_class or tokenizer or load_tokenizer(model_name(model))
-        ensure_pad_token(processing_class, model)
-        if peft_config is not None:
-            model = apply_peft(model, self._adapt_peft_config(peft_config), args.activation_checkpointing or False)
-        check_quantized_for_training(model)
-        if getattr(args, "disable_dropout", False):
-            disable_dropout(model)
+        model = self._set_up_model(model, processing_class, args)
+        gives_predictions = type(self).prediction_step is not TetherTrainer.prediction_step
+        if (compute_metrics or preprocess_logits_for_metrics) and not gives_predictions:
+            warnings.warn(f"{name}'s evaluation gives a loss and logged metrics but no predictions, so "
+                          "compute_metrics and preprocess_logits_for_metrics will not be called.", UserWarning,
+                          stacklevel=2)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._custom_collator = data_collator is not None  # _prepare may add columns such a collator reads
         super().__init__(model=model, args=args, processing_class=processing_class, compute_metrics=compute_metrics,
                          callbacks=callbacks, optimizers=optimizers, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, data_collator=data_collator)
+                         eval_dataset=eval_dataset, data_collator=data_collator,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        # Trainer (transformers 5) takes a model or a model_init, not both; with model_init, its train() builds a
+        # fresh model at each call (hyperparameter search), which `call_model_init` prepares as this one.
+        self.model_init = model_init
         # metrics.jsonl, and at the end the report (plots picked by method); report_to's loggers are untouched
         self.add_callback(RunReportCallback(method=self.config_suffix.lower()))
+        # After the report callback, so that it can put back the samples that one rewrites at the end.
+        self._sample_keeper = _SampleKeeper(method=self.config_suffix.lower())
+        self.add_callback(self._sample_keeper)
         self.train_dataset = self._prepare(train_dataset, "train")
         if isinstance(eval_dataset, dict):
             self.eval_dataset = {k: self._prepare(v, f"eval {k}") for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
             self.eval_dataset = self._prepare(eval_dataset, "eval")
-        if data_collator is None:
-            self.data_collator = self._default_collator()
+        self.data_collator = (self._default_collator() if data_collator is None
+                              else self._adapt_collator(data_collator))
+
+    @staticmethod
+    def _check_model_init(name: str, model: Any, model_init: Callable | None, optimizers: tuple) -> None:
+        if model is None and model_init is None:
+            raise ValueError(f"{name} needs `model` (a model, or a name or path to load) or `model_init` (a function "
+                             "returning a fresh model).")
+        if model is not None and model_init is not None:
+            raise ValueError(f"{name} got both `model` and `model_init`; pass one. model_init builds the model, and "
+                             "builds it afresh at each train() (as transformers' Trainer does): pass model=None to "
+                             "use it, or drop it to train `model`.")
+        if model_init is not None and any(o is not None for o in optimizers):
+            raise ValueError(f"{name}: model_init builds a new model at each train(), which an optimizer made "
+                             "beforehand would not update. Fix: drop `optimizers` (set the optimizer through the "
+                             "config's optim fields), or pass the model itself instead of model_init.")
+
+    def _set_up_model(self, model: nn.Module, processing_class: PreTrainedTokenizerBase, args: TetherConfig
+                      ) -> nn.Module:
+        """What every loaded model goes through: pad token, PEFT adapter, quantization check, dropout."""
+        ensure_pad_token(processing_class, model)
+        if self._peft_config is not None:
+            peft_config = self._adapt_peft_config(self._peft_config)
+            model = apply_peft(model, peft_config, args.activation_checkpointing or False)
+        check_quantized_for_training(model)
+        if getattr(args, "disable_dropout", False):
+            disable_dropout(model)
+        return model
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """A fresh model from `model_init`, loaded and set up as the first one was. transformers' Trainer calls
+        this at the start of each train() (and each hyperparameter-search trial) when model_init was given;
+        args.seed is set just before, as it was before the first call."""
+        model = self._load(super().call_model_init(trial), self.args)
+        return self._set_up_model(model, self.processing_class, self.args)
 
     def _load(self, model: nn.Module | str, args: TetherConfig) -> nn.Module:
         if isinstance(model, str):
@@ -187,6 +252,22 @@ class TetherTrainer(Trainer):
 
     def _default_collator(self) -> Callable:
         raise NotImplementedError
+
+    def _adapt_collator(self, data_collator: Callable) -> Callable:
+        """The user's data collator as this method's batches need it (a method may wrap it)."""
+        return data_collator
+
+    # ----- sample generations -----------------------------------------------------------------------
+    def write_samples(self, rows: list[dict[str, Any]]) -> None:
+        """Append sample generations ({"prompt", "completion", ...}) with the current step to the run's
+        samples.jsonl (read by its report), from the main process; they stay there when the report callback
+        rewrites that file at the end of training."""
+        rows = [{"step": self.state.global_step, **row} for row in rows]
+        self._sample_keeper.rows += rows
+        if self.is_world_process_zero():
+            path = os.path.join(self.args.output_dir, SAMPLES_FILE)
+            write_jsonl(path, rows, append=self._sample_keeper.started)
+        self._sample_keeper.started = True
 
     # ----- loss normalisation -----------------------------------------------------------------------
     @staticmethod

@@ -88,6 +88,20 @@ class RewardTrainer(TetherTrainer):
                             min_reward=out.min_reward, max_reward=out.max_reward)
         return (out.loss, {"rewards_chosen": chosen, "rewards_rejected": rejected}) if return_outputs else out.loss
 
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(loss, predictions, labels) as TRL's reward trainer gives them: predictions [b, 2] are the softmax over
+        (chosen reward, rejected reward) of each pair, labels zeros [b] (column 0 is the preferred one), for
+        `compute_accuracy` and `preprocess_logits_for_metrics`."""
+        if prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, rewards = self.compute_loss(model, inputs, return_outputs=True)
+        pairs = torch.stack([rewards["rewards_chosen"], rewards["rewards_rejected"]], dim=1).float()  # [b, 2]
+        return loss.detach(), pairs.softmax(dim=1), torch.zeros(len(pairs), dtype=torch.long, device=pairs.device)
+
 
 def compute_accuracy(eval_pred: Any) -> dict[str, float]:
     """Pairwise accuracy for `Trainer(compute_metrics=...)`, as TRL's reward trainer reports it.

@@ -77,7 +77,7 @@ class SFTTrainer(TetherTrainer):
     `SFTTrainer("path/or/id", train_dataset=ds)` is enough; see `SFTConfig` for the options. TRL 0.7's
     keywords (dataset_text_field, packing, max_seq_length, num_of_sequences, ...) set the config fields of
     the same name; None means "the config's value". `formatting_func` turns each example (or a batch) into
-    text first; `model_init` builds the model when `model` is None.
+    text first; `model_init` builds the model when `model` is None (and again at each train()).
 
     train_dataset: a `datasets.Dataset` (tokenized here), a streaming `datasets.IterableDataset`
     (tokenized on the fly; needs max_steps), or a torch dataset of tokenized rows, e.g. a
@@ -110,10 +110,6 @@ class SFTTrainer(TetherTrainer):
         infinite: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        if model is None:
-            if model_init is None:
-                raise ValueError("SFTTrainer needs `model` (a model, or a name or path to load) or `model_init`.")
-            model = model_init()
         if infinite is not None:
             warnings.warn("`infinite` is deprecated (as in TRL): max_steps or num_train_epochs set the length of "
                           "training. It still makes a packed stream restart at its end.", FutureWarning, stacklevel=2)
@@ -129,8 +125,8 @@ class SFTTrainer(TetherTrainer):
             data_collator, (LanguageModelingCollator, Seq2SeqCollator))
         kwargs = {k: v for k, v in kwargs.items() if v is not None}  # TRL's None = "the default"
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class,
-                         compute_metrics, callbacks, optimizers, peft_config, **kwargs)
-        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+                         compute_metrics, callbacks, optimizers, peft_config, model_init=model_init,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics, **kwargs)
         if self._hf_collator:
             self.data_collator = LabelsToLossMask(data_collator, self.processing_class.pad_token_id, self._seq2seq)
         if isinstance(self.train_dataset, ConstantLengthDataset) and self.args.packing:
