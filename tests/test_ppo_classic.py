@@ -325,3 +325,8 @@ def test_a_fresh_value_head_is_drawn_from_the_config_seed_and_a_trained_one_is_k
         trained.v_head.summary.weight.fill_(0.25)
     trained.save_pretrained(tmp_path / "trained")
     assert torch.all(head(1, str(tmp_path / "trained")) == 0.25)  # a saved head is never re-drawn
+    by_hand = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_decoder_dir)
+    with torch.no_grad():
+        by_hand.v_head.summary.weight.fill_(-0.5)  # e.g. copied from another run
+    PPOTrainer(PPOConfig(batch_size=2, seed=1), by_hand, None, tokenizer)
+    assert torch.all(by_hand.v_head.summary.weight == -0.5)  # nor one the user set

@@ -51,6 +51,16 @@ ADAPTER_INIT_SEED = 0
 INIT_STRATEGIES = (None, "normal")
 
 
+def _linear_default_init(linear: nn.Linear, seed: int) -> None:
+    """nn.Linear's own initialisation (uniform in +-1/sqrt(fan_in)), drawn from a generator seeded with
+    `seed`: the same draws as reset_parameters() under torch.manual_seed(seed), without touching the global RNG."""
+    generator = torch.Generator(device=linear.weight.device).manual_seed(seed)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(linear.weight, a=5 ** 0.5, generator=generator)
+        bound = 1 / linear.in_features ** 0.5
+        nn.init.uniform_(linear.bias, -bound, bound, generator=generator)
+
+
 def _is_peft_config(value: Any) -> bool:
     from peft import PeftConfig
 
@@ -150,22 +160,28 @@ class PreTrainedModelWrapper(nn.Module):
         +-1/sqrt(h), TRL's default) from a generator seeded with `seed`; "normal" -> weight
         ~ N(0, v_head_initializer_range) from the global RNG and bias 0, exactly as TRL did.
 
-        A default-initialised head is marked fresh (`v_head_is_fresh`) until trained weights are loaded into
-        it, so a trainer may draw it again from its own seed (PPOTrainer does, with PPOConfig.seed)."""
+        A default-initialised head counts as untouched (`has_untouched_value_head`) until other weights are
+        loaded or written into it, so a trainer may draw it again from its own seed (PPOTrainer does, with
+        PPOConfig.seed)."""
         summary = self.v_head.summary
-        self.v_head_is_fresh = v_head_init_strategy is None
+        self._default_head_drawn = v_head_init_strategy is None
         if v_head_init_strategy == "normal":
             summary.weight.data.normal_(mean=0.0, std=v_head_initializer_range)
             summary.bias.data.zero_()
             return
         if summary.weight.device.type == "meta":
             return
-        # The same draws as nn.Linear.reset_parameters under torch.manual_seed(seed).
-        generator = torch.Generator(device=summary.weight.device).manual_seed(seed)
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(summary.weight, a=5 ** 0.5, generator=generator)
-            bound = 1 / summary.in_features ** 0.5
-            nn.init.uniform_(summary.bias, -bound, bound, generator=generator)
+        _linear_default_init(summary, seed)
+
+    def has_untouched_value_head(self) -> bool:
+        """Whether the value head still holds exactly the default draw of VALUE_HEAD_INIT_SEED: nothing was
+        loaded into it and nobody set or trained its weights since."""
+        summary = self.v_head.summary
+        if not getattr(self, "_default_head_drawn", False) or summary.weight.device.type == "meta":
+            return False
+        reference = nn.Linear(summary.in_features, 1, device=summary.weight.device, dtype=summary.weight.dtype)
+        _linear_default_init(reference, VALUE_HEAD_INIT_SEED)
+        return torch.equal(reference.weight, summary.weight) and torch.equal(reference.bias, summary.bias)
 
     # ----- loading ----------------------------------------------------------------------------------------
     @classmethod
@@ -276,7 +292,7 @@ class PreTrainedModelWrapper(nn.Module):
         head_state = {k.split("v_head.", 1)[1]: v for k, v in (state_dict or {}).items() if "v_head." in k}
         if head_state:
             self.v_head.load_state_dict(head_state)
-            self.v_head_is_fresh = False
+            self._default_head_drawn = False
         device_map = getattr(self.pretrained_model, "hf_device_map", None) or {}
         places = {str(place) for place in device_map.values()}
         if "disk" in places or ("cpu" in places and len(places) > 1):

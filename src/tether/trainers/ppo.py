@@ -139,7 +139,7 @@ class PPOTrainer(PPOTrainLoop):
                                            init_kwargs=config.tracker_kwargs)
         # The update's ratio pi/pi_old must start at exactly 1: no dropout in the policy's passes.
         disable_dropout(model.pretrained_model)
-        if getattr(model, "v_head_is_fresh", False):
+        if hasattr(model, "has_untouched_value_head") and model.has_untouched_value_head():
             # An untrained default head is drawn from PPOConfig.seed: each seed its own start, as in TRL, and
             # still nothing depends on what the script drew before.
             model._init_weights(seed=config.seed)
