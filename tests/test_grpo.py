@@ -77,7 +77,9 @@ def test_reward_functions_get_columns_and_groups(policy, tokenizer, tmp_path):
     trainer.train()
     assert len(calls) == 2  # one scoring call per round, one round per step here
     for prompts, completions, ids, answers, kwargs in calls:
-        assert len(prompts) == len(completions) == len(answers) == 6 and not kwargs
+        # TRL's contract: the trainer's state comes along (and nothing else unasked)
+        assert len(prompts) == len(completions) == len(answers) == 6 and set(kwargs) == {"trainer_state"}
+        assert kwargs["trainer_state"].max_steps == 2
         for g in range(2):  # each group: one prompt, its own dataset row's extra column, three samples
             group = slice(3 * g, 3 * g + 3)
             assert len(set(prompts[group])) == 1 and len(set(answers[group])) == 1

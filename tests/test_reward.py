@@ -236,3 +236,67 @@ def test_bad_inputs(tmp_path, reward_model, tokenizer):
     with pytest.raises(ValueError, match="num_labels=1"):
         RewardTrainer(two_labels, args=config(tmp_path), processing_class=tokenizer,
                       train_dataset=Dataset.from_list(preference_pairs(4)))
+
+
+# ----- TRL's reward-function contract -----------------------------------------------------------------
+def test_none_means_not_scored_and_counts_for_nothing():
+    from tether.rollout.rewards import RewardFunctions
+
+    def only_even(prompts, completions, **kwargs):
+        return [1.0 if i % 2 == 0 else None for i in range(len(completions))]
+
+    def everywhere(prompts, completions, **kwargs):
+        return [0.5] * len(completions)
+
+    rewards = RewardFunctions([only_even, everywhere], reward_weights=[2.0, 1.0])
+    total, per_function = rewards.score(["p"] * 4, ["a", "b", "c", "d"])
+    assert total.tolist() == [2.5, 0.5, 2.5, 0.5]  # 2 * 1.0 + 0.5 where scored, 0.5 alone elsewhere
+    assert torch.isnan(per_function["only_even"][1]) and per_function["only_even"][0] == 1.0
+    nobody = RewardFunctions([lambda prompts, completions: [None, 1.0]])
+    with pytest.warns(UserWarning, match=r"completion\(s\) \[0\]"):
+        assert nobody.score(["p", "q"], ["a", "b"])[0].tolist() == [0.0, 1.0]
+
+
+def test_async_functions_run_concurrently_and_trainer_state_is_passed():
+    import asyncio
+    import time
+
+    from transformers import TrainerState
+
+    from tether.rollout.rewards import RewardFunctions
+
+    async def slow_a(prompts, completions, **kwargs):
+        await asyncio.sleep(0.3)
+        return [1.0] * len(completions)
+
+    async def slow_b(prompts, completions, trainer_state, **kwargs):
+        await asyncio.sleep(0.3)
+        return [float(trainer_state.global_step)] * len(completions)
+
+    def plain(prompts, completions):  # takes no trainer_state: none is passed
+        return [0.0] * len(completions)
+
+    rewards = RewardFunctions([slow_a, slow_b, plain])
+    start = time.perf_counter()
+    total, _ = rewards.score(["p"], ["a"], trainer_state=TrainerState(global_step=7))
+    assert total.tolist() == [8.0]
+    assert time.perf_counter() - start < 0.55  # the two sleeps overlapped
+
+
+def test_async_function_errors_are_named():
+    from tether.rollout.rewards import RewardFunctions
+
+    async def failing(prompts, completions, **kwargs):
+        raise KeyError("gone")
+
+    with pytest.raises(RewardFunctionError, match=r"'failing' raised KeyError"):
+        RewardFunctions(failing).score(["p"], ["a"])
+
+
+def test_one_reward_processing_class_serves_every_reward_model(reward_model, tokenizer):
+    from tether.rollout.rewards import RewardFunctions, RewardModelScorer
+
+    rewards = RewardFunctions([reward_model, reward_model], reward_processing_classes=tokenizer)
+    assert all(isinstance(f, RewardModelScorer) and f.tokenizer is tokenizer for f in rewards.funcs)
+    with pytest.raises(ValueError, match="3 reward_processing_classes for 2"):
+        RewardFunctions([reward_model, reward_model], reward_processing_classes=[tokenizer] * 3)

@@ -1,15 +1,21 @@
 """Rewards for online methods: trained reward models as scorers, and plain Python reward functions.
 
 A reward function is any callable `f(prompts, completions, **columns) -> list[float]`, one number per
-completion; extra dataset columns arrive as keyword lists aligned with the completions. A trained
-reward model becomes one through `RewardModelScorer`, which re-tokenizes text with its own tokenizer,
-so it may differ from the policy's.
+completion; extra dataset columns arrive as keyword lists aligned with the completions. As in TRL, it may
+return None for a completion it does not score (that function then counts for nothing there), may be
+`async def` (several run concurrently), and receives `trainer_state` when it takes that keyword or
+**kwargs. A trained reward model becomes one through `RewardModelScorer`, which re-tokenizes text with its
+own tokenizer, so it may differ from the policy's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
-from collections.abc import Callable, Sequence
+import threading
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,33 +42,86 @@ def reward_function_name(func: Any) -> str:
     return getattr(func, "__name__", None) or type(func).__name__
 
 
-def call_reward_function(func: RewardFunction, prompts: list[Any], completions: list[Any],
-                         **columns: list[Any]) -> torch.Tensor:
-    """Call `func` and check its output: [n] float32, one finite value per completion."""
-    name = reward_function_name(func)
+def _accepts(func: Any, name: str) -> bool:
+    """Whether `func` can be called with the keyword `name` (a parameter of that name, or **kwargs)."""
     try:
-        values = func(prompts=prompts, completions=completions, **columns)
-    except Exception as error:  # re-raised with the function named, the original chained
-        raise RewardFunctionError(f"Reward function {name!r} raised {type(error).__name__}: {error}") from error
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # builtins and some callables have no signature: do not guess
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _await_all(awaitables: list[Awaitable]) -> list[Any]:
+    """Results of the awaitables, run concurrently on an event loop (a fresh thread's when this thread
+    already runs one, e.g. in a notebook); exceptions are returned in place of their results."""
+    async def gather() -> list[Any]:
+        return await asyncio.gather(*awaitables, return_exceptions=True)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(gather())
+    results: list[Any] = []
+    worker = threading.Thread(target=lambda: results.extend(asyncio.run(gather())))
+    worker.start()
+    worker.join()
+    return results
+
+
+def _invoke(func: RewardFunction, prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]],
+            trainer_state: Any) -> Any:
+    """func's raw output (or a coroutine, for an async function, or the exception it raised)."""
+    extra = {"trainer_state": trainer_state} if trainer_state is not None and _accepts(func, "trainer_state") else {}
+    try:
+        return func(prompts=prompts, completions=completions, **columns, **extra)
+    except Exception as error:  # noqa: BLE001 (named and re-raised by _check_values)
+        return error
+
+
+def _check_values(func: RewardFunction, values: Any, n: int) -> torch.Tensor:
+    """One function's output as [n] float32: finite numbers, and NaN where it returned None."""
+    name = reward_function_name(func)
+    if isinstance(values, Exception):  # re-raised with the function named, the original chained
+        raise RewardFunctionError(f"Reward function {name!r} raised {type(values).__name__}: {values}") from values
     if hasattr(values, "tolist"):  # tensors and numpy arrays
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
         raise RewardFunctionError(
             f"Reward function {name!r} returned {type(values).__name__}; it must return a list of "
-            f"{len(completions)} floats, one per completion."
+            f"{n} floats, one per completion (None for one it does not score)."
         )
-    if len(values) != len(completions):
+    if len(values) != n:
         raise RewardFunctionError(
-            f"Reward function {name!r} returned {len(values)} values for {len(completions)} completions. "
+            f"Reward function {name!r} returned {len(values)} values for {n} completions. "
             "Fix: return exactly one float per completion, in order."
         )
     for i, value in enumerate(values):
+        if value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise RewardFunctionError(
                 f"Reward function {name!r} returned {value!r} for completion {i}; each reward must be a "
-                "finite number (no NaN, inf, None or lists). Fix the function for that input."
+                "finite number, or None where the function does not apply (no NaN, inf or lists). Fix the "
+                "function for that input."
             )
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+
+
+def call_reward_functions(funcs: Sequence[RewardFunction], prompts: list[Any], completions: list[Any],
+                          trainer_state: Any = None, **columns: list[Any]) -> torch.Tensor:
+    """Call every function (async ones concurrently) and check their outputs: [k, n] float32, NaN where a
+    function returned None."""
+    outputs = [_invoke(f, prompts, completions, columns, trainer_state) for f in funcs]
+    pending = [i for i, out in enumerate(outputs) if inspect.isawaitable(out)]
+    for i, result in zip(pending, _await_all([outputs[i] for i in pending])):
+        outputs[i] = result
+    return torch.stack([_check_values(f, out, len(completions)) for f, out in zip(funcs, outputs)])
+
+
+def call_reward_function(func: RewardFunction, prompts: list[Any], completions: list[Any],
+                         **columns: list[Any]) -> torch.Tensor:
+    """Call `func` and check its output: [n] float32, one finite value (or NaN for None) per completion."""
+    return call_reward_functions([func], prompts, completions, **columns)[0]
 
 
 class RewardModelScorer:
@@ -157,7 +216,13 @@ class RewardFunctions:
         funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
             raise ValueError("No reward function given: pass a callable, a reward model, or a path to one.")
-        tokenizers = list(reward_processing_classes or [None] * len(funcs))
+        if reward_processing_classes is None or not isinstance(reward_processing_classes, (list, tuple)):
+            # one tokenizer (or none) for every reward model, as TRL takes a single object too
+            reward_processing_classes = [reward_processing_classes] * len(funcs)
+        if len(reward_processing_classes) != len(funcs):
+            raise ValueError(f"{len(reward_processing_classes)} reward_processing_classes for {len(funcs)} reward "
+                             "functions; give one per reward function (None for plain functions) or a single one.")
+        tokenizers = list(reward_processing_classes)
         self.funcs = [self._as_function(f, tok) for f, tok in zip(funcs, tokenizers)]
         self.weights = torch.tensor(list(reward_weights) if reward_weights is not None else [1.0] * len(funcs))
         if len(self.weights) != len(self.funcs):
@@ -172,6 +237,13 @@ class RewardFunctions:
             raise ValueError(f"Reward {func!r} is neither callable nor a reward model or its path.")
         return func
 
-    def score(self, prompts: list[Any], completions: list[Any], **columns: list[Any]) -> tuple[torch.Tensor, dict]:
-        values = torch.stack([call_reward_function(f, prompts, completions, **columns) for f in self.funcs])  # [k, n]
-        return (self.weights[:, None] * values).sum(0), dict(zip(self.names, values))
+    def score(self, prompts: list[Any], completions: list[Any], trainer_state: Any = None,
+              **columns: list[Any]) -> tuple[torch.Tensor, dict]:
+        """(weighted sum [n], {name: values [n]}); a function's None (NaN) counts for nothing in the sum, as in
+        TRL; a completion no function scored gets 0, with a warning naming it."""
+        values = call_reward_functions(self.funcs, prompts, completions, trainer_state, **columns)  # [k, n]
+        unscored = torch.isnan(values).all(0).nonzero().flatten().tolist()
+        if unscored:
+            warnings.warn(f"No reward function scored completion(s) {unscored[:10]} (all returned None); their "
+                          "reward is 0.", UserWarning, stacklevel=2)
+        return (self.weights[:, None] * values).nansum(0), dict(zip(self.names, values))

@@ -297,7 +297,8 @@ class OnlineTrainer(TetherTrainer):
         texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         # Conversational prompts get conversational completions, as TRL passes them to reward functions.
         completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(prompts[0], list) else texts
-        rewards, per_function = self.rewards.score(prompts, completions, completion_ids=completion_ids, **columns)
+        rewards, per_function = self.rewards.score(prompts, completions, trainer_state=self.state,
+                                                   completion_ids=completion_ids, **columns)
         return prompts, completions, rewards, per_function
 
     def _normalisers(self, loss_mask: torch.Tensor) -> tuple[list[float], float]:
@@ -429,8 +430,10 @@ class OnlineTrainer(TetherTrainer):
             "time/generation": generation_s, "time/scoring": scoring_s,
             "num_tokens": float(sampled.completion_mask.sum()) * self.args.world_size,
         }
-        for name, values in per_function.items():
-            metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = values.mean(), values.std()
+        for name, values in per_function.items():  # over the completions the function scored (not None)
+            scored = values[~torch.isnan(values)]
+            metrics[f"rewards/{name}/mean"] = scored.mean() if len(scored) else torch.tensor(float("nan"))
+            metrics[f"rewards/{name}/std"] = scored.std() if len(scored) > 1 else torch.tensor(0.0)
         if sequence_kl is not None:
             metrics["kl"] = sequence_kl.mean()
         self.record_metrics(**metrics)

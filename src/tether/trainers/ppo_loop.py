@@ -77,6 +77,8 @@ class PPOTrainLoop:
         self._prompts, history = self._prompt_batches(), []
         if resume_from_checkpoint:
             self._load_checkpoint(resume_from_checkpoint)  # last: it restores the random state too
+        from transformers import TrainerState  # here: importing it loads transformers' trainer stack
+
         progress = tqdm(total=config.train_steps, initial=self.current_step, desc="PPO", unit="step",
                         disable=not self.accelerator.is_main_process)
         while self.current_step < config.train_steps:
@@ -89,7 +91,9 @@ class PPOTrainLoop:
             generation_s, t = time.perf_counter() - t, time.perf_counter()
             completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             columns = {k: v for k, v in rows.items() if k not in ("prompt", "prompt_input_ids")}
-            scores, per_function = self.rewards.score(rows["prompt"], completions, **columns)
+            # TRL's reward-function contract: functions may read the run's progress from trainer_state.
+            state = TrainerState(global_step=self.current_step, max_steps=config.train_steps)
+            scores, per_function = self.rewards.score(rows["prompt"], completions, trainer_state=state, **columns)
             if config.missing_eos_penalty is not None:
                 ended = torch.tensor([r[-1].item() == self.tokenizer.eos_token_id for r in responses])
                 scores = scores - config.missing_eos_penalty * (~ended).float()
@@ -99,7 +103,7 @@ class PPOTrainLoop:
             logs.update({"step": self.current_step, "env/reward_mean": float(self.accelerator.reduce(
                 scores.to(self.accelerator.device), "mean").mean()), "time/generation": generation_s,
                 "time/scoring": scoring_s})
-            logs.update({f"rewards/{name}": float(v.mean()) for name, v in per_function.items()})
+            logs.update({f"rewards/{name}": float(v.nanmean()) for name, v in per_function.items()})
             history.append(logs)
             if config.log_with is not None:
                 self.log_stats(stats, {"query": rows["prompt"], "response": completions}, list(scores))
