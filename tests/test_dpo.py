@@ -344,8 +344,8 @@ def test_prompts_longer_than_max_length(tmp_path, tiny_decoder_dir):
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="max_prompt_length"):
-        config(tmp_path, max_length=64, max_prompt_length=64)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        config(tmp_path, max_completion_length=0)
     with pytest.raises(ValueError, match="beta"):
         config(tmp_path, beta=0.0)
 
@@ -381,3 +381,13 @@ def test_eval_metrics_before_and_after_training(tmp_path, tiny_decoder_dir):
     assert after["eval_loss"] < before["eval_loss"]
     assert after["eval_rewards/margins"] > 0
     assert not any(k.startswith("rewards/") for k in after)  # eval metrics only carry the eval_ prefix
+
+
+def test_max_length_at_the_default_max_prompt_length_works_as_in_trl(tiny_decoder_dir, tokenizer, tmp_path):
+    """DPOConfig(max_length=512) keeps max_prompt_length=512: a warning, not an error; short prompts train."""
+    with pytest.warns(UserWarning, match=r"max_prompt_length \(512\) >= max_length \(512\)"):
+        args = config(tmp_path, max_length=512)
+    assert args.max_prompt_length == 512
+    data = Dataset.from_list([{"prompt": "the film", "chosen": " was great.", "rejected": " was dull."}] * 8)
+    trainer = DPOTrainer(tiny_decoder_dir, args=args, train_dataset=data, processing_class=tokenizer)
+    assert len(trainer.train_dataset) == 8

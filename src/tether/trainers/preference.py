@@ -45,8 +45,12 @@ class PairwiseConfig(TetherConfig):
             raise ValueError(f"beta must be positive, got {self.beta}.")
         if self.max_length is not None and self.max_prompt_length is not None and (
                 self.max_prompt_length >= self.max_length):
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
-                             f"({self.max_length}) to leave room for the completion.")
+            # As in TRL, not an error (e.g. DPOConfig(max_length=512) keeps the default max_prompt_length=512):
+            # only prompts that long lose their completion, and data preparation drops those rows, saying how many.
+            warnings.warn(f"max_prompt_length ({self.max_prompt_length}) >= max_length ({self.max_length}): a prompt "
+                          "of max_prompt_length tokens leaves no room for its completion; such pairs are dropped "
+                          "when the data is prepared. Lower max_prompt_length to keep them.", UserWarning,
+                          stacklevel=3)
         super().__post_init__()
 
 
