@@ -188,10 +188,9 @@ class TetherTrainer(Trainer):
         self._sample_keeper = _SampleKeeper(method=self.config_suffix.lower())
         self.add_callback(self._sample_keeper)
         self.train_dataset = self._prepare(train_dataset, "train")
-        if isinstance(eval_dataset, dict):
-            self.eval_dataset = {k: self._prepare(v, f"eval {k}") for k, v in eval_dataset.items()}
-        elif eval_dataset is not None:
-            self.eval_dataset = self._prepare(eval_dataset, "eval")
+        # raw eval dataset id -> (raw, prepared): evaluate(eval_dataset=raw) prepares a raw set once (TRL does)
+        self._prepared_eval: dict[int, tuple[Any, Any]] = {}
+        self.eval_dataset = self._prepare_eval(eval_dataset)
         self.data_collator = (self._default_collator() if data_collator is None
                               else self._adapt_collator(data_collator))
 
@@ -242,6 +241,30 @@ class TetherTrainer(Trainer):
 
     def _prepare(self, dataset: Any, what: str) -> Any:
         raise NotImplementedError
+
+    def _prepare_eval(self, eval_dataset: Any) -> Any:
+        """A raw eval dataset (or a dict of them) prepared as training data is, once per dataset object;
+        prepared ones (and None) pass through."""
+        if eval_dataset is None:
+            return None
+        if isinstance(eval_dataset, dict):
+            return {k: self._prepare_eval_one(v, f"eval {k}") for k, v in eval_dataset.items()}
+        return self._prepare_eval_one(eval_dataset, "eval")
+
+    def _prepare_eval_one(self, dataset: Any, what: str) -> Any:
+        if any(dataset is prepared for _, prepared in self._prepared_eval.values()):
+            return dataset
+        if id(dataset) not in self._prepared_eval:
+            self._prepared_eval[id(dataset)] = (dataset, self._prepare(dataset, what))
+        return self._prepared_eval[id(dataset)][1]
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """transformers' evaluate, on a raw `eval_dataset` too: it is prepared (tokenized, validated) as
+        the training data is. A string names one of the eval datasets given at construction."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._prepare_eval(eval_dataset)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _packing_length(self) -> int | None:
         """Row length for packing each batch's sequences (padding_free), or None to pad them."""

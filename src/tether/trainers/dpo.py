@@ -120,6 +120,15 @@ class DPOTrainer(PairwiseTrainer):
             if self.eval_dataset is not None:
                 self.eval_dataset = self._add_reference_log_probs(self.eval_dataset)
             self.ref_model = None
+            self._reference_released = True
+
+    def _prepare_eval_one(self, dataset: Any, what: str) -> Any:
+        prepared = super()._prepare_eval_one(dataset, what)
+        if getattr(self, "_reference_released", False) and "ref_chosen_logps" not in prepared.column_names:
+            raise ValueError("precompute_ref_log_probs=True released the reference model once it had scored the "
+                             "datasets given to DPOTrainer(...); a new eval set has no reference log-probs. Pass it "
+                             "as eval_dataset= when building the trainer (a dict for several).")
+        return prepared
 
     # ----- the reference -----------------------------------------------------------------------------
     def _option(self, name: str) -> Any:
