@@ -35,12 +35,15 @@ def _resolve_dtype(value: Any) -> Any:
 def model_init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """Normalise `model_init_kwargs`: remote code stays off unless asked for, `torch_dtype` becomes `dtype`,
     and the quantization keys (`load_in_4bit`, `bnb_4bit_quant_type`, ...) become one `quantization_config`
-    (see `resolve_quantization`). Normalising twice gives the same result."""
+    (see `resolve_quantization`). Normalising twice gives the same result.
+
+    `dtype` defaults to float32, as in TRL: weights are trained in full precision (bf16=True is mixed
+    precision over them), where transformers 5's own default ("auto") would keep a bf16 checkpoint in bf16,
+    in which small updates to norm weights round away. `dtype="auto"` (or a dtype) asks otherwise."""
     kwargs = dict(kwargs or {})
     if "torch_dtype" in kwargs:
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
-    if "dtype" in kwargs:
-        kwargs["dtype"] = _resolve_dtype(kwargs["dtype"])
+    kwargs["dtype"] = _resolve_dtype(kwargs.get("dtype", torch.float32))
     kwargs.setdefault("trust_remote_code", False)
     return resolve_quantization(kwargs)
 
