@@ -98,25 +98,29 @@ def _example_loss_mask(example: Mapping[str, Any], ids: list[int]) -> list[bool]
     return [True] * len(ids)
 
 
-def loss_mask_from_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_mask_from_labels(input_ids: torch.Tensor, labels: torch.Tensor,
+                          ignore_index: int | None = None) -> torch.Tensor:
     """Hugging Face-style causal labels -> tether's loss mask: [b, t] long, [b, t] long -> [b, t] bool.
 
-    `labels[i, j]` is the token to predict at position j (the model shifts), negative (-100 by convention)
-    where nothing is predicted. tether's losses predict the input tokens themselves, so a label must be the
-    input token or negative; a label naming another token is an error rather than silently dropped.
+    `labels[i, j]` is the token to predict at position j (the model shifts), and where nothing is predicted
+    any negative value (-100 by convention), or exactly `ignore_index` when given (a collator's own label
+    pad id; every other value is then a label). tether's
+    losses predict the input tokens themselves, so a counted label must be the input token; a label naming
+    another token is an error rather than silently dropped.
     """
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids {tuple(input_ids.shape)}; "
                          "causal LM labels must align with input_ids (the model shifts them).")
-    counted = labels >= 0
+    counted = labels >= 0 if ignore_index is None else labels != ignore_index
+    ignore_index = IGNORE_INDEX if ignore_index is None else ignore_index  # for the message
     other = counted & (labels != input_ids)
     if other.any():
         row, column = other.nonzero()[0].tolist()
         raise ValueError(
             f"labels[{row}, {column}] = {int(labels[row, column])} but input_ids[{row}, {column}] = "
             f"{int(input_ids[row, column])}: tether trains a causal LM on its input tokens, so each label must be "
-            f"the input token (trained) or {IGNORE_INDEX} (ignored). Fix: build labels as input_ids with "
-            f"{IGNORE_INDEX} where a token should not count."
+            f"the input token (trained) or {ignore_index} (ignored). Fix: build labels as input_ids with "
+            f"{ignore_index} where a token should not count (or set the label pad id your collator uses)."
         )
     return counted
 

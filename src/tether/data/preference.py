@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .collate import IGNORE_INDEX, LanguageModelingCollator
+from .collate import IGNORE_INDEX, LanguageModelingCollator, loss_mask_from_labels
 from .formats import DatasetError, DatasetType, detect_format
 from .prepare import drop_untrainable
 from .tokenize import tokenize_conversation, tokenize_prompt_completion, tokenize_text
@@ -198,15 +198,7 @@ class PairBatch:
                 f"The data collator {type(self.collator).__name__} returned keys {sorted(batch)}; a preference batch "
                 "needs `loss_mask` (tether's PreferenceCollator), chosen_/rejected_ input_ids and labels (TRL's "
                 "DPODataCollatorWithPadding), or input_ids and labels with the chosen rows first.")
-        counted = (labels != self.label_pad_token_id) & attention.bool()
-        wrong = counted & (labels != ids)
-        if wrong.any():
-            row, column = wrong.nonzero()[0].tolist()
-            raise ValueError(
-                f"labels[{row}, {column}] = {int(labels[row, column])} but input_ids[{row}, {column}] = "
-                f"{int(ids[row, column])}: a label must be the input token (a target) or label_pad_token_id="
-                f"{self.label_pad_token_id} (not a target). Fix: build labels as the input ids with the label pad "
-                "id over the prompt and padding, or set label_pad_token_id to the value your collator uses.")
+        counted = loss_mask_from_labels(ids, labels, self.label_pad_token_id) & attention.bool()
         out = {"input_ids": ids.long(), "attention_mask": attention.long(), "loss_mask": counted}
         for key in _PER_PAIR_VALUES:
             if key in batch:
