@@ -44,6 +44,14 @@ def drop_untrainable(dataset: Any, max_length: int | None, what: str, mask_colum
     return dataset
 
 
+def keep_columns(dataset: Any, keep: set[str]) -> Any:
+    """A datasets.Dataset without the columns not in `keep` (other datasets, e.g. torch ones, unchanged)."""
+    if not hasattr(dataset, "remove_columns"):
+        return dataset
+    unused = [c for c in dataset.column_names if c not in keep]
+    return dataset.remove_columns(unused) if unused else dataset
+
+
 def prepare_language_modeling(
     dataset: Any,
     tokenizer: PreTrainedTokenizerBase,

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..data import collate_columns
 from ..data.collate import pad_rows, pad_with_mask
+from ..data.prepare import keep_columns
 from ..distributed import (
     accelerator_kwargs,
     backward_micro_batch,
@@ -166,9 +167,11 @@ class PPOTrainer(PPOTrainLoop):
         self.data_collator = data_collator or collate_columns
         self.dataloader = None
         if dataset is not None:
-            self.dataloader = torch.utils.data.DataLoader(
-                self._remove_unused_columns(dataset, model), batch_size=config.batch_size, shuffle=True,
-                drop_last=True, collate_fn=self.data_collator)
+            if config.remove_unused_columns:  # as TRL: the model's inputs, and the columns its scripts log
+                inputs = set(inspect.signature(unwrap_model(model.pretrained_model).forward).parameters)
+                dataset = keep_columns(dataset, inputs | {"label", "query", "response", "prompt"})
+            self.dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                                                          drop_last=True, collate_fn=self.data_collator)
         if zero_stage(self.accelerator) is not None:
             self._configure_deepspeed(critic)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
@@ -188,16 +191,6 @@ class PPOTrainer(PPOTrainLoop):
         self._ptx_batches = self._ptx_iterator(ptx_dataset) if config.ptx_coef > 0 else None
         if config.ptx_coef > 0 and ptx_dataset is None:
             raise ValueError("ptx_coef > 0 needs ptx_dataset= (language-modeling data for the PPO-ptx term).")
-
-    def _remove_unused_columns(self, dataset: Any, model: nn.Module) -> Any:
-        """A datasets.Dataset keeps only the model's input columns and 'label'/'query'/'response', as TRL's
-        PPOTrainer did, and 'prompt' (train()'s column); remove_unused_columns=False keeps them all."""
-        if not self.config.remove_unused_columns or not hasattr(dataset, "remove_columns"):
-            return dataset
-        keep = set(inspect.signature(unwrap_model(model.pretrained_model).forward).parameters)
-        keep |= {"label", "query", "response", "prompt"}
-        unused = [c for c in dataset.column_names if c not in keep]
-        return dataset.remove_columns(unused) if unused else dataset
 
     def _configure_deepspeed(self, critic: nn.Module | None) -> None:
         if critic is not None:

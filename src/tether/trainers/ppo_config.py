@@ -17,6 +17,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..ops.dicts import flatten_dict
+
 # The per-token estimates of losses/kl.py that TRL's classic PPO offered.
 KL_PENALTIES = ("kl", "abs", "mse", "full")
 TRACKERS = ("wandb", "tensorboard")
@@ -213,16 +215,9 @@ class PPOConfig:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
             if isinstance(value, dict):
-                out.update({f"{name}/{key}": inner for key, inner in _flatten(value).items()})
+                out.update({f"{name}/{key}": inner for key, inner in flatten_dict(value).items()})
             else:
                 out[name] = value
         out["total_ppo_epochs"] = self.total_ppo_epochs
         return out
 
-
-def _flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in nested.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        out.update(_flatten(value, name) if isinstance(value, dict) else {name: value})
-    return out
