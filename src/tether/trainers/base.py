@@ -96,6 +96,17 @@ class TetherConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs "
                                                                            "the tokenized columns."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow models and tokenizers given by name or path to run Python code they ship (off: only "
+                "architectures transformers knows load)."})
+    pad_to_multiple_of: int | str | None = field(default="auto", metadata={
+        "help": "Pad batch lengths up to a multiple of this many tokens; 'auto' and None: no extra padding "
+                "(TRL's 'auto' pads only on AWS Neuron)."})
+    activation_offloading: bool = field(default=False, metadata={
+        "help": "Keep the activations saved for the backward pass in CPU memory instead of the accelerator's."})
+    router_aux_loss_coef: float | None = field(default=None, metadata={
+        "help": "Mixture-of-experts models: weight of the router load-balancing loss added to the loss (None: the "
+                "model config's value; 0: off). An error for a model without a router."})
 
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 2:

@@ -21,13 +21,14 @@ from ..models.loading import is_peft_model, load_language_model, model_init_kwar
 from ..models.reference import activate_trained_adapter, reference_context, select_reference
 from ..reports.callback import generate_samples
 from .preference import PairwiseConfig, PairwiseTrainer
+from .ref_sync import ReferenceSyncFields
 
 EVAL_SAMPLES = 4  # generate_during_eval: prompts completed at each evaluation
 EVAL_SAMPLE_TOKENS = 48  # and their new tokens, unless max_completion_length is set
 
 
 @dataclass
-class DPOConfig(PairwiseConfig):
+class DPOConfig(PairwiseConfig, ReferenceSyncFields):
     """Configuration of `DPOTrainer`; every `TrainingArguments` field applies too."""
 
     loss_type: str = field(default="sigmoid", metadata={"help": f"One of: {', '.join(sorted(DPO_LOSSES))}."})

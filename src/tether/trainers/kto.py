@@ -15,10 +15,11 @@ from ..models.forward import completion_log_probs
 from ..models.reference import reference_context
 from .dpo import DPOTrainer
 from .preference import PairwiseConfig
+from .ref_sync import ReferenceSyncFields
 
 
 @dataclass
-class KTOConfig(PairwiseConfig):
+class KTOConfig(PairwiseConfig, ReferenceSyncFields):
     """Configuration of `KTOTrainer`; every `TrainingArguments` field applies too."""
 
     desirable_weight: float = field(default=1.0, metadata={"help": "Weight of desirable examples' losses."})

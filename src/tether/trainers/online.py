@@ -53,10 +53,11 @@ from ..rollout.rewards import RewardFunctions
 from ..rollout.sampling import sample_groups
 from ..rollout.vllm_generation import VLLMGroupSampler, require_vllm
 from .base import TetherConfig, TetherTrainer, as_config
+from .ref_sync import ReferenceSyncFields
 
 
 @dataclass
-class OnlineConfig(TetherConfig):
+class OnlineConfig(TetherConfig, ReferenceSyncFields):
     """Fields shared by the online methods (GRPOConfig, RLOOConfig); every TrainingArguments field applies.
 
     per_device_train_batch_size counts completions, as in TRL: a round of steps_per_generation micro-batches
