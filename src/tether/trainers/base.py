@@ -18,7 +18,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -83,6 +83,21 @@ def as_config(config_class: type[TrainingArguments], args: TrainingArguments | N
     return config_class(**_init_values(args))
 
 
+_warned_inapplicable: set[tuple[str, str]] = set()
+
+
+def warn_inapplicable(config: Any) -> None:
+    """Warn once per (config class, field) that a field of `config.inapplicable_fields` set to a non-default
+    value has no effect here, saying why."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, why in type(config).inapplicable_fields.items():
+        key = (type(config).__name__, name)
+        if getattr(config, name) != defaults.get(name) and key not in _warned_inapplicable:
+            _warned_inapplicable.add(key)
+            warnings.warn(f"{type(config).__name__}.{name}={getattr(config, name)!r} has no effect in tether: {why}",
+                          UserWarning, stacklevel=4)
+
+
 @dataclass
 class TetherConfig(TrainingArguments):
     """Fields every tether method has, on top of `TrainingArguments`."""
@@ -108,7 +123,12 @@ class TetherConfig(TrainingArguments):
         "help": "Mixture-of-experts models: weight of the router load-balancing loss added to the loss (None: the "
                 "model config's value; 0: off). An error for a model without a router."})
 
+    # Fields accepted for TRL compatibility that change nothing on this stack: field -> why. Setting one to
+    # anything but its default warns once per process (never a TypeError, never silently).
+    inapplicable_fields: ClassVar[dict[str, str]] = {}
+
     def __post_init__(self) -> None:
+        warn_inapplicable(self)
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
         if self.ddp_backend is None:  # gloo for DeepSpeed on CPU-only machines (see distributed.py)
