@@ -29,6 +29,11 @@ _EXPORTS = {
     "disable_dropout_in_model": "tether.models.dropout:disable_dropout",
     "peft_module_casting_to_bf16": "tether.models.adapter_dtypes",
     "is_diffusers_available": "tether.import_utils",
+    "BEMACallback": "tether.callbacks",
+    "LogCompletionsCallback": "tether.callbacks",
+    "RichProgressCallback": "tether.callbacks",
+    "SyncRefModelCallback": "tether.callbacks",
+    "WeaveCallback": "tether.callbacks",
 }
 
 __all__ = sorted(_EXPORTS)
