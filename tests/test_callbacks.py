@@ -112,7 +112,7 @@ def test_bema_as_dpo_reference_model_follows_the_formula(tmp_path, tiny_decoder_
                         ref_model_update_freq=2)
     trainer = DPOTrainer(tiny_decoder_dir, args=dpo_args(tmp_path),
                          train_dataset=Dataset.from_list(preference_pairs(16, seed=0)), callbacks=[recorder, bema])
-    RefModelCallbackHandler.install(trainer)  # the wiring TRL's experimental bema_for_ref_model DPOTrainer does
+    assert isinstance(trainer.callback_handler, RefModelCallbackHandler)  # DPOTrainer passes ref_model= to callbacks
     initial_reference = dict(trainer.ref_model.named_parameters())[name].detach().clone()
     trainer.train()
 
@@ -133,9 +133,11 @@ def test_bema_as_dpo_reference_model_follows_the_formula(tmp_path, tiny_decoder_
 
 def test_bema_update_ref_model_needs_a_reference(tmp_path, tiny_decoder_dir):
     bema = BEMACallback(update_freq=1, update_ref_model=True)
-    trainer = DPOTrainer(tiny_decoder_dir, args=dpo_args(tmp_path, max_steps=1),
-                         train_dataset=Dataset.from_list(preference_pairs(4, seed=0)), callbacks=[bema])
-    with pytest.raises(ValueError, match="reference model"):  # the handler that passes ref_model is missing
+    # SFT keeps no reference model: updating one is an error, not a silent no-op.
+    trainer = SFTTrainer(tiny_decoder_dir, train_dataset=Dataset.from_list([{"text": "a b c"}] * 4), callbacks=[bema],
+                         args=SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, report_to="none",
+                                        per_device_train_batch_size=2, save_strategy="no"))
+    with pytest.raises(ValueError, match="reference model"):
         trainer.train()
 
 

@@ -153,7 +153,7 @@ def test_preference_commands_end_to_end(command, extra, tiny_decoder_dir, prefer
     assert (out / weights).is_file(), sorted(os.listdir(out))
     resolved = yaml.safe_load((out / RESOLVED_CONFIG_NAME).read_text())
     if command == "dpo":
-        assert resolved["beta"] == pytest.approx(0.2) and resolved["loss_type"] == "ipo"
+        assert resolved["beta"] == pytest.approx(0.2) and resolved["loss_type"] == ["ipo"]
     if command == "reward":
         from peft import PeftConfig
 

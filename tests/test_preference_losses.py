@@ -124,13 +124,60 @@ def ref_apo_down(pc, pr, rc, rr, beta, eps):
             for a, b, c, d in zip(pc, pr, rc, rr, strict=True)]
 
 
+def ref_aot(pc, pr, rc, rr, beta, eps):
+    # AOT (paired): the k-th smallest policy margin log pi(y_w) - log pi(y_l) against the k-th smallest
+    # reference margin, through the cDPO logistic
+    policy = sorted(a - b for a, b in zip(pc, pr, strict=True))
+    ref = sorted(c - d for c, d in zip(rc, rr, strict=True))
+    return [(1 - eps) * -log_sigmoid(beta * (m - n)) + eps * -log_sigmoid(-beta * (m - n))
+            for m, n in zip(policy, ref, strict=True)]
+
+
+def ref_aot_unpaired(pc, pr, rc, rr, beta, eps):
+    # AOT (unpaired): the k-th smallest chosen log-ratio against the k-th smallest rejected one
+    chosen = sorted(a - c for a, c in zip(pc, rc, strict=True))
+    rejected = sorted(b - d for b, d in zip(pr, rr, strict=True))
+    return [(1 - eps) * -log_sigmoid(beta * (w - v)) + eps * -log_sigmoid(-beta * (w - v))
+            for w, v in zip(chosen, rejected, strict=True)]
+
+
+def ref_discopop(pc, pr, rc, rr, beta, eps, tau=0.05):
+    # DiscoPOP eq. 5: rho = beta h, m = sigma(rho / tau): (1 - m) * -log sigma(rho) + m * exp(-rho)
+    out = []
+    for a, b, c, d in zip(pc, pr, rc, rr, strict=True):
+        rho = beta * ((a - c) - (b - d))
+        m = sigmoid(rho / tau)
+        out.append((1 - m) * -log_sigmoid(rho) + m * math.exp(-rho))
+    return out
+
+
+def ref_sft(pc, pr, rc, rr, beta, eps, chosen_tokens=None):
+    # NLL of the chosen completions per token over the batch, the same number in every entry
+    tokens = chosen_tokens or [1.0] * len(pc)
+    nll = -sum(pc) / sum(tokens)
+    return [nll] * len(pc)
+
+
+def ref_sigmoid_norm(pc, pr, rc, rr, beta, eps, chosen_tokens=None, rejected_tokens=None):
+    # DPO on per-token log-ratios: -log sigma(beta (r_w / n_w - r_l / n_l))
+    n_w = chosen_tokens or [1.0] * len(pc)
+    n_l = rejected_tokens or [1.0] * len(pc)
+    return [-log_sigmoid(beta * ((a - c) / x - (b - d) / y)) for a, b, c, d, x, y in zip(pc, pr, rc, rr, n_w, n_l,
+                                                                                       strict=True)]
+
+
 REFERENCES = {
     "sigmoid": ref_sigmoid, "robust": ref_robust, "hinge": ref_hinge, "ipo": ref_ipo,
     "exo_pair": ref_exo_pair, "nca_pair": ref_nca_pair, "bco_pair": ref_bco_pair,
     "sppo_hard": ref_sppo_hard, "apo_zero": ref_apo_zero, "apo_down": ref_apo_down,
+    "aot": ref_aot, "aot_unpaired": ref_aot_unpaired, "discopop": ref_discopop, "sft": ref_sft,
+    "sigmoid_norm": ref_sigmoid_norm,
 }
-SMOOTHING_CASES = {"sigmoid": [0.0, 0.1, 0.5], "robust": [0.0, 0.2, 0.45], "exo_pair": [1e-3, 0.1]}
-DIRECTION_SMOOTHING = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 1e-3}  # eps < 1/2 keeps the label's side
+SMOOTHING_CASES = {"sigmoid": [0.0, 0.1, 0.5], "robust": [0.0, 0.2, 0.45], "exo_pair": [1e-3, 0.1],
+                   "aot": [0.0, 0.2], "aot_unpaired": [0.0, 0.2]}
+DIRECTION_SMOOTHING = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 1e-3, "aot": 0.1,
+                       "aot_unpaired": 0.1}  # eps < 1/2 keeps the label's side
+PER_TOKEN_INPUTS = {"ipo", "sigmoid_norm", "sft"}  # without token counts their inputs are per-token averages
 
 
 def random_logps(seed: int, b: int = 16, averaged: bool = False) -> list[list[float]]:
@@ -151,7 +198,7 @@ def test_table_has_each_documented_name():
 @pytest.mark.parametrize("loss_type", sorted(REFERENCES))
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_pairwise_losses_match_reference_on_random_logps(loss_type, beta):
-    pc, pr, rc, rr = random_logps(seed=len(loss_type), averaged=loss_type == "ipo")
+    pc, pr, rc, rr = random_logps(seed=len(loss_type), averaged=loss_type in PER_TOKEN_INPUTS)
     for eps in SMOOTHING_CASES.get(loss_type, [0.0]):
         out = dpo_loss(loss_type, t(pc), t(pr), t(rc), t(rr), beta=beta, label_smoothing=eps)
         expected = REFERENCES[loss_type](pc, pr, rc, rr, beta, eps)
@@ -187,6 +234,13 @@ KNOWN_POINTS = [
     # APO at r = 0: zero: 1 - 1/2 + 1/2 = 1; down: 1/2 + 1 - 1/2 = 1
     ("apo_zero", 0.5, 0.0, (0.0, 0.0), 1.0),
     ("apo_down", 0.5, 0.0, (0.0, 0.0), 1.0),
+    # AOT with one pair: the sorts are identities, so it is DPO: -log sigma(0.5 * 2)
+    ("aot", 0.5, 0.0, (1.0, -1.0), math.log1p(math.exp(-1.0))),
+    ("aot_unpaired", 0.5, 0.0, (1.0, -1.0), math.log1p(math.exp(-1.0))),
+    # DiscoPOP at rho = 0: m = 1/2, so 1/2 log 2 + 1/2 * 1
+    ("discopop", 0.5, 0.0, (0.3, 0.3), 0.5 * math.log(2.0) + 0.5),
+    # sigmoid_norm without counts is DPO on the given (per-token) log-ratios
+    ("sigmoid_norm", 0.5, 0.0, (1.0, -1.0), math.log1p(math.exp(-1.0))),
 ]
 
 
@@ -211,7 +265,9 @@ def _grads(loss_type: str, eps: float):
     return pc.grad, pr.grad, out
 
 
-@pytest.mark.parametrize("loss_type", sorted(DPO_LOSSES))
+# sft ignores the rejected completion (checked below); DiscoPOP has a small bump at rho = 0 (its loss is not
+# monotone there: d loss / d rho = 0.78 at beta = 1, tau = 0.05), so its direction is checked off zero below.
+@pytest.mark.parametrize("loss_type", sorted(set(DPO_LOSSES) - {"sft", "discopop"}))
 def test_direction_rejected_up_raises_loss(loss_type):
     _, grad_rejected, out = _grads(loss_type, DIRECTION_SMOOTHING.get(loss_type, 0.0))
     assert (grad_rejected > 0).all(), grad_rejected
@@ -219,7 +275,7 @@ def test_direction_rejected_up_raises_loss(loss_type):
     assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
 
 
-@pytest.mark.parametrize("loss_type", sorted(set(DPO_LOSSES) - {"apo_down"}))
+@pytest.mark.parametrize("loss_type", sorted(set(DPO_LOSSES) - {"apo_down", "discopop"}))
 def test_direction_chosen_up_lowers_loss(loss_type):
     grad_chosen, _, _ = _grads(loss_type, DIRECTION_SMOOTHING.get(loss_type, 0.0))
     assert (grad_chosen < 0).all(), grad_chosen
@@ -267,7 +323,7 @@ def test_smoothing_zero_reduces_robust_to_dpo():
 @pytest.mark.parametrize(("loss_type", "eps"), [
     ("sigmoid", 0.6), ("sigmoid", -0.1), ("robust", 0.5), ("exo_pair", 0.0), ("exo_pair", 1.0),
     ("hinge", 0.1), ("ipo", 0.1), ("nca_pair", 0.1), ("bco_pair", 0.1), ("sppo_hard", 0.1), ("apo_zero", 0.1),
-    ("apo_down", 0.1),
+    ("apo_down", 0.1), ("discopop", 0.1), ("sft", 0.1), ("sigmoid_norm", 0.1), ("aot", 0.6),
 ])
 def test_label_smoothing_out_of_range_or_unsupported_is_refused(loss_type, eps):
     x = t([-1.0])
@@ -300,12 +356,19 @@ def test_bco_pair_default_delta_is_a_constant_for_the_gradient():
 
 def test_dispatch_errors():
     x = t([-1.0])
-    with pytest.raises(ValueError, match="unknown loss_type 'dpo'") as info:
+    with pytest.raises(ValueError, match="Unknown loss_type 'dpo'") as info:
         dpo_loss("dpo", x, x, x, x, beta=0.1)
     for name in DPO_LOSSES:
         assert repr(name)[1:-1] in str(info.value)
-    with pytest.raises(TypeError):  # only bco_pair takes a reward shift
-        dpo_loss("sigmoid", x, x, x, x, beta=0.1, delta=0.5)
+    with pytest.raises(TypeError, match="dlta"):  # an option no loss declares is a typo
+        dpo_loss("sigmoid", x, x, x, x, beta=0.1, dlta=0.5)
+    # an option of another loss (bco_pair's shift) changes nothing for the losses listed
+    torch.testing.assert_close(dpo_loss("sigmoid", x, x, x, x, beta=0.1, delta=0.5).losses,
+                               dpo_loss("sigmoid", x, x, x, x, beta=0.1).losses, **TOL)
+    with pytest.raises(ValueError, match="loss_weights"):
+        dpo_loss(["sigmoid", "sft"], x, x, x, x, beta=0.1, loss_weights=[1.0])
+    with pytest.raises(ValueError, match="empty"):
+        dpo_loss([], x, x, x, x, beta=0.1)
 
 
 # ----- SimPO and CPO -----------------------------------------------------------------------------------------
@@ -473,3 +536,188 @@ def test_kto_reference_point_helper():
     assert z0.item() == pytest.approx(1 / 6, abs=1e-12) and z0.shape == () and not z0.requires_grad
     # mean(ref - policy) = -1/6 < 0 -> clamped to 0
     assert kto_reference_point(ref, policy.detach()).item() == 0.0
+
+
+# ----- TRL 1.16's DPO options: f-divergences, token counts, loss lists, LD-DPO, WPO ---------------------------
+# f(u) of each divergence, from Table 1 of the f-DPO paper (Wang et al., 2023); psi(r) = f'(e^r) - f'(1) is
+# checked against a central finite difference of f, so the test does not restate the derivative.
+F_OF_U = {
+    "reverse_kl": lambda u, a: u * math.log(u),
+    "forward_kl": lambda u, a: -math.log(u),
+    "js_divergence": lambda u, a: u * math.log(u) - (u + 1) * math.log((u + 1) / 2),
+    "alpha_divergence": lambda u, a: (u ** (1 - a) - (1 - a) * u - a) / (a * (a - 1)),
+}
+
+
+def ref_psi(r: float, divergence: str, a: float = 0.5) -> float:
+    def derivative(u: float) -> float:
+        step = 1e-5 * u
+        return (F_OF_U[divergence](u + step, a) - F_OF_U[divergence](u - step, a)) / (2 * step)
+    return derivative(math.exp(r)) - derivative(1.0)
+
+
+@pytest.mark.parametrize("divergence", sorted(F_OF_U))
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
+def test_f_divergence_score_is_f_prime_from_the_paper(divergence, alpha):
+    from tether.losses.preference import f_divergence_score
+
+    ratios = [-3.0, -0.7, 0.0, 0.4, 2.5]
+    got = f_divergence_score(t(ratios), divergence, alpha)
+    torch.testing.assert_close(got, t([ref_psi(r, divergence, alpha) for r in ratios]), rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "robust", "exo_pair", "discopop"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_margin_losses_use_the_f_divergence_scores(loss_type, divergence):
+    # the loss on (pc, pr, rc, rr) with divergence f equals the reverse-KL loss on log-ratios replaced by psi
+    pc, pr, rc, rr = random_logps(seed=11, b=6, averaged=True)
+    psi_w = [ref_psi(a - c, divergence, 0.3) for a, c in zip(pc, rc, strict=True)]
+    psi_l = [ref_psi(b - d, divergence, 0.3) for b, d in zip(pr, rr, strict=True)]
+    eps = {"robust": 0.2, "exo_pair": 1e-3}.get(loss_type, 0.0)
+    expected = REFERENCES[loss_type](psi_w, psi_l, [0.0] * 6, [0.0] * 6, 0.4, eps)
+    out = dpo_loss(loss_type, t(pc), t(pr), t(rc), t(rr), beta=0.4, label_smoothing=eps, f_divergence=divergence,
+                   f_alpha=0.3)
+    torch.testing.assert_close(out.losses, t(expected), rtol=1e-6, atol=1e-7)
+    # the rewards stay beta * log-ratio, whatever the divergence (as TRL 1.16 logs them)
+    torch.testing.assert_close(out.chosen_rewards, t([0.4 * (a - c) for a, c in zip(pc, rc, strict=True)]), **TOL)
+
+
+def test_ipo_and_sigmoid_norm_divide_the_scores_by_the_token_counts():
+    # TRL 1.16: psi of the SUMMED log-ratio, divided by the completion length (not psi of the average)
+    pc, pr, rc, rr = random_logps(seed=12, b=5)
+    n_w, n_l = [3.0, 7.0, 1.0, 12.0, 5.0], [4.0, 2.0, 9.0, 12.0, 6.0]
+    counts = {"chosen_tokens": t(n_w), "rejected_tokens": t(n_l)}
+    for divergence in ("reverse_kl", "js_divergence"):
+        psi_w = [ref_psi(a - c, divergence) / x for a, c, x in zip(pc, rc, n_w, strict=True)]
+        psi_l = [ref_psi(b - d, divergence) / y for b, d, y in zip(pr, rr, n_l, strict=True)]
+        ipo = dpo_loss("ipo", t(pc), t(pr), t(rc), t(rr), beta=0.2, f_divergence=divergence, **counts)
+        expected = [(w - v - 1 / (2 * 0.2)) ** 2 for w, v in zip(psi_w, psi_l, strict=True)]
+        torch.testing.assert_close(ipo.losses, t(expected), rtol=1e-6, atol=1e-7)
+        norm = dpo_loss("sigmoid_norm", t(pc), t(pr), t(rc), t(rr), beta=0.2, f_divergence=divergence, **counts)
+        torch.testing.assert_close(norm.losses, t([-log_sigmoid(0.2 * (w - v)) for w, v in zip(psi_w, psi_l)]),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_sft_is_the_token_mean_nll_of_the_chosen_and_ignores_the_rest():
+    pc, pr, rc, rr = random_logps(seed=13, b=4)
+    n_w = [3.0, 8.0, 2.0, 5.0]
+    policy_chosen, policy_rejected = t(pc).requires_grad_(), t(pr).requires_grad_()
+    out = dpo_loss("sft", policy_chosen, policy_rejected, t(rc), t(rr), beta=0.1, chosen_tokens=t(n_w))
+    torch.testing.assert_close(out.losses, t(ref_sft(pc, pr, rc, rr, 0.1, 0.0, chosen_tokens=n_w)), **TOL)
+    out.losses.mean().backward()
+    torch.testing.assert_close(policy_chosen.grad, t([-1.0 / sum(n_w)] * 4), **TOL)  # d/dpc of -sum(pc)/sum(n)
+    assert policy_rejected.grad is None or (policy_rejected.grad == 0).all()
+    # LD-DPO-weighted inputs: the NLL uses the plain sums given as unweighted_chosen_logps
+    plain = t([x - 1.0 for x in pc])
+    out = dpo_loss("sft", t(pc), t(pr), t(rc), t(rr), beta=0.1, chosen_tokens=t(n_w), unweighted_chosen_logps=plain)
+    torch.testing.assert_close(out.losses, t([-sum(x - 1.0 for x in pc) / sum(n_w)] * 4), **TOL)
+
+
+def test_discopop_direction_off_the_bump():
+    # for a negative or a clearly positive margin a larger chosen log-prob lowers DiscoPOP, a larger rejected
+    # one raises it
+    for margin in (-2.0, -0.5, 0.5, 3.0):
+        pc = torch.tensor([-10.0 + margin], dtype=torch.float64, requires_grad=True)
+        pr = torch.tensor([-10.0], dtype=torch.float64, requires_grad=True)
+        dpo_loss("discopop", pc, pr, t([-10.0]), t([-10.0]), beta=1.0).losses.sum().backward()
+        assert pc.grad.item() < 0 < pr.grad.item(), margin
+
+
+def test_discopop_tau_changes_the_blend():
+    pc, pr, rc, rr = random_logps(seed=14, b=6)
+    for tau in (0.05, 0.5):
+        out = dpo_loss("discopop", t(pc), t(pr), t(rc), t(rr), beta=0.05, tau=tau)
+        torch.testing.assert_close(out.losses, t(ref_discopop(pc, pr, rc, rr, 0.05, 0.0, tau=tau)), **TOL)
+
+
+def test_discopop_is_finite_for_huge_negative_margins():
+    x = t([-1000.0])
+    out = dpo_loss("discopop", x, t([0.0]), t([0.0]), t([0.0]), beta=1.0)
+    assert torch.isfinite(out.losses).all() and out.losses.item() == pytest.approx(1000.0)  # -log sigma(-1000)
+
+
+def test_a_loss_list_is_the_weighted_sum_of_its_losses():
+    pc, pr, rc, rr = (t(x) for x in random_logps(seed=15, b=6))
+    counts = {"chosen_tokens": t([4.0, 2.0, 9.0, 3.0, 3.0, 7.0]), "rejected_tokens": t([5.0, 2.0, 1.0, 8.0, 6.0, 2.0])}
+    types, weights = ["sigmoid", "bco_pair", "sft", "ipo"], [0.8, 0.2, 1.0, 0.5]
+    out = dpo_loss(types, pc, pr, rc, rr, beta=0.1, loss_weights=weights, delta=0.1, **counts)
+    singles = [dpo_loss(name, pc, pr, rc, rr, beta=0.1, delta=0.1, **counts).losses for name in types]
+    torch.testing.assert_close(out.losses, sum(w * x for w, x in zip(weights, singles, strict=True)), **TOL)
+    assert out.losses.mean().item() == pytest.approx(sum(w * x.mean().item() for w, x in zip(weights, singles)))
+    # default weights: 1 each
+    torch.testing.assert_close(dpo_loss(types, pc, pr, rc, rr, beta=0.1, delta=0.1, **counts).losses,
+                               sum(singles), **TOL)
+
+
+def test_label_smoothing_goes_to_the_listed_losses_that_have_it():
+    pc, pr, rc, rr = (t(x) for x in random_logps(seed=16, b=4))
+    out = dpo_loss(["exo_pair", "hinge"], pc, pr, rc, rr, beta=0.1, label_smoothing=1e-3)
+    expected = (dpo_loss("exo_pair", pc, pr, rc, rr, beta=0.1, label_smoothing=1e-3).losses
+                + dpo_loss("hinge", pc, pr, rc, rr, beta=0.1).losses)
+    torch.testing.assert_close(out.losses, expected, **TOL)
+    with pytest.raises(ValueError, match="label_smoothing"):  # no listed loss has smoothing
+        dpo_loss(["hinge", "sft"], pc, pr, rc, rr, beta=0.1, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("loss_type", ["nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+                                       "apo_down"])
+def test_f_divergence_is_refused_where_it_has_no_form(loss_type):
+    x = t([-1.0])
+    with pytest.raises(ValueError, match="f_divergence_type"):
+        dpo_loss(["sigmoid", loss_type], x, x, x, x, beta=0.1, f_divergence="js_divergence")
+    dpo_loss(["sigmoid", "sft"], x, x, x, x, beta=0.1, f_divergence="js_divergence")  # sft: no reference, fine
+
+
+def test_length_desensitised_log_probs_weight_the_longer_completions_excess():
+    from tether.losses.preference import length_desensitised_log_probs
+
+    # b = 2 pairs; sequences 0, 1 chosen, 2, 3 rejected. Lengths: chosen 3, 1; rejected 2, 4. Public: 2, 1.
+    tokens = {0: [-1.0, -2.0, -3.0], 1: [-0.5], 2: [-4.0, -5.0], 3: [-0.1, -0.2, -0.3, -0.4]}
+    alpha = 0.25
+    expected = [-1.0 - 2.0 + alpha * -3.0, -0.5, -4.0 - 5.0, -0.1 + alpha * (-0.2 - 0.3 - 0.4)]
+    # interleave the sequences' tokens (as packed rows may) while keeping each sequence's order
+    order = [(3, 0), (0, 0), (0, 1), (2, 0), (3, 1), (1, 0), (3, 2), (0, 2), (2, 1), (3, 3)]
+    logps = t([tokens[s][i] for s, i in order])
+    sequence = torch.tensor([s for s, _ in order])
+    got = length_desensitised_log_probs(logps, sequence, num_pairs=2, alpha=alpha)
+    torch.testing.assert_close(got, t(expected), **TOL)
+    plain = length_desensitised_log_probs(logps, sequence, num_pairs=2, alpha=1.0)
+    torch.testing.assert_close(plain, t([sum(tokens[s]) for s in range(4)]), **TOL)
+    with pytest.raises(ValueError, match="ld_alpha"):
+        length_desensitised_log_probs(logps, sequence, num_pairs=2, alpha=1.5)
+
+
+def test_wpo_weights_are_the_product_of_length_normalised_aligned_probabilities():
+    from tether.losses.preference import wpo_weights
+
+    # per completion: mean over tokens of log p(y_t) - log sum_v p(v)^2, exponentiated; pair weight = product
+    chosen_aligned, rejected_aligned = [-1.2, -0.3], [-2.0, -0.9]
+    n_w, n_l = [3.0, 1.0], [4.0, 2.0]
+    expected = [math.exp(a / x) * math.exp(b / y) for a, b, x, y in zip(chosen_aligned, rejected_aligned, n_w, n_l)]
+    got = wpo_weights(t(chosen_aligned).requires_grad_(), t(rejected_aligned), t(n_w), t(n_l))
+    torch.testing.assert_close(got, t(expected), **TOL)
+    assert not got.requires_grad
+
+
+def test_alpha_log_transform_is_alphapo_reward():
+    from tether.losses.preference import alpha_log_transform
+
+    # AlphaPO: r(p) = (1 - p^-alpha) / alpha for a probability p = e^x; alpha -> 0 gives log p
+    xs = [-5.0, -1.0, -0.01]
+    for alpha in (0.25, -0.5, 1.0):
+        torch.testing.assert_close(alpha_log_transform(t(xs), alpha),
+                                   t([(1 - math.exp(x) ** -alpha) / alpha for x in xs]), **TOL)
+    torch.testing.assert_close(alpha_log_transform(t(xs), 0.0), t(xs), **TOL)
+    assert torch.isfinite(alpha_log_transform(torch.tensor([-1e4]), 0.5)).all()  # capped, not inf
+
+
+def test_apo_zero_unpaired_loss():
+    from tether.losses.preference import apo_zero_unpaired_loss
+
+    # desirable: w_D (1 - sigma(beta r)); undesirable: w_U sigma(beta r)
+    policy, ref = [-3.0, -5.0, -2.0], [-4.0, -4.5, -2.5]
+    desirable = torch.tensor([True, False, True])
+    out = apo_zero_unpaired_loss(t(policy), t(ref), desirable, beta=0.5, desirable_weight=2.0, undesirable_weight=0.7)
+    expected = [2.0 * (1 - sigmoid(0.5 * 1.0)), 0.7 * sigmoid(0.5 * -0.5), 2.0 * (1 - sigmoid(0.5 * 0.5))]
+    torch.testing.assert_close(out.losses, t(expected), **TOL)
+    torch.testing.assert_close(out.rewards, t([0.5, -0.25, 0.25]), **TOL)

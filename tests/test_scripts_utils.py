@@ -97,14 +97,33 @@ def test_script_arguments_have_trl_1_16_fields_and_defaults():
     assert DatasetMixtureConfig() == DatasetMixtureConfig(datasets=[], streaming=False, test_split_size=None)
 
 
+@dataclass
+class LoadingA:
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoadingB:
+    trust_remote_code: bool = False
+    revision: str = "main"
+
+
 def test_shared_field_is_one_flag_for_every_dataclass():
-    """trust_remote_code is a field of the training config (TRL 1.x) and of ModelConfig (TRL 0.7): a parser over
-    both must not fail on the duplicate flag, and the flag sets both."""
+    """A field name two dataclasses share must not fail on the duplicate flag, and the flag sets both."""
+    parser = TrlParser((LoadingA, LoadingB))
+    a, b = parser.parse_args_and_config(["--trust_remote_code", "--revision", "v2"])
+    assert a.trust_remote_code is True and b.trust_remote_code is True and b.revision == "v2"
+    a, b = parser.parse_args_and_config([])
+    assert a.trust_remote_code is False and b.trust_remote_code is False
+
+
+def test_trl_1_scripts_read_trust_remote_code_from_the_training_config():
+    # TRL 1.x's scripts pass training_args.trust_remote_code to from_pretrained (ModelConfig lost the field).
     parser = TrlParser((ScriptArguments, DPOConfig, ModelConfig))
-    _, training_args, model_args = parser.parse_args_and_config(["--output_dir", "o", "--trust_remote_code"])
-    assert training_args.trust_remote_code is True and model_args.trust_remote_code is True
-    _, training_args, model_args = parser.parse_args_and_config(["--output_dir", "o"])
-    assert training_args.trust_remote_code is False and model_args.trust_remote_code is False
+    _, training_args, _ = parser.parse_args_and_config(["--output_dir", "o", "--trust_remote_code"])
+    assert training_args.trust_remote_code is True
+    _, training_args, _ = parser.parse_args_and_config(["--output_dir", "o"])
+    assert training_args.trust_remote_code is False
 
 
 @dataclass

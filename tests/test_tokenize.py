@@ -135,9 +135,10 @@ def test_conversation_all_tokens(tokenizer):
 
 
 def test_prefix_unstable_template_is_refused(tokenizer):
-    # A template that hides earlier assistant answers (as reasoning templates drop earlier thoughts):
-    # the rendering of a prefix is not a prefix of the rendering, so turns cannot be located by
-    # offsets (offsets alone would mark "<|end|>\n<|user|>..." as the first answer).
+    # A template that drops earlier assistant answers altogether: nothing in the rendering depends on the
+    # first answer, so it has no place to mark (offsets from rendered prefixes would mark
+    # "<|end|>\n<|user|>..." as the first answer). Templates that only drop earlier thoughts are located:
+    # tests/test_chat_templates.py.
     tokenizer.chat_template = (
         "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' }}"
         "{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}{{ '<|end|>\n' }}"
@@ -211,3 +212,14 @@ def test_formatting_func_ex_plus_ex_lists(tokenizer):
                                     formatting_func=lambda ex: ex["q"] + ex["a"])
     assert [tokenizer.decode(ids) for ids in out["input_ids"]] == ["two plus two is four.<eos>",
                                                                     "hello world<eos>"]
+
+
+def test_truncate_keep_end_keeps_the_last_tokens_and_counts_the_prompt_kept():
+    example = {"input_ids": [1, 2, 3, 4, 5, 6], "loss_mask": [False, False, False, True, True, True],
+               "prompt_length": 3}
+    assert truncate(example, 4, "keep_end") == {"input_ids": [3, 4, 5, 6], "loss_mask": [False, True, True, True],
+                                                 "prompt_length": 1}
+    assert truncate(example, 2, "keep_end")["prompt_length"] == 0
+    assert truncate(example, 4)["input_ids"] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="truncation_mode"):
+        truncate(example, 4, "keep_middle")

@@ -22,7 +22,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from tether import ModelConfig, get_kbit_device_map, get_peft_config, get_quantization_config
+from tether import ModelConfig, SFTConfig, get_kbit_device_map, get_peft_config, get_quantization_config
 from tether.trainer import RewardConfig
 
 
@@ -54,12 +54,19 @@ def test_model_config_parses_as_the_example_scripts_do(tmp_path):
     assert model_config.lora_target_modules == ["q_proj", "v_proj"]
     assert model_config.load_in_4bit and model_config.bnb_4bit_quant_type == "fp4"
     # the scripts' own dtype line, unchanged, works on the field
-    assert getattr(torch, model_config.torch_dtype) is torch.bfloat16 and model_config.dtype is torch.bfloat16
+    assert getattr(torch, model_config.torch_dtype) is torch.bfloat16 and model_config.resolved_dtype is torch.bfloat16
 
     script, training_args, model_config = HfArgumentParser(
         (DPOScriptArguments, TrainingArguments, ModelConfig)).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--beta", "0.2", "--model_name_or_path", "m", "--trust_remote_code"])
-    assert script.beta == 0.2 and script.max_length == 512 and model_config.trust_remote_code
+        ["--output_dir", str(tmp_path), "--beta", "0.2", "--model_name_or_path", "m"])
+    assert script.beta == 0.2 and script.max_length == 512 and not model_config.trust_remote_code
+    # TRL 1.x moved trust_remote_code onto the training configs; ModelConfig keeps it as a Python argument only,
+    # so that a training config and ModelConfig in one parser register the flag once (the config's).
+    assert ModelConfig(trust_remote_code=True).trust_remote_code
+    assert ModelConfig(trust_remote_code=True).to_model_init_kwargs()["trust_remote_code"] is True
+    sft_config, model_config = HfArgumentParser((SFTConfig, ModelConfig)).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--model_name_or_path", "m", "--trust_remote_code"])
+    assert sft_config.trust_remote_code and not model_config.trust_remote_code
 
     reward_config, model_config = HfArgumentParser((RewardConfig, ModelConfig)).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--model_name_or_path", "m", "--max_length", "512",
@@ -75,8 +82,8 @@ def test_model_config_validation_and_dtype_mapping():
         ModelConfig(torch_dtype="float64")
     with pytest.raises(ValueError, match="bnb_4bit_quant_type"):
         ModelConfig(bnb_4bit_quant_type="int4")
-    assert ModelConfig().dtype is None and ModelConfig(torch_dtype="auto").dtype == "auto"
-    assert ModelConfig(torch_dtype="float16").dtype is torch.float16
+    assert ModelConfig().dtype == "float32" and ModelConfig(torch_dtype="auto").dtype == "auto"
+    assert ModelConfig(torch_dtype="float16").resolved_dtype is torch.float16
     kwargs = ModelConfig(torch_dtype="float16", model_revision="v2", attn_implementation="sdpa").to_model_init_kwargs()
     assert kwargs == {"revision": "v2", "trust_remote_code": False, "dtype": torch.float16,
                       "attn_implementation": "sdpa"}

@@ -45,6 +45,7 @@ _EXPORTS = {
     "get_quantization_config": "tether.models.config",
     "get_kbit_device_map": "tether.models.config",
     "setup_chat_format": "tether.data.chat_format",
+    "clone_chat_template": "tether.data.chat_format",
     "set_seed": "tether.ops.rng",
     "PreTrainedModelWrapper": "tether.models.value_head",
     "IterativeSFTTrainer": "tether.trainers.iterative_sft",
@@ -56,6 +57,17 @@ _EXPORTS = {
     "is_peft_available": "tether.import_utils",
     "is_wandb_available": "tether.import_utils",
     "is_xpu_available": "tether.import_utils",
+    # TRL 1.x's script utilities and callbacks
+    "ScriptArguments": "tether.scripts.arguments",
+    "DatasetMixtureConfig": "tether.scripts.arguments",
+    "TrlParser": "tether.scripts.parser",
+    "get_dataset": "tether.scripts.mixture",
+    "init_zero_verbose": "tether.scripts.parser",
+    "BEMACallback": "tether.callbacks",
+    "LogCompletionsCallback": "tether.callbacks",
+    "RichProgressCallback": "tether.callbacks",
+    "SyncRefModelCallback": "tether.callbacks",
+    "WeaveCallback": "tether.callbacks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,7 @@
     tether ppo --model_name_or_path SFT --dataset_name prompts.jsonl --reward_funcs REWARD_MODEL
     tether demo [--output_dir ./tether-demo] [--quick]
     tether report OUTPUT_DIR                               # rebuild a run's report.html and plots
+    tether vllm-serve --model DIR [--backend transformers] # generation server for vllm_mode="server"
 
 A training subcommand is one `TrainCommand` row: its script-arguments dataclass, its config dataclass and
 its trainer class. Flags and help strings come from those dataclasses through `transformers.HfArgumentParser`,
@@ -372,10 +373,41 @@ def report(argv: Sequence[str]) -> int:
     return 0
 
 
+def vllm_serve(argv: Sequence[str]) -> int:
+    """`tether vllm-serve --model M`: the generation server of `use_vllm=True, vllm_mode="server"` runs (TRL's
+    flag names; see tether.rollout.vllm_server)."""
+    from transformers import HfArgumentParser
+
+    from tether.rollout.vllm_server import ServeArguments, serve
+
+    parser = HfArgumentParser(ServeArguments, prog="tether vllm-serve", description=(
+        "Serve a model for GRPO/RLOO with use_vllm=True, vllm_mode='server': generation and weight updates over "
+        "HTTP, on a vLLM engine or on tether's own sampler (--backend transformers, no GPU needed)."))
+    parser.usage = "tether vllm-serve --model M [--backend vllm|transformers] [--host H] [--port P] [OPTIONS]"
+    parser.add_argument(CONFIG_FLAG, metavar="YAML", default=None,
+                        help="YAML file of option: value pairs; they set the defaults, explicit flags override.")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(CONFIG_FLAG, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_yaml_defaults(known.config, parser))
+    try:
+        # The second value is the namespace of --config, which the dataclass does not hold.
+        args, _extra = parser.parse_args_into_dataclasses(args=list(argv))
+    except ValueError as error:  # ServeArguments.__post_init__
+        parser.error(str(error))
+    if args.model is None:
+        parser.error(f"missing --model (a flag or a key of the {CONFIG_FLAG} file).")
+    serve(args)
+    return 0
+
+
 # Subcommands that are not a trainer: name -> (help, function of the remaining argv returning an exit code).
 TOOLS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "demo": ("Run the offline demo: corpus -> tokenizer -> tiny model -> SFT, with samples.", demo),
     "report": ("Rebuild a run's report (plots + HTML page) from its output dir.", report),
+    "vllm-serve": ("Serve a model for GRPO/RLOO's vllm_mode='server' (generation + weight updates over HTTP).",
+                   vllm_serve),
 }
 
 

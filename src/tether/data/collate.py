@@ -47,16 +47,73 @@ def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list
     return bins
 
 
-def pack_examples(columns: dict[str, list[list[Any]]], capacity: int) -> dict[str, list[list[Any]]]:
-    """Batched `datasets.map` function: concatenate examples into bins, adding `position_ids`."""
+PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
+
+
+def _split_long(columns: dict[str, list[list[Any]]], capacity: int) -> dict[str, list[list[Any]]]:
+    """Examples longer than `capacity` cut into pieces of `capacity` tokens (the last one shorter), each piece
+    its own example."""
+    out: dict[str, list[list[Any]]] = {key: [] for key in columns}
+    for i, ids in enumerate(columns["input_ids"]):
+        for start in range(0, max(len(ids), 1), capacity):
+            for key, values in columns.items():
+                out[key].append(values[i][start:start + capacity])
+    return out
+
+
+def pack_examples(columns: dict[str, list[list[Any]]], capacity: int, strategy: str = "bfd",
+                  ) -> dict[str, list[list[Any]]]:
+    """Batched `datasets.map` function: examples (columns of per-token lists) -> rows of at most `capacity`
+    tokens, with `position_ids`. What happens to an example longer than `capacity` depends on `strategy`
+    (TRL's packing strategies):
+
+    - "bfd": best fit decreasing; a long example keeps its first `capacity` tokens. Examples stay whole and
+      apart (positions restart at 0 at each, so attention stays within it).
+    - "bfd_split": best fit decreasing; a long example is cut into pieces of `capacity` tokens, each packed as
+      an example of its own (no token lost; a piece starts without the context before it).
+    - "wrapped": every example concatenated in order and cut into rows of exactly `capacity` tokens (the last
+      one shorter); an example may run over a row boundary, and each row is one sequence (positions 0..L-1,
+      tokens attend to the earlier examples of the row), as a pre-training stream is packed.
+    """
+    if strategy not in PACKING_STRATEGIES:
+        raise ValueError(f"packing_strategy={strategy!r}; use one of {PACKING_STRATEGIES}.")
+    columns = {key: [list(v) for v in values] for key, values in columns.items() if key != "position_ids"}
+    if strategy == "wrapped":
+        packed = {key: [] for key in columns}
+        flat = {key: [v for values in column for v in values] for key, column in columns.items()}
+        total = len(flat["input_ids"])
+        for start in range(0, total, capacity):
+            for key in columns:
+                packed[key].append(flat[key][start:start + capacity])
+        packed["position_ids"] = [list(range(len(ids))) for ids in packed["input_ids"]]
+        return packed
+    if strategy == "bfd_split":
+        columns = _split_long(columns, capacity)
+    else:
+        columns = {key: [v[:capacity] for v in values] for key, values in columns.items()}
     lengths = [len(ids) for ids in columns["input_ids"]]
-    packed: dict[str, list[list[Any]]] = {key: [] for key in columns}
+    packed = {key: [] for key in columns}
     packed["position_ids"] = []
     for members in pack_best_fit_decreasing(lengths, capacity):
         for key, values in columns.items():
             packed[key].append([v for i in members for v in values[i]])
         packed["position_ids"].append([p for i in members for p in range(lengths[i])])
     return packed
+
+
+def resolve_pad_to_multiple_of(value: int | str | None) -> int | None:
+    """The `pad_to_multiple_of` config value as a collator takes it: a positive int, or None for no rounding
+    ("auto", None, and the CLI's "none"/"null"; TRL's "auto" rounds only on AWS Neuron, which torch here
+    does not drive). Digits given as a string (the CLI) are read as an int."""
+    if value is None or (isinstance(value, str) and value.lower() in ("auto", "none", "null")):
+        return None
+    try:
+        multiple = int(value)
+    except (TypeError, ValueError):
+        multiple = 0
+    if multiple < 1 or (isinstance(value, float) and value != multiple):
+        raise ValueError(f"pad_to_multiple_of={value!r}; use a positive int, 'auto' or None.")
+    return multiple
 
 
 def pad_rows(rows: Sequence[Sequence[Any] | torch.Tensor], value: Any, width: int | None = None, left: bool = False,
@@ -135,7 +192,8 @@ def collate_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 class LanguageModelingCollator:
     """Collate token examples for causal LM losses.
 
-    pad_token_id: id written in padding. padding_side: "right" or "left".
+    pad_token_id: id written in padding. padding_side: "right" or "left". pad_to_multiple_of: round the
+    batch width up to a multiple of this (a config's value: an int, or "auto"/None for no rounding).
     flatten: put the whole batch in one row with position_ids (padding-free; for attention kernels that
     take variable-length sequences, e.g. flash attention). Packed examples (with `position_ids`) are
     padded per row and keep their position_ids, so attention stays within each row's sequences.
@@ -146,13 +204,14 @@ class LanguageModelingCollator:
 
     pad_token_id: int
     padding_side: str = "right"
-    pad_to_multiple_of: int | None = None
+    pad_to_multiple_of: int | str | None = None
     flatten: bool = False
     pack_to: int | None = None
 
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}.")
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not isinstance(examples[0], Mapping) or "input_ids" not in examples[0]:

@@ -8,6 +8,8 @@ Types, by columns:
 - unpaired preference: `prompt`, `completion`, `label`
 
 Each text column holds either strings (plain) or lists of {"role", "content"} dicts (conversational).
+A streaming `datasets.IterableDataset` is read through its first rows (`stream_sample`), which restarts
+the stream rather than consuming it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 # How many rows are type-checked one by one; Arrow already gives every row of a column one type.
 _ROWS_CHECKED = 1000
+# Rows of a stream read ahead to detect and validate its format.
+STREAM_SAMPLE_ROWS = 8
 
 
 class DatasetError(ValueError):
@@ -55,6 +59,23 @@ class DatasetFormat:
     @property
     def implicit_prompt(self) -> bool:
         return self.type is DatasetType.PREFERENCE and "prompt" not in self.text_columns
+
+
+def is_stream(dataset: Any) -> bool:
+    """Whether `dataset` is a streaming `datasets.IterableDataset` (e.g. `load_dataset(..., streaming=True)`)."""
+    import datasets
+
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def stream_sample(dataset: Any, rows: int = STREAM_SAMPLE_ROWS) -> Any:
+    """The first `rows` rows of a stream as a `datasets.Dataset` (empty if the stream yields none).
+
+    `take` starts a fresh iteration of the source, so the stream a trainer later reads still begins at
+    its first row; a generator-backed stream calls its generator again."""
+    import datasets
+
+    return datasets.Dataset.from_list([dict(row) for row in dataset.take(rows)])
 
 
 def _column_names(dataset: Any) -> list[str]:
@@ -104,6 +125,8 @@ def detect_format(dataset: Any, text_field: str = "text", expected: Iterable[Dat
     takes any dataset with a `prompt` column (the other columns are extra data, e.g. for reward
     functions), as TRL's online trainers do.
     """
+    if is_stream(dataset):
+        dataset = stream_sample(dataset)
     columns = _column_names(dataset)
     if len(dataset) == 0:
         raise DatasetError("The dataset is empty (0 rows). Fix: pass a dataset with at least one example.")
@@ -163,3 +186,40 @@ def _check_labels(dataset: Any) -> None:
                 f"Row {row} of column 'label' is {value!r}; unpaired preference labels must be booleans "
                 "(True = desirable; 0/1 are read as False/True). Fix: map the column to bool."
             )
+
+
+# ----- other row forms TRL accepts ------------------------------------------------------------------------
+def is_sharegpt(dataset: Any) -> bool:
+    """Whether the rows of a `datasets.Dataset` (for a stream: its `stream_sample`) hold a ShareGPT-style
+    `conversations` column, [{"from": ..., "value": ...}, ...] (decided on the first row, as TRL does)."""
+    if "conversations" not in _column_names(dataset) or len(dataset) == 0:
+        return False
+    first = dataset[0]["conversations"]
+    return isinstance(first, list) and bool(first) and isinstance(first[0], dict) and {"from", "value"} <= set(first[0])
+
+
+def sharegpt_to_messages(row: dict[str, Any]) -> dict[str, Any]:
+    """One row with ShareGPT messages -> role/content messages, `conversations` renamed `messages` (TRL's
+    `maybe_convert_to_chatml`). Keys are renamed in every message list of the row (prompt, completion, chosen,
+    rejected, messages, conversations); role names are kept as they are (e.g. "human", "gpt")."""
+    out = {}
+    for key, value in row.items():
+        if key in _MESSAGE_COLUMNS and isinstance(value, list):
+            value = [{_SHAREGPT_KEYS.get(k, k): v for k, v in m.items()} if isinstance(m, dict) else m for m in value]
+        out["messages" if key == "conversations" else key] = value
+    return out
+
+
+_SHAREGPT_KEYS = {"from": "role", "value": "content"}
+_MESSAGE_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations")
+
+# Pre-tokenized rows: id columns that replace text columns, per kind of data.
+TOKENIZED_LANGUAGE_MODELING = ("input_ids",)
+TOKENIZED_PAIRS = ("chosen_ids", "rejected_ids")  # whole sequences, or completions after `prompt_ids`
+LEGACY_TOKENIZED_PAIRS = ("chosen_input_ids", "rejected_input_ids")  # TRL 1.x's deprecated names of the above
+
+
+def has_columns(dataset: Any, columns: Iterable[str]) -> bool:
+    """Whether a `datasets.Dataset` (for a stream: its `stream_sample`) has every one of `columns`."""
+    names = _column_names(dataset)
+    return all(c in names for c in columns)

@@ -3,6 +3,7 @@ both halves of every pair go through the model in one forward pass."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,9 +11,17 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .collate import IGNORE_INDEX, LanguageModelingCollator, loss_mask_from_labels
-from .formats import DatasetError, DatasetType, detect_format
-from .prepare import drop_untrainable
+from .collate import IGNORE_INDEX, LanguageModelingCollator, loss_mask_from_labels, resolve_pad_to_multiple_of
+from .formats import (
+    LEGACY_TOKENIZED_PAIRS,
+    TOKENIZED_PAIRS,
+    DatasetError,
+    DatasetType,
+    detect_format,
+    has_columns,
+    is_stream,
+)
+from .prepare import drop_untrainable, map_rows, sample_of
 from .tokenize import tokenize_conversation, tokenize_prompt_completion, tokenize_text
 
 _SIDES = ("chosen", "rejected")
@@ -56,6 +65,32 @@ def _tokenize_side(tokenizer: PreTrainedTokenizerBase, prompt: Any, completion: 
     return tokenize_prompt_completion(tokenizer, prompt, completion, completion_only_loss=True)
 
 
+def _tokenized_side(prompt_ids: list[int], completion_ids: list[int], column: str) -> dict[str, list]:
+    """A pre-tokenized side: prompt ids then completion ids, the completion counting; with no prompt ids the
+    whole sequence counts (but its first token, which nothing precedes)."""
+    ids = [int(t) for t in prompt_ids] + [int(t) for t in completion_ids]
+    if not completion_ids:
+        raise DatasetError(f"A pre-tokenized row has an empty {column!r}; each side needs at least one token. "
+                           "Fix: filter those rows.")
+    if not prompt_ids:
+        return {"input_ids": ids, "loss_mask": [False] + [True] * (len(ids) - 1), "prompt_length": 1}
+    return {"input_ids": ids, "loss_mask": [False] * len(prompt_ids) + [True] * len(completion_ids),
+            "prompt_length": len(prompt_ids)}
+
+
+def _tokenized_pair_columns(sample: Any, what: str) -> tuple[str, str] | None:
+    """The (chosen, rejected) id columns of pre-tokenized preference rows, or None for text rows. TRL's
+    names are `chosen_ids`/`rejected_ids` (after an optional `prompt_ids`); its deprecated
+    `chosen_input_ids`/`rejected_input_ids` are read with a FutureWarning, as TRL does."""
+    if has_columns(sample, TOKENIZED_PAIRS):
+        return TOKENIZED_PAIRS
+    if has_columns(sample, LEGACY_TOKENIZED_PAIRS):
+        warnings.warn(f"The {what} dataset has the deprecated columns chosen_input_ids/rejected_input_ids; "
+                      "rename them chosen_ids/rejected_ids (TRL's names).", FutureWarning, stacklevel=4)
+        return LEGACY_TOKENIZED_PAIRS
+    return None
+
+
 def prepare_preference(
     dataset: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -71,6 +106,11 @@ def prepare_preference(
     """Rows with `{chosen,rejected}_input_ids`, `{chosen,rejected}_loss_mask` (completion tokens),
     `prompt_length`, and `margin` when the dataset has that column.
 
+    Text rows (prompt/chosen/rejected, or chosen/rejected with an implicit prompt), or pre-tokenized ones:
+    `chosen_ids`/`rejected_ids` (TRL's reward rows: whole sequences) after an optional `prompt_ids` (then
+    they are completions, as in TRL's tokenized DPO rows); ids are used as they are. A stream is tokenized
+    lazily, its format read from its first rows.
+
     A prompt longer than `max_prompt_length` keeps its last that many tokens (`truncation_mode="keep_end"`)
     or its first ones ("keep_start"); each completion keeps its first `max_completion_length`, each whole
     sequence its first `max_length`.
@@ -81,17 +121,26 @@ def prepare_preference(
     the loss mask is False (`PairBatch` turns such batches back into loss masks).
     """
     check_truncation_mode(truncation_mode)
-    fmt = detect_format(dataset, expected=(DatasetType.PREFERENCE,))
-    has_margin = "margin" in dataset.column_names
+    sample = sample_of(dataset, what)
+    if has_columns(sample, [f"{side}_loss_mask" for side in _SIDES]):
+        return dataset  # already prepared by this function
+    id_columns = _tokenized_pair_columns(sample, what)
+    fmt = None if id_columns is not None else detect_format(sample, expected=(DatasetType.PREFERENCE,))
+    has_margin = "margin" in sample.column_names
 
-    def tokenize(row: dict[str, Any]) -> dict[str, Any]:
+    def sides(row: dict[str, Any]) -> list[dict[str, list]]:
+        if id_columns is not None:
+            prompt_ids = row.get("prompt_ids") or []
+            return [_tokenized_side(prompt_ids, row[column], column) for column in id_columns]
         if fmt.implicit_prompt:
             prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
         else:
             prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+        return [_tokenize_side(tokenizer, prompt, completion) for completion in (chosen, rejected)]
+
+    def tokenize(row: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for side, completion in zip(_SIDES, (chosen, rejected)):
-            tokens = _tokenize_side(tokenizer, prompt, completion)
+        for side, tokens in zip(_SIDES, sides(row)):
             ids, mask, prompt_length = tokens["input_ids"], tokens["loss_mask"], tokens["prompt_length"]
             if max_prompt_length is not None and prompt_length > max_prompt_length:
                 if truncation_mode == "keep_end":
@@ -120,8 +169,11 @@ def prepare_preference(
                                    "Fix: fill or drop those rows.")
         return out
 
-    dataset = dataset.map(tokenize, remove_columns=dataset.column_names, num_proc=num_proc,
-                          desc=f"Tokenizing {what} preference pairs")
+    if is_stream(dataset):
+        for row in sample:  # a bad row among the first ones fails here, before training
+            tokenize(row)
+    dataset = map_rows(dataset, tokenize, columns=sample.column_names, num_proc=num_proc,
+                       desc=f"Tokenizing {what} preference pairs")
     for side in _SIDES:
         dataset = drop_untrainable(dataset, max_length, f"{what} ({side})", mask_column=f"{side}_loss_mask")
     return dataset
@@ -133,19 +185,25 @@ class PreferenceCollator:
     then sequence k of `sequence_ids` is chosen k for k < b and rejected k - b after).
 
     Keys: input_ids, attention_mask, loss_mask (completion tokens), and the per-pair values present
-    (margin, ref_chosen_logps, ref_rejected_logps) as [b].
+    (margin, ref_chosen_logps, ref_rejected_logps) as [b]. `pad_to_multiple_of`: t is rounded up to a
+    multiple of it (None or "auto": no rounding).
     """
 
     pad_token_id: int
     padding_side: str = "right"
     pack_to: int | None = None  # pack the 2b sequences into rows of this many tokens (see LanguageModelingCollator)
+    pad_to_multiple_of: int | str | None = None
+
+    def __post_init__(self) -> None:
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences = [
             {"input_ids": e[f"{side}_input_ids"], "loss_mask": e[f"{side}_loss_mask"]}
             for side in _SIDES for e in examples
         ]
-        collate = LanguageModelingCollator(self.pad_token_id, padding_side=self.padding_side, pack_to=self.pack_to)
+        collate = LanguageModelingCollator(self.pad_token_id, padding_side=self.padding_side, pack_to=self.pack_to,
+                                           pad_to_multiple_of=self.pad_to_multiple_of)
         batch = collate(sequences)
         for key in _PER_PAIR_VALUES:
             if key in examples[0]:
@@ -166,7 +224,8 @@ class PairBatch:
     The wrapped collator may return tether's batch (it has `loss_mask`; passed on as it is), TRL 0.7's
     (`{chosen,rejected}_{input_ids,attention_mask,labels}`, [b, t] each, as `DPODataCollatorWithPadding`
     builds from the TRL columns of `prepare_preference(..., label_pad_token_id=...)`), or one with
-    `input_ids` and Hugging Face-style `labels` [2b, t]. Labels equal to `label_pad_token_id` are not targets;
+    `input_ids` and Hugging Face-style `labels` [2b, t], or TRL 1.x's (`input_ids`, `attention_mask` and
+    `completion_mask` [2b, t], as its `DataCollatorForPreference` builds). Labels equal to `label_pad_token_id` are not targets;
     every other label must be the input token there (tether's losses predict the input tokens). Chosen and
     rejected halves are padded to one width with `padding_value` (ids), 0 (attention) and the label pad id.
     """
@@ -190,6 +249,12 @@ class PairBatch:
             fills = {"input_ids": self.padding_value, "attention_mask": 0, "labels": self.label_pad_token_id}
             ids, attention, labels = (torch.cat([_widen(half[key], width, fills[key]) for half in halves])  # [2b, t]
                                       for key in ("input_ids", "attention_mask", "labels"))
+        elif "input_ids" in batch and "completion_mask" in batch:
+            ids = torch.as_tensor(batch["input_ids"])  # [2b, t]
+            attention = torch.as_tensor(batch["attention_mask"]) if "attention_mask" in batch else torch.ones_like(ids)
+            counted = torch.as_tensor(batch["completion_mask"]).bool() & attention.bool()
+            return self._with_values({"input_ids": ids.long(), "attention_mask": attention.long(),
+                                      "loss_mask": counted}, batch)
         elif "input_ids" in batch and "labels" in batch:
             ids, labels = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["labels"])  # [2b, t]
             attention = torch.as_tensor(batch["attention_mask"]) if "attention_mask" in batch else torch.ones_like(ids)
@@ -197,9 +262,14 @@ class PairBatch:
             raise ValueError(
                 f"The data collator {type(self.collator).__name__} returned keys {sorted(batch)}; a preference batch "
                 "needs `loss_mask` (tether's PreferenceCollator), chosen_/rejected_ input_ids and labels (TRL's "
-                "DPODataCollatorWithPadding), or input_ids and labels with the chosen rows first.")
+                "DPODataCollatorWithPadding), input_ids and completion_mask (TRL's DataCollatorForPreference), or "
+                "input_ids and labels with the chosen rows first.")
         counted = loss_mask_from_labels(ids, labels, self.label_pad_token_id) & attention.bool()
-        out = {"input_ids": ids.long(), "attention_mask": attention.long(), "loss_mask": counted}
+        return self._with_values({"input_ids": ids.long(), "attention_mask": attention.long(), "loss_mask": counted},
+                                 batch)
+
+    @staticmethod
+    def _with_values(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         for key in _PER_PAIR_VALUES:
             if key in batch:
                 out[key] = torch.as_tensor(batch[key], dtype=torch.float32)
@@ -207,10 +277,12 @@ class PairBatch:
 
 
 # ----- unpaired preference (KTO) ---------------------------------------------------------------------
-def unpair_preference(dataset: Any) -> Any:
+def unpair_preference(dataset: Any, sample: Any = None) -> Any:
     """Paired rows (prompt, chosen, rejected) -> unpaired rows (prompt, completion, label): the chosen
-    completion labelled desirable (True), the rejected one undesirable (False)."""
-    fmt = detect_format(dataset, expected=(DatasetType.PREFERENCE,))
+    completion labelled desirable (True), the rejected one undesirable (False). `sample`: a stream's first
+    rows, read for its format (default: read here)."""
+    sample = sample_of(dataset) if sample is None else sample
+    fmt = detect_format(sample, expected=(DatasetType.PREFERENCE,))
 
     def split(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
@@ -225,7 +297,10 @@ def unpair_preference(dataset: Any) -> Any:
                 out["label"].append(label)
         return out
 
-    return dataset.map(split, batched=True, remove_columns=dataset.column_names)
+    return map_rows(dataset, split, columns=sample.column_names, batched=True)
+
+
+_TOKENIZED_UNPAIRED = ("prompt_ids", "completion_ids", "label")  # TRL's tokenized KTO rows
 
 
 def prepare_unpaired(
@@ -238,23 +313,33 @@ def prepare_unpaired(
     what: str = "train",
 ) -> Any:
     """Rows with `prompt_ids`, `completion_ids` and bool `label`; paired preference data is unpaired
-    first. Prompt and completion stay apart so a collator can also build mismatched pairs."""
-    fmt = detect_format(dataset, expected=(DatasetType.UNPAIRED_PREFERENCE, DatasetType.PREFERENCE))
-    if fmt.type is DatasetType.PREFERENCE:
-        dataset = unpair_preference(dataset)
+    first, and rows that already have those columns (TRL's tokenized KTO rows) are only truncated. Prompt
+    and completion stay apart so a collator can also build mismatched pairs. A stream is prepared lazily."""
+    sample = sample_of(dataset, what)
+    tokenized = has_columns(sample, _TOKENIZED_UNPAIRED)
+    if not tokenized:
+        fmt = detect_format(sample, expected=(DatasetType.UNPAIRED_PREFERENCE, DatasetType.PREFERENCE))
+        if fmt.type is DatasetType.PREFERENCE:
+            dataset = unpair_preference(dataset, sample)
+            sample = unpair_preference(sample, sample) if is_stream(dataset) else dataset
 
     def tokenize(row: dict[str, Any]) -> dict[str, Any]:
-        tokens = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
-        split_at = tokens["prompt_length"]
-        prompt_ids, completion_ids = tokens["input_ids"][:split_at], tokens["input_ids"][split_at:]
+        if tokenized:
+            prompt_ids, completion_ids = [int(t) for t in row["prompt_ids"]], [int(t) for t in row["completion_ids"]]
+        else:
+            tokens = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
+            split_at = tokens["prompt_length"]
+            prompt_ids, completion_ids = tokens["input_ids"][:split_at], tokens["input_ids"][split_at:]
         if max_prompt_length is not None:
             prompt_ids = prompt_ids[-max_prompt_length:]
         if max_length is not None:
             completion_ids = completion_ids[: max(max_length - len(prompt_ids), 0)]
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(row["label"])}
 
-    dataset = dataset.map(tokenize, remove_columns=dataset.column_names, num_proc=num_proc,
-                          desc=f"Tokenizing {what} unpaired examples")
+    dataset = map_rows(dataset, tokenize, columns=sample.column_names, num_proc=num_proc,
+                       desc=f"Tokenizing {what} unpaired examples")
+    if is_stream(dataset):
+        return dataset.filter(lambda row: len(row["completion_ids"]) > 0)
     keep = [len(ids) > 0 for ids in dataset["completion_ids"]]
     if not any(keep):
         raise DatasetError(
@@ -267,9 +352,14 @@ def prepare_unpaired(
 @dataclass
 class UnpairedCollator:
     """[2b, t] batch: the b (prompt_i, completion_i) sequences, then b mismatched (prompt_i,
-    completion_{i+1 mod b}) ones whose log-probs estimate KTO's KL reference point. Plus `label` [b]."""
+    completion_{i+1 mod b}) ones whose log-probs estimate KTO's KL reference point. Plus `label` [b].
+    `pad_to_multiple_of`: t is rounded up to a multiple of it (None or "auto": no rounding)."""
 
     pad_token_id: int
+    pad_to_multiple_of: int | str | None = None
+
+    def __post_init__(self) -> None:
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = len(examples)
@@ -279,6 +369,6 @@ class UnpairedCollator:
              "loss_mask": [False] * len(p["prompt_ids"]) + [True] * len(c["completion_ids"])}
             for p, c in pairs
         ]
-        batch = LanguageModelingCollator(self.pad_token_id)(sequences)
+        batch = LanguageModelingCollator(self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)(sequences)
         batch["label"] = torch.tensor([bool(e["label"]) for e in examples])
         return batch

@@ -1,4 +1,10 @@
-"""From a raw dataset to the tokenized rows a trainer trains on; validation happens here, first."""
+"""From a raw dataset to the tokenized rows a trainer trains on; validation happens here, first.
+
+Every function takes a `datasets.Dataset` (mapped once, cached) or a streaming `datasets.IterableDataset`
+(mapped lazily: rows are tokenized as training reads them). A stream's format is detected and validated on
+its first rows (`stream_sample`), and `num_proc` does not apply to it (it is ignored). Besides text, TRL's
+other row forms are read: pre-tokenized rows (`input_ids`, optional masks) and ShareGPT `conversations`.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,22 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from .collate import pack_examples
+from .collate import IGNORE_INDEX, pack_examples
 from .constant_length import ConstantLengthDataset
-from .formats import DatasetError, DatasetType, detect_format
+from .formats import (
+    TOKENIZED_LANGUAGE_MODELING,
+    DatasetError,
+    DatasetType,
+    detect_format,
+    has_columns,
+    is_sharegpt,
+    is_stream,
+    sharegpt_to_messages,
+    stream_sample,
+)
 from .tokenize import (
     formatting_func_to_text,
+    render_chat,
     require_chat_template,
     tokenize_conversation,
     tokenize_prompt,
@@ -28,7 +45,10 @@ LANGUAGE_MODELING_TYPES = (DatasetType.LANGUAGE_MODELING, DatasetType.PROMPT_COM
 
 
 def drop_untrainable(dataset: Any, max_length: int | None, what: str, mask_column: str = "loss_mask") -> Any:
-    """Drop rows left with no target token after truncation; fail if that is every row."""
+    """Drop rows left with no target token after truncation; fail if that is every row. A stream is
+    filtered as it is read (nothing is counted ahead)."""
+    if is_stream(dataset):
+        return dataset.filter(lambda row: any(row[mask_column][1:]))
     keep = [any(mask[1:]) for mask in dataset[mask_column]]
     dropped = len(keep) - sum(keep)
     if dropped == len(keep):
@@ -42,6 +62,46 @@ def drop_untrainable(dataset: Any, max_length: int | None, what: str, mask_colum
                        dropped, len(keep), what, max_length)
         dataset = dataset.select([i for i, k in enumerate(keep) if k])
     return dataset
+
+
+def sample_of(dataset: Any, what: str = "train") -> Any:
+    """The rows formats are read from: the dataset itself, or a stream's first rows (an error if none)."""
+    if not is_stream(dataset):
+        return dataset
+    sample = stream_sample(dataset)
+    if len(sample) == 0:
+        raise DatasetError(f"The {what} dataset is empty (its stream yields no row). Fix: check the data files.")
+    return sample
+
+
+def map_rows(dataset: Any, function: Callable, *, columns: list[str] | None = None, num_proc: int | None = None,
+             desc: str | None = None, batched: bool = False, batch_size: int = 1000) -> Any:
+    """`dataset.map(function)` with the input `columns` removed (default: all of them), on a Dataset
+    (with `num_proc` processes) or lazily on a stream (one process: `num_proc` cannot apply)."""
+    if is_stream(dataset):
+        if columns is None:
+            columns = dataset.column_names or stream_sample(dataset, 1).column_names
+        mapped = dataset.map(function, batched=batched, batch_size=batch_size, remove_columns=columns)
+        if mapped.column_names is None:
+            # Declare the output columns (as the first rows give them), so that the stream's column names are
+            # known to what reads them, e.g. Trainer's remove_unused_columns.
+            mapped = dataset.map(function, batched=batched, batch_size=batch_size, remove_columns=columns,
+                                 features=stream_sample(mapped).features)
+        return mapped
+    return dataset.map(function, batched=batched, batch_size=batch_size,
+                       remove_columns=dataset.column_names if columns is None else columns, num_proc=num_proc,
+                       desc=desc)
+
+
+def as_messages(dataset: Any, sample: Any, num_proc: int | None = None) -> tuple[Any, Any]:
+    """(dataset, sample) with ShareGPT `conversations` rows turned into role/content `messages` (TRL's
+    `maybe_convert_to_chatml`); unchanged when the rows are not ShareGPT-style."""
+    if not is_sharegpt(sample):
+        return dataset, sample
+    converted = map_rows(dataset, sharegpt_to_messages, columns=sample.column_names, num_proc=num_proc,
+                         desc="Converting conversations to messages")
+    return converted, (sample.map(sharegpt_to_messages, remove_columns=sample.column_names)
+                       if is_stream(dataset) else converted)
 
 
 def keep_columns(dataset: Any, keep: set[str]) -> Any:
@@ -66,31 +126,108 @@ def prepare_language_modeling(
     what: str = "train",
     add_special_tokens: bool = True,
     batch_size: int = 1000,
+    truncation_mode: str = "keep_start",
+    packing_strategy: str = "bfd",
 ) -> Any:
     """Rows with `input_ids`, `loss_mask` (and `position_ids` when packed) for causal LM training.
 
-    Accepts language modeling (`text_field` or `messages`) and prompt-completion data, plain or
-    conversational; `formatting_func` turns any row into a `text` first (a batch-style one in batches of
-    `batch_size`). add_special_tokens: let the tokenizer add its special tokens to plain text.
+    Accepts language modeling (`text_field`, `messages` or ShareGPT `conversations`), prompt-completion data,
+    plain or conversational, and pre-tokenized rows (`input_ids`; see `tokenized_rows`). `formatting_func` turns
+    any row into a `text` first (a batch-style one in batches of `batch_size`). add_special_tokens: let the
+    tokenizer add its special tokens to plain text. A stream is tokenized lazily; packing it packs each run of
+    `batch_size` rows.
     """
-    if formatting_func is not None:
-        if len(dataset) == 0:
-            raise DatasetError(f"The {what} dataset is empty (0 rows). Fix: pass at least one example.")
-        to_text, batched = formatting_func_to_text(formatting_func, dataset)
-        dataset = dataset.map(to_text, batched=batched, batch_size=batch_size, remove_columns=dataset.column_names,
-                              num_proc=num_proc)
-        text_field = "text"
+    stream = is_stream(dataset)
+    if formatting_func is not None and not stream and len(dataset) == 0:
+        raise DatasetError(f"The {what} dataset is empty (0 rows). Fix: pass at least one example.")
+    sample = sample_of(dataset, what)
     if packing and max_length is None:
         raise DatasetError("packing=True needs max_length, the length of a packed row. Fix: set max_length.")
-    tokenize = _language_modeling_tokenizer(dataset, tokenizer, text_field, max_length, completion_only_loss,
-                                            assistant_only_loss, add_special_tokens)
-    dataset = dataset.map(tokenize, remove_columns=dataset.column_names, num_proc=num_proc,
-                          desc=f"Tokenizing {what} dataset")
+    if has_columns(sample, TOKENIZED_LANGUAGE_MODELING):
+        if formatting_func is not None:
+            logger.warning("The %s dataset is already tokenized (it has `input_ids`), so formatting_func is not "
+                           "used.", what)
+        tokenize = tokenized_rows(sample, completion_only_loss, assistant_only_loss, max_length)
+    else:
+        if formatting_func is not None:
+            to_text, batched = formatting_func_to_text(formatting_func, sample)
+            formatted = map_rows(dataset, to_text, columns=sample.column_names, num_proc=num_proc, batched=batched,
+                                 batch_size=batch_size)
+            sample = sample.map(to_text, batched=batched, remove_columns=sample.column_names) if stream else formatted
+            dataset, text_field = formatted, "text"
+        dataset, sample = as_messages(dataset, sample, num_proc)
+        # packing: long examples are left whole for `packing_strategy` to cut or split (tether.data.collate)
+        tokenize = _language_modeling_tokenizer(sample, tokenizer, text_field, None if packing else max_length,
+                                                completion_only_loss, assistant_only_loss, add_special_tokens,
+                                                truncation_mode)
+    dataset = map_rows(dataset, tokenize, columns=sample.column_names, num_proc=num_proc,
+                       desc=f"Tokenizing {what} dataset")
     dataset = drop_untrainable(dataset, max_length, what)
     if packing:
-        dataset = dataset.map(lambda cols: pack_examples(cols, max_length), batched=True, batch_size=10_000,
-                              num_proc=num_proc, desc=f"Packing {what} dataset")
+        pack_rows = batch_size if stream else 10_000
+        dataset = map_rows(dataset, lambda cols: pack_examples(cols, max_length, packing_strategy), columns=[],
+                           batched=True, batch_size=pack_rows, num_proc=num_proc, desc=f"Packing {what} dataset")
     return dataset
+
+
+def tokenized_rows(sample: Any, completion_only_loss: bool | None, assistant_only_loss: bool,
+                   max_length: int | None) -> Callable[[dict[str, Any]], dict[str, list]]:
+    """The function that turns one pre-tokenized row into `input_ids` and `loss_mask`, as TRL's SFT reads
+    such rows (its loss mask rules; `sample` gives the columns):
+
+    - a `labels` column decides alone: a token counts where its label is not -100 (a label must otherwise be
+      the token itself, since tether's losses predict the input tokens);
+    - else `assistant_masks` (1 = assistant token) always applies, and `completion_mask` (1 = completion
+      token) applies when completion_only_loss is True, or None with `prompt` and `completion` columns too
+      (TRL's default: completion_only_loss=None means False for other rows);
+    - `attention_mask` zeros never count. Rows are cut to their first `max_length` tokens.
+    """
+    columns = set(sample.column_names)
+    completion_only = completion_only_loss is True or (completion_only_loss is None
+                                                       and {"prompt", "completion"} <= columns)
+    if "labels" not in columns:
+        for wanted, column, option in ((completion_only_loss is True, "completion_mask", "completion_only_loss"),
+                                       (assistant_only_loss, "assistant_masks", "assistant_only_loss")):
+            if wanted and column not in columns:
+                raise DatasetError(
+                    f"{option}=True, but the pre-tokenized rows (columns {sorted(columns)}) have no {column!r} "
+                    f"column saying which tokens count. Fix: add {column!r} (1 where a token counts) or `labels` "
+                    f"(-100 where it does not), or set {option}=False.")
+    masks = [c for c, applies in (("assistant_masks", True), ("completion_mask", completion_only)) if applies]
+
+    def convert(row: dict[str, Any]) -> dict[str, list]:
+        ids = [int(t) for t in row["input_ids"]]
+        if row.get("labels") is not None:
+            labels = list(row["labels"])
+            _same_length(ids, labels, "labels")
+            wrong = next((j for j, (t, label) in enumerate(zip(ids, labels)) if label not in (IGNORE_INDEX, t)), None)
+            if wrong is not None:
+                raise DatasetError(
+                    f"labels[{wrong}] = {labels[wrong]} but input_ids[{wrong}] = {ids[wrong]}: each label must be the "
+                    f"input token (trained) or {IGNORE_INDEX} (not trained); tether's losses predict the input "
+                    "tokens (the model shifts them). Fix: build labels as input_ids with -100 where a token does "
+                    "not count.")
+            counts = [label != IGNORE_INDEX for label in labels]
+        else:
+            counts = [True] * len(ids)
+            for column in masks:
+                if row.get(column) is not None:
+                    _same_length(ids, row[column], column)
+                    counts = [c and bool(m) for c, m in zip(counts, row[column])]
+        if row.get("attention_mask") is not None:
+            _same_length(ids, row["attention_mask"], "attention_mask")
+            counts = [c and bool(a) for c, a in zip(counts, row["attention_mask"])]
+        if counts:
+            counts[0] = False  # nothing precedes the first token
+        return truncate({"input_ids": ids, "loss_mask": counts}, max_length)
+
+    return convert
+
+
+def _same_length(ids: list[int], values: Any, column: str) -> None:
+    if len(values) != len(ids):
+        raise DatasetError(f"A pre-tokenized row has {len(ids)} input_ids but {len(values)} values in {column!r}; "
+                           "the two must align token by token. Fix: build both from the same tokenization.")
 
 
 def _language_modeling_tokenizer(
@@ -101,6 +238,7 @@ def _language_modeling_tokenizer(
     completion_only_loss: bool | None,
     assistant_only_loss: bool,
     add_special_tokens: bool,
+    truncation_mode: str = "keep_start",
 ) -> Callable[[dict[str, Any]], dict[str, list]]:
     """The function that tokenizes one row of a language modeling dataset whose format is read (and
     validated) from `sample` (the dataset itself, or the first rows of a stream)."""
@@ -127,45 +265,15 @@ def _language_modeling_tokenizer(
             out = tokenize_conversation(tokenizer, row[fmt.text_columns[0]], assistant_only_loss)
         else:
             out = tokenize_text(tokenizer, row[fmt.text_columns[0]], add_special_tokens)
-        return truncate(out, max_length)
+        return truncate(out, max_length, truncation_mode)
 
     return tokenize
 
 
-# Rows of a stream read ahead to detect its format.
-_STREAM_SAMPLE_ROWS = 8
-
-
-def prepare_language_modeling_stream(
-    dataset: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    text_field: str = "text",
-    formatting_func: Callable | None = None,
-    max_length: int | None = 1024,
-    completion_only_loss: bool | None = None,
-    assistant_only_loss: bool = False,
-    add_special_tokens: bool = True,
-    batch_size: int = 1000,
-    what: str = "train",
-) -> Any:
-    """`prepare_language_modeling` for a streaming `datasets.IterableDataset`: the same rows, tokenized on
-    the fly as training reads them. The format is detected on the first rows; rows left with no target
-    token are skipped. (Packing a stream is `ConstantLengthDataset`'s job.)"""
-    import datasets
-
-    sample = datasets.Dataset.from_list(list(dataset.take(_STREAM_SAMPLE_ROWS)))
-    if len(sample) == 0:
-        raise DatasetError(f"The {what} dataset is empty (its stream yields no row). Fix: check the data files.")
-    if formatting_func is not None:
-        to_text, batched = formatting_func_to_text(formatting_func, sample)
-        dataset = dataset.map(to_text, batched=batched, batch_size=batch_size, remove_columns=sample.column_names)
-        sample = sample.map(to_text, batched=batched, remove_columns=sample.column_names)
-        text_field = "text"
-    tokenize = _language_modeling_tokenizer(sample, tokenizer, text_field, max_length, completion_only_loss,
-                                            assistant_only_loss, add_special_tokens)
-    dataset = dataset.map(tokenize, remove_columns=sample.column_names)
-    return dataset.filter(lambda row: any(row["loss_mask"][1:]))
+def prepare_language_modeling_stream(dataset: Any, tokenizer: PreTrainedTokenizerBase, **options: Any) -> Any:
+    """`prepare_language_modeling` for a streaming `datasets.IterableDataset` (kept name: that function
+    takes streams itself)."""
+    return prepare_language_modeling(dataset, tokenizer, **options)
 
 
 def as_model_rows(dataset: Any) -> Any:
@@ -196,12 +304,15 @@ def prepare_sft_dataset(
     num_proc: int | None = None,
     batch_size: int = 1000,
     what: str = "train",
+    truncation_mode: str = "keep_start",
+    packing_strategy: str = "bfd",
 ) -> Any:
     """Any dataset SFT accepts -> what its collator reads.
 
     - `datasets.Dataset`: tokenized (and with `packing`, packed best-fit into rows of `max_length`).
     - streaming `datasets.IterableDataset`: tokenized on the fly; with `packing`, a `ConstantLengthDataset` of
-      rows of `max_length` (buffer sized by num_of_sequences and chars_per_token; `infinite` restarts it).
+      rows of `max_length` (buffer sized by num_of_sequences and chars_per_token; `infinite` restarts it), or
+      for pre-tokenized rows, best-fit packing of each run of `batch_size` rows.
     - a torch Dataset / IterableDataset (a ConstantLengthDataset included): unchanged; its rows must be
       tokenized (input_ids, and labels or loss_mask).
     `model_rows`: rows for a Hugging Face-style collator (input_ids, attention_mask) instead of tether's
@@ -214,17 +325,18 @@ def prepare_sft_dataset(
         if seq2seq:
             raise DatasetError(f"The {what} dataset is a stream, which encoder-decoder SFT does not read. "
                                "Fix: load it without streaming=True.")
-        if packing:
+        if packing and not has_columns(sample_of(dataset, what), TOKENIZED_LANGUAGE_MODELING):
             return ConstantLengthDataset(
                 tokenizer, dataset, dataset_text_field=None if formatting_func else text_field,
                 formatting_func=formatting_func, infinite=infinite, seq_length=max_length,
                 num_of_sequences=num_of_sequences, chars_per_token=chars_per_token,
                 append_concat_token=append_concat_token, add_special_tokens=add_special_tokens,
             )
-        prepared = prepare_language_modeling_stream(
+        prepared = prepare_language_modeling(
             dataset, tokenizer, text_field=text_field, formatting_func=formatting_func, max_length=max_length,
-            completion_only_loss=completion_only_loss, assistant_only_loss=assistant_only_loss,
-            add_special_tokens=add_special_tokens, batch_size=batch_size, what=what)
+            packing=packing, completion_only_loss=completion_only_loss, assistant_only_loss=assistant_only_loss,
+            add_special_tokens=add_special_tokens, batch_size=batch_size, what=what,
+            truncation_mode=truncation_mode, packing_strategy=packing_strategy)
     elif isinstance(dataset, torch.utils.data.Dataset) and not isinstance(dataset, datasets.Dataset):
         return dataset
     elif seq2seq:
@@ -233,7 +345,8 @@ def prepare_sft_dataset(
         prepared = prepare_language_modeling(
             dataset, tokenizer, text_field=text_field, formatting_func=formatting_func, max_length=max_length,
             packing=packing, completion_only_loss=completion_only_loss, assistant_only_loss=assistant_only_loss,
-            num_proc=num_proc, what=what, add_special_tokens=add_special_tokens, batch_size=batch_size)
+            num_proc=num_proc, what=what, add_special_tokens=add_special_tokens, batch_size=batch_size,
+            truncation_mode=truncation_mode, packing_strategy=packing_strategy)
     return as_model_rows(prepared) if model_rows else prepared
 
 
@@ -271,18 +384,43 @@ def prepare_prompts(
     max_prompt_length: int | None = None,
     num_proc: int | None = None,
     what: str = "train",
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Prompt-only rows for online methods: adds `prompt_input_ids`; every other column stays, so
-    reward functions can receive it."""
+    reward functions can receive it. A prompt longer than `max_prompt_length` tokens is an error: before
+    training for a Dataset; for a stream, on its first rows ahead and on later ones when they are read.
+    chat_template_kwargs go to apply_chat_template for conversational prompts (e.g. {"enable_thinking": False})."""
     detect_format(dataset, expected=(DatasetType.PROMPT_ONLY,))
-    dataset = dataset.map(lambda row: {"prompt_input_ids": tokenize_prompt(tokenizer, row["prompt"])},
-                          num_proc=num_proc, desc=f"Tokenizing {what} prompts")
-    if max_prompt_length is not None:
-        too_long = [i for i, ids in enumerate(dataset["prompt_input_ids"]) if len(ids) > max_prompt_length]
-        if too_long:
-            raise DatasetError(
-                f"{len(too_long)} {what} prompt(s) are longer than max_prompt_length={max_prompt_length} tokens "
-                f"(first: row {too_long[0]}, {len(dataset[too_long[0]]['prompt_input_ids'])} tokens). "
-                "Fix: raise max_prompt_length, or filter or shorten those prompts."
-            )
+
+    def tokenize(row: dict[str, Any]) -> dict[str, list[int]]:
+        prompt = row["prompt"]
+        if chat_template_kwargs and isinstance(prompt, list):
+            text = render_chat(tokenizer, prompt, add_generation_prompt=True, **chat_template_kwargs)
+            return {"prompt_input_ids": tokenizer(text, add_special_tokens=False)["input_ids"]}
+        return {"prompt_input_ids": tokenize_prompt(tokenizer, prompt)}
+
+    if is_stream(dataset):
+        sample = sample_of(dataset, what).map(tokenize)
+        _check_prompt_lengths(sample["prompt_input_ids"], max_prompt_length, what)
+
+        def tokenize_checked(row: dict[str, Any]) -> dict[str, list[int]]:
+            out = tokenize(row)
+            _check_prompt_lengths([out["prompt_input_ids"]], max_prompt_length, f"streamed {what}")
+            return out
+
+        return dataset.map(tokenize_checked)
+    dataset = dataset.map(tokenize, num_proc=num_proc, desc=f"Tokenizing {what} prompts")
+    _check_prompt_lengths(dataset["prompt_input_ids"], max_prompt_length, what)
     return dataset
+
+
+def _check_prompt_lengths(prompts: list[list[int]], max_prompt_length: int | None, what: str) -> None:
+    if max_prompt_length is None:
+        return
+    too_long = [i for i, ids in enumerate(prompts) if len(ids) > max_prompt_length]
+    if too_long:
+        raise DatasetError(
+            f"{len(too_long)} {what} prompt(s) are longer than max_prompt_length={max_prompt_length} tokens "
+            f"(first: row {too_long[0]}, {len(prompts[too_long[0]])} tokens). "
+            "Fix: raise max_prompt_length, or filter or shorten those prompts."
+        )

@@ -1,11 +1,12 @@
 """Prompt batches for online methods: each process gets its own whole prompts for every micro-step of a
-round of generation (`PromptRoundSampler`, for the Trainer-based GRPO/RLOO), or endless shuffled batches
-with a resumable position (`ShuffledBatches`, for PPO's own loop and its PPO-ptx data)."""
+round of generation (`PromptRoundSampler` for a Dataset, `PromptRoundStream` for a stream, both for the
+Trainer-based GRPO/RLOO), or endless shuffled batches with a resumable position (`ShuffledBatches`, for
+PPO's own loop and its PPO-ptx data)."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,39 @@ class PromptRoundSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return self.rounds * self.repeats * self.block * self.processes
+
+
+class PromptRoundStream(torch.utils.data.IterableDataset):
+    """`PromptRoundSampler`'s rounds for a stream of prompt rows, which cannot be indexed: yields this
+    process's batch (a list of `prompts_per_round` rows) once per micro-step of each round.
+
+    Rounds are consecutive runs of `processes x prompts_per_round` rows of the stream, read in its order by
+    every process alike; process `rank` takes block `rank` of each, `repeats` times in a row. Rows that do not
+    fill a last round are left out. Read it with `DataLoader(..., batch_size=None)`: items are batches.
+    """
+
+    def __init__(self, rows: Iterable[dict[str, Any]], prompts_per_round: int, processes: int, rank: int,
+                 repeats: int) -> None:
+        super().__init__()
+        self.rows, self.block, self.processes, self.rank, self.repeats = rows, prompts_per_round, processes, rank, repeats
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.rows, "set_epoch"):  # a shuffled datasets stream reshuffles per epoch
+            self.rows.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        per_round, pending, rounds = self.block * self.processes, [], 0
+        for row in self.rows:
+            pending.append(row)
+            if len(pending) == per_round:
+                mine = pending[self.rank * self.block:(self.rank + 1) * self.block]
+                for _ in range(self.repeats):
+                    yield mine
+                pending, rounds = [], rounds + 1
+        if rounds == 0:
+            raise ValueError(
+                f"The prompt stream has {len(pending)} rows; one round of generation needs {per_round} (prompts per "
+                "round x processes). Fix: add prompts or lower per_device_train_batch_size / steps_per_generation.")
 
 
 class ShuffledBatches:

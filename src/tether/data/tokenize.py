@@ -5,11 +5,15 @@ The first token of every sequence is never a target, so sequences can be packed 
 
 Conversations are rendered with the tokenizer's chat template. A prompt and its completion are
 tokenized separately and concatenated, which is also how generation sees them (prompt ids, then
-sampled ids), so training and sampling agree on token boundaries.
+sampled ids), so training and sampling agree on token boundaries. A whole conversation is rendered and
+tokenized once; its assistant tokens come from the template's `{% generation %}` blocks when it has them,
+else from probing the template (`assistant_char_spans`), which also handles templates that are not
+prefix-stable (reasoning templates that drop earlier thoughts).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -97,69 +101,159 @@ def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str,
     return {"input_ids": ids, "loss_mask": [False] + [True] * (len(ids) - 1)}
 
 
+def has_generation_markers(chat_template: Any) -> bool:
+    """Whether a chat template marks the assistant's output with `{% generation %}` blocks (any whitespace-trim
+    variant), which Hugging Face's `return_assistant_tokens_mask` reads. A template given as named variants (a
+    dict) is judged by its "default" one."""
+    if isinstance(chat_template, dict):
+        chat_template = chat_template.get("default", "")
+    return bool(chat_template) and re.search(r"\{%-?\s*generation\s*-?%\}", chat_template) is not None
+
+
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages,
                           assistant_only_loss: bool = False) -> dict[str, list]:
-    """A whole conversation; with `assistant_only_loss`, only assistant turns (and their end-of-turn
-    markup) are targets. Spans come from rendering growing prefixes of the conversation."""
-    full_text = render_chat(tokenizer, messages)
-    if not assistant_only_loss:
-        ids = _ids(tokenizer, full_text, False)
-        return {"input_ids": ids, "loss_mask": [False] + [True] * (len(ids) - 1)}
-    input_ids: list[int] = []
-    loss_mask: list[bool] = []
-    cursor = 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _text_before_assistant_content(tokenizer, messages, i)
-        through = render_chat(tokenizer, messages[: i + 1])
-        start, end = (len(before) if before is not None else -1), len(through)
-        prefix_stable = before is not None and full_text.startswith(before) and full_text.startswith(through)
-        if not (prefix_stable and cursor <= start <= end):
+    """A whole conversation, rendered once and tokenized once; with `assistant_only_loss`, only the tokens the
+    assistant produces (its turns and their end-of-turn markup) are targets.
+
+    A template with `{% generation %}` blocks decides itself which tokens are the assistant's (Hugging Face's
+    assistant mask, as TRL's training templates do). Any other template is probed (`assistant_char_spans`), which
+    also works for templates that render earlier turns differently from the last one (e.g. reasoning templates
+    that drop earlier thoughts), where a rendered prefix of the conversation is not a prefix of its rendering.
+    """
+    if assistant_only_loss and has_generation_markers(tokenizer.chat_template):
+        require_chat_template(tokenizer)
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+        if not any(mask):
             raise DatasetError(
-                "The chat template does not render a conversation as the concatenation of its turns, so "
-                "assistant turns cannot be located. Fix: set assistant_only_loss=False or use a "
-                "prefix-stable chat template."
+                "assistant_only_loss=True, but the chat template's {% generation %} blocks mark no token of this "
+                "conversation as the assistant's. Fix: put each assistant turn's output (and its end-of-turn "
+                "token) inside {% generation %}...{% endgeneration %}, or check that the conversation has an "
+                "assistant turn."
             )
-        for text, counts in ((full_text[cursor:start], False), (full_text[start:end], True)):
-            if text:
-                ids = _ids(tokenizer, text, False)
-                input_ids += ids
-                loss_mask += [counts] * len(ids)
+    elif assistant_only_loss:
+        text, char_spans = assistant_char_spans(tokenizer, messages)
+        ids, mask = _tokenize_marking_spans(tokenizer, text, char_spans)
+    else:
+        ids = _ids(tokenizer, render_chat(tokenizer, messages), False)
+        mask = [True] * len(ids)
+    if mask:
+        mask[0] = False
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+# Stand-ins for an assistant message's text fields while probing a template: characters no real text starts or
+# ends with and no template strips, so where a rendering with them differs from the real one is exactly where the
+# template put that message's text.
+_PROBED_FIELDS = ("content", "reasoning_content", "reasoning", "thinking")
+
+
+def _sentinel(field: str) -> str:
+    return f"\u2063tether-{field}\u2063"
+
+
+def _difference(text: str, probe: str) -> tuple[int, int, str]:
+    """(start, end, probe_part): text[start:end] and probe_part are where `text` and `probe` differ, between
+    their longest common prefix and longest common suffix."""
+    prefix = 0
+    limit = min(len(text), len(probe))
+    while prefix < limit and text[prefix] == probe[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < limit - prefix and text[-1 - suffix] == probe[-1 - suffix]:
+        suffix += 1
+    return prefix, len(text) - suffix, probe[prefix:len(probe) - suffix]
+
+
+def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered conversation, [(start, end)] character spans of what each assistant turn produced in it).
+
+    A turn's span is the text that depends on its message, found by rendering the conversation again with that
+    message's text fields (content, and reasoning fields if any) replaced by sentinels and comparing the two
+    renderings, followed by its end-of-turn markup: the text the template writes after the turn when it is the
+    last message (e.g. "<|im_end|>\n"), as far as the whole rendering has it there. Each turn is judged in the
+    whole conversation, so a template that renders earlier turns differently (hides earlier reasoning) gets the
+    span as it renders it. Raises DatasetError when a turn cannot be located (e.g. the template drops an earlier
+    turn's content altogether).
+    """
+    text = render_chat(tokenizer, messages)
+    specials = [t for t in {*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()} if t]
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        if not isinstance(message.get("content"), str):
+            raise DatasetError(f"assistant_only_loss: message {i} has non-text content "
+                               f"({type(message.get('content')).__name__}); only text turns can be located.")
+        probe = {**message, **{k: _sentinel(k) for k in _PROBED_FIELDS if isinstance(message.get(k), str)}}
+        start, end, probed = _difference(text, render_chat(tokenizer, [*messages[:i], probe, *messages[i + 1:]]))
+        if _sentinel("content") not in probed or (spans and start < spans[-1][1]):
+            raise DatasetError(
+                f"The chat template does not show assistant message {i}'s content where it renders that turn, so "
+                "assistant turns cannot be located for assistant_only_loss. Fix: mark the assistant's output with "
+                "{% generation %}...{% endgeneration %} in the template (Hugging Face's assistant mask), or set "
+                "assistant_only_loss=False."
+            )
+        # The end-of-turn markup: what follows the turn's text when the turn ends the conversation.
+        alone = render_chat(tokenizer, messages[: i + 1])
+        _, alone_end, _ = _difference(alone, render_chat(tokenizer, [*messages[:i], probe]))
+        end += _shared_markup(alone[alone_end:], text[end:], specials)
+        spans.append((start, end))
+    return text, spans
+
+
+def _shared_markup(tail: str, following: str, specials: list[str]) -> int:
+    """Length of the end-of-turn markup `tail` that `following` starts with: all of it, or else up to the end of
+    the last special token they share (a template may add more after the conversation's last turn, e.g. an EOS,
+    and a cut inside a token would mark the next turn's first token)."""
+    if following.startswith(tail):
+        return len(tail)
+    shared = 0
+    while shared < min(len(tail), len(following)) and tail[shared] == following[shared]:
+        shared += 1
+    # str.rfind(token, 0, shared) only finds a token lying wholly inside tail[:shared]
+    return max((tail.rfind(token, 0, shared) + len(token) for token in specials
+                if tail.rfind(token, 0, shared) >= 0), default=0)
+
+
+def _tokenize_marking_spans(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]
+                            ) -> tuple[list[int], list[bool]]:
+    """Tokenize `text` once and mark the tokens that overlap a character span. A tokenizer without offsets (a
+    slow one) tokenizes the pieces between span edges separately instead."""
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = [any(a < e and b > s for s, e in spans) for a, b in encoded["offset_mapping"]]
+        return list(encoded["input_ids"]), mask
+    ids: list[int] = []
+    mask: list[bool] = []
+    cursor = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        for piece, counts in ((text[cursor:start], False), (text[start:end], True)):
+            if piece:
+                piece_ids = _ids(tokenizer, piece, False)
+                ids += piece_ids
+                mask += [counts] * len(piece_ids)
         cursor = end
-    if cursor < len(full_text):
-        ids = _ids(tokenizer, full_text[cursor:], False)
-        input_ids += ids
-        loss_mask += [False] * len(ids)
-    if loss_mask:
-        loss_mask[0] = False
-    return {"input_ids": input_ids, "loss_mask": loss_mask}
+    return ids, mask
 
 
-_SENTINEL = "\u2063tether-assistant-content\u2063"
+TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
-def _text_before_assistant_content(tokenizer: PreTrainedTokenizerBase, messages: Messages, i: int,
-                                   ) -> str | None:
-    """The rendered text that precedes assistant turn i's content (its header included).
-
-    After an earlier turn it is the rendered prefix plus the generation prompt. A first turn has no
-    prefix (templates refuse empty conversations), so its header is found by rendering the turn with a
-    sentinel as content; None when the template does not show the content verbatim."""
-    if i:
-        return render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-    probe = render_chat(tokenizer, [{**messages[0], "content": _SENTINEL}])
-    start = probe.find(_SENTINEL)
-    return probe[:start] if start >= 0 else None
-
-
-def truncate(example: dict[str, list], max_length: int | None) -> dict[str, list]:
-    """Keep the first `max_length` tokens of every per-token list; `prompt_length` stays within them."""
+def truncate(example: dict[str, list], max_length: int | None, mode: str = "keep_start") -> dict[str, list]:
+    """At most `max_length` tokens of every per-token list: the first ones (`mode="keep_start"`) or the last ones
+    (`"keep_end"`, e.g. to keep the end of long conversations); `prompt_length` counts the prompt tokens kept."""
+    if mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode={mode!r}; use one of {TRUNCATION_MODES}.")
     if max_length is None or len(example["input_ids"]) <= max_length:
         return example
-    out = {k: (v[:max_length] if isinstance(v, list) else v) for k, v in example.items()}
+    cut = len(example["input_ids"]) - max_length  # tokens dropped
+    kept = slice(None, max_length) if mode == "keep_start" else slice(cut, None)
+    out = {k: (v[kept] if isinstance(v, list) else v) for k, v in example.items()}
     if "prompt_length" in out:
-        out["prompt_length"] = min(out["prompt_length"], max_length)
+        prompt = out["prompt_length"]
+        out["prompt_length"] = min(prompt, max_length) if mode == "keep_start" else max(prompt - cut, 0)
     return out
 
 

@@ -107,3 +107,53 @@ def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Te
     grouped = _grouped(rewards, group_size, min_size=2)  # [g, k]
     others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # [g, k]
     return (grouped - others).reshape(-1)  # [n]
+
+
+def _nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Unbiased (n - 1) std over the non-NaN entries along `dim` (all entries when None); NaN where fewer
+    than two."""
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    valid = ~torch.isnan(x)
+    count = valid.sum(dim=dim, keepdim=True)
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    squares = torch.where(valid, (x - mean) ** 2, 0.0).sum(dim=dim, keepdim=True)
+    std = torch.where(count > 1, squares / (count - 1).clamp(min=1), float("nan")).sqrt()
+    return std if keepdim else std.squeeze(dim)
+
+
+@torch.no_grad()
+def normalize_then_sum_advantages(
+    rewards_per_function: torch.Tensor,
+    weights: torch.Tensor,
+    group_size: int,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """GDPO-style multi-reward advantages (TRL's multi_objective_aggregation="normalize_then_sum"):
+    rewards_per_function [n, f] (NaN where a function did not score a completion), weights [f] -> [n].
+
+    Each reward function is normalised within its group first, so one with a large scale cannot drown
+    the others (Liu et al., 2026, "GDPO: Group reward-Decoupled Normalization Policy Optimization"):
+
+        z_if = (r_if - mean_group(r_f)) / (std_group(r_f) + eps)           per function f, group of i
+        s_i  = sum_f w_f z_if                                              (NaN entries count 0)
+        A_i  = (s_i - mean_batch(s)) / (std_batch(s) + eps)                over all n completions
+
+    Stds are the unbiased ones over the entries that are not NaN. A completion no function scored gets A = 0;
+    a group where a function's rewards have no spread (std 0) gets z = 0 for it.
+    """
+    if rewards_per_function.dim() != 2 or rewards_per_function.shape[1] != weights.shape[0]:
+        raise ValueError(f"rewards_per_function must be [n, {weights.shape[0]}] (one column per reward function), "
+                         f"got shape {tuple(rewards_per_function.shape)}")
+    n, f = rewards_per_function.shape
+    if group_size < 2 or n % group_size:
+        raise ValueError(f"{n} completions do not split into groups of {group_size} (at least 2)")
+    grouped = rewards_per_function.view(-1, group_size, f)  # [g, k, f]
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)  # [g, 1, f]
+    std = _nanstd(grouped, dim=1, keepdim=True)  # [g, 1, f]
+    z = ((grouped - mean) / (std + eps)).view(n, f)  # [n, f]; NaN where unscored (or std undefined)
+    summed = (z * weights.to(z.dtype)[None, :]).nansum(dim=1)  # [n]
+    unscored = torch.isnan(rewards_per_function).all(dim=1)  # [n]
+    summed = summed.masked_fill(unscored, float("nan"))
+    advantages = (summed - torch.nanmean(summed)) / (_nanstd(summed) + eps)
+    return advantages.nan_to_num(nan=0.0)

@@ -10,7 +10,9 @@ Shapes: b = batch, t = tokens, h = hidden, n = selected target tokens.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -262,3 +264,58 @@ def supports_packed_rows(model: nn.Module) -> bool:
     return (type(inner).__module__.startswith("transformers.models.")
             and not getattr(inner.config, "is_encoder_decoder", False)
             and str(getattr(inner.config, "_attn_implementation", "")) in _PACKING_ATTENTION)
+
+
+# ----- Mixture-of-Experts: the router's load-balancing loss ------------------------------------------------
+def configure_router_aux_loss(model: nn.Module, coef: float | None) -> float:
+    """The weight of the router load-balancing loss for `model` (TRL's `router_aux_loss_coef`), with the
+    model's config set so that its forwards return that loss (`output_router_logits`) exactly when the
+    weight is not 0.
+
+    coef None: the model config's own `router_aux_loss_coef` (0 when it has none); 0: off. A MoE model is one
+    whose config has `output_router_logits` (Mixtral, Qwen2-MoE, Qwen3-MoE, ...); a non-zero coef for
+    any other model is a ValueError naming the field.
+    """
+    config = unwrap_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    has_router = hasattr(config, "output_router_logits")
+    if coef and not has_router:
+        raise ValueError(f"router_aux_loss_coef={coef}, but {type(unwrap_model(model)).__name__} has no router "
+                         "(it is not a Mixture-of-Experts model), so there is no load-balancing loss to weight. "
+                         "Fix: leave router_aux_loss_coef=None (or 0).")
+    if not has_router:
+        return 0.0
+    coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if coef is None else float(coef)
+    config.output_router_logits = coef != 0.0
+    config.router_aux_loss_coef = coef  # what the model itself would add when given labels
+    return coef
+
+
+def router_aux_loss(outputs: Any) -> torch.Tensor | None:
+    """The load-balancing loss a MoE model's forward returned (`aux_loss`, a scalar, computed from its
+    router logits over the non-padding tokens), or None when the outputs carry none."""
+    aux = getattr(outputs, "aux_loss", None)
+    return aux if isinstance(aux, torch.Tensor) else None
+
+
+@contextlib.contextmanager
+def capture_router_aux_loss(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Within the block, collects the `router_aux_loss` of every forward of `model` (inside its wrappers)
+    that builds an autograd graph, i.e. the trained policy's forwards; forwards without grad (a reference
+    pass through the adapter-disabled policy, generation, evaluation) are not collected.
+
+    This is how tether's forward paths, which return only hidden states or log-probs, surface the loss
+    without each of them passing the model outputs back.
+    """
+    found: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _args: Any, output: Any) -> None:
+        aux = router_aux_loss(output)
+        if aux is not None and torch.is_grad_enabled():
+            found.append(aux)
+
+    handle = unwrap_model(model).register_forward_hook(keep)
+    try:
+        yield found
+    finally:
+        handle.remove()

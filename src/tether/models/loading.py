@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
+import json
 import logging
 import os
 import sys
@@ -32,6 +34,13 @@ def _resolve_dtype(value: Any) -> Any:
     return value
 
 
+def _storage_dtype(value: Any) -> Any:
+    """bnb_4bit_quant_storage as BitsAndBytesConfig takes it: None (uint8), or a torch dtype."""
+    if value == "uint8":
+        return torch.uint8
+    return _resolve_dtype(value)
+
+
 def model_init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """Normalise `model_init_kwargs`: remote code stays off unless asked for, `torch_dtype` becomes `dtype`,
     and the quantization keys (`load_in_4bit`, `bnb_4bit_quant_type`, ...) become one `quantization_config`
@@ -46,6 +55,36 @@ def model_init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     kwargs["dtype"] = _resolve_dtype(kwargs.get("dtype", torch.float32))
     kwargs.setdefault("trust_remote_code", False)
     return resolve_quantization(kwargs)
+
+
+def parse_json_kwargs(config: Any) -> None:
+    """Turn each `*_init_kwargs` field given as a JSON object string (a command line's form) into a dict."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name.endswith("_init_kwargs") and isinstance(value, str):
+            try:
+                parsed = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{type(config).__name__}.{f.name} must be a dict or a JSON object, got {value!r} "
+                                 f"({error}).") from None
+            if not isinstance(parsed, dict):
+                raise ValueError(f"{type(config).__name__}.{f.name} must be a JSON object ({{...}}), got {value!r}.")
+            setattr(config, f.name, parsed)
+
+
+def from_pretrained_kwargs(args: Any, init_kwargs: dict[str, Any] | None,
+                           quantization_config: Any = None) -> dict[str, Any]:
+    """`init_kwargs` (model_init_kwargs-style) completed for loading a model by name or path: the config's
+    trust_remote_code unless `init_kwargs` sets its own (TRL's rule: the explicit key in model_init_kwargs
+    wins), and the trainer's `quantization_config` keyword (an error if both give one)."""
+    kwargs = dict(init_kwargs or {})
+    kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
+    if quantization_config is not None:
+        if any(kwargs.get(key) for key in ("quantization_config", "load_in_4bit", "load_in_8bit")):
+            raise ValueError("quantization_config was given both to the trainer and in model_init_kwargs; give it "
+                             "once (as the trainer's quantization_config= keyword).")
+        kwargs["quantization_config"] = quantization_config
+    return kwargs
 
 
 # ----- quantization (QLoRA) --------------------------------------------------------------------------------
@@ -127,7 +166,7 @@ def resolve_quantization(kwargs: dict[str, Any]) -> dict[str, Any]:
         config = BitsAndBytesConfig(
             load_in_8bit=eight_bit, load_in_4bit=four_bit, bnb_4bit_quant_type=flags.get("bnb_4bit_quant_type", "nf4"),
             bnb_4bit_compute_dtype=_resolve_dtype(compute), bnb_4bit_use_double_quant=bool(nested),
-            bnb_4bit_quant_storage=_resolve_dtype(flags.get("bnb_4bit_quant_storage")),
+            bnb_4bit_quant_storage=_storage_dtype(flags.get("bnb_4bit_quant_storage")),
         ) if four_bit else BitsAndBytesConfig(load_in_8bit=True)
     elif isinstance(config, dict) and (_is_bnb(config) or "quant_method" not in config):
         config = _bnb_config_from_dict(config)

@@ -137,12 +137,15 @@ class RewardModelScorer:
     """
 
     def __init__(self, model: PreTrainedModel | str, tokenizer: PreTrainedTokenizerBase | None = None,
-                 batch_size: int = 32, max_length: int | None = None, label: str | int | None = None) -> None:
+                 batch_size: int = 32, max_length: int | None = None, label: str | int | None = None,
+                 load_kwargs: dict[str, Any] | None = None) -> None:
+        load_kwargs = load_kwargs or {}
         if isinstance(model, str):
-            model = load_reward_model(model) if label is None else _load_classifier(model)
+            model = load_reward_model(model, **load_kwargs) if label is None else _load_classifier(model, **load_kwargs)
         self.model = model.eval()
         self.label = classifier_label_index(model, label)
-        self.tokenizer = tokenizer or load_tokenizer(model_name(model))
+        self.tokenizer = tokenizer or load_tokenizer(model_name(model),
+                                                     trust_remote_code=load_kwargs.get("trust_remote_code", False))
         ensure_pad_token(self.tokenizer, self.model)
         self.batch_size = batch_size
         self.max_length = max_length
@@ -175,11 +178,11 @@ class RewardModelScorer:
         return self.score_texts(texts)
 
 
-def _load_classifier(name_or_path: str) -> PreTrainedModel:
+def _load_classifier(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
     """A sequence classifier with all of its labels (a reward model is loaded with one)."""
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(name_or_path, **model_init_kwargs({}))
+    return AutoModelForSequenceClassification.from_pretrained(name_or_path, **model_init_kwargs(kwargs))
 
 
 def classifier_label_index(model: PreTrainedModel, label: str | int | None) -> int:
@@ -212,7 +215,8 @@ class RewardFunctions:
     """
 
     def __init__(self, reward_funcs: Any, reward_weights: Sequence[float] | None = None,
-                 reward_processing_classes: Sequence[Any] | None = None) -> None:
+                 reward_processing_classes: Sequence[Any] | None = None,
+                 load_kwargs: dict[str, Any] | None = None) -> None:
         funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
             raise ValueError("No reward function given: pass a callable, a reward model, or a path to one.")
@@ -223,16 +227,19 @@ class RewardFunctions:
             raise ValueError(f"{len(reward_processing_classes)} reward_processing_classes for {len(funcs)} reward "
                              "functions; give one per reward function (None for plain functions) or a single one.")
         tokenizers = list(reward_processing_classes)
-        self.funcs = [self._as_function(f, tok) for f, tok in zip(funcs, tokenizers)]
+        self.funcs = [self._as_function(f, tok, load_kwargs or {}) for f, tok in zip(funcs, tokenizers)]
         self.weights = torch.tensor(list(reward_weights) if reward_weights is not None else [1.0] * len(funcs))
         if len(self.weights) != len(self.funcs):
             raise ValueError(f"{len(self.weights)} reward_weights for {len(self.funcs)} reward functions.")
-        self.names = [reward_function_name(f) for f in self.funcs]
+        names = [reward_function_name(f) for f in self.funcs]
+        # The same function twice keeps one entry per position in the per-function results (name, name_1, ...).
+        self.names = [name if names[:i].count(name) == 0 else f"{name}_{names[:i].count(name)}"
+                      for i, name in enumerate(names)]
 
     @staticmethod
-    def _as_function(func: Any, tokenizer: Any) -> RewardFunction:
+    def _as_function(func: Any, tokenizer: Any, load_kwargs: dict[str, Any]) -> RewardFunction:
         if isinstance(func, (str, torch.nn.Module)):
-            return RewardModelScorer(func, tokenizer)
+            return RewardModelScorer(func, tokenizer, load_kwargs=load_kwargs)
         if not callable(func):
             raise ValueError(f"Reward {func!r} is neither callable nor a reward model or its path.")
         return func

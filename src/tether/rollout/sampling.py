@@ -12,9 +12,16 @@ Here the loop is written out:
        quarter of the rows have stopped, they are dropped from the cache (`batch_select_indices`), so
        finished rows cost nothing; the loop ends when every row has stopped or at max_new_tokens
 
-The log-probability of each sampled token under the sampling distribution (softmax(logits / T), before
-top-k/top-p filtering: the policy's own distribution, as training computes it) is kept, so callers have
-the behaviour policy's log-probs without another forward pass.
+The log-probability of each sampled token under the policy's own distribution, softmax(logits / T), is
+kept, so callers have the behaviour policy's log-probs without another forward pass. It is taken before
+the sampling-time processors (top-k / top-p / min-p filtering, repetition penalty, suppressed tokens,
+min_new_tokens), exactly as training computes log-probs (TRL's trainers score completions with the plain
+softmax at the training temperature too), so an on-policy importance ratio is exactly 1. `logprob_temperature`
+sets T when it differs from the sampling temperature (e.g. generation_kwargs overriding it).
+
+Repetition penalty (Keskar et al., 2019, "CTRL", sec. 4.1; as transformers' and vLLM's): every token id
+that occurs in the row's prompt or its completion so far has its logit z divided by the penalty when
+z > 0 and multiplied by it when z <= 0 (penalty > 1 discourages repeats, < 1 encourages them).
 
 Shapes: p = prompts, k = generations per prompt, n = p * k completions, q = prompt tokens,
 c = completion tokens, v = vocabulary.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,15 +106,20 @@ class SampledGroups:
     """n = prompts x num_generations completions, grouped: rows [g * k, (g + 1) * k) answer prompt g.
 
     completion_ids [n, c] right-padded with pad_token_id; completion_mask [n, c] True at real tokens (an
-    EOS that ended a row is real and last); logps [n, c] float32 log-probs of the sampled tokens under
-    softmax(logits / temperature), 0 at padding (None from samplers that do not provide them, e.g.
-    vLLM); truncated [n] True where the row hit max_new_tokens without an EOS.
+    EOS that ended a row is real and last); logps [n, c] float32 log-probs of the sampled tokens exactly as
+    the trainer computes them, softmax(logits / temperature) of the same model, 0 at padding (None from
+    samplers that cannot provide those, e.g. vLLM); truncated [n] True where the row hit max_new_tokens
+    without an EOS; sampler_logps [n, c]: the log-probs another engine (vLLM) reported for the tokens it
+    sampled, which may differ from the trainer's (other kernels, precision, processed logits): the input of
+    the truncated importance-sampling correction (`losses.group.sampler_importance_weights`); NaN where the
+    engine gave none, 0 at padding.
     """
 
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     logps: torch.Tensor | None
     truncated: torch.Tensor
+    sampler_logps: torch.Tensor | None = None
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
@@ -128,16 +141,34 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
+def penalize_repetitions(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [b, v] with each seen token's (seen [b, v] bool) logit z replaced by z / penalty if z > 0
+    else z * penalty (CTRL's repetition penalty, as transformers' RepetitionPenaltyLogitsProcessor)."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float,
-            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [b, v] -> (tokens [b], their log-probs [b] under softmax(logits / T)).
-    temperature 0 is greedy decoding (log-probs then at T = 1)."""
-    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-    log_probs = scaled.log_softmax(-1)  # [b, v]
+            generator: torch.Generator | None, logprob_temperature: float | None = None,
+            seen: torch.Tensor | None = None, repetition_penalty: float = 1.0,
+            banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [b, v] -> (tokens [b], their log-probs [b] under softmax(logits / T_logprob)).
+
+    T_logprob = logprob_temperature, default the sampling temperature (1 when greedy). The token is drawn
+    from the processed distribution: repetition penalty on `seen` [b, v], `banned` ([v] or [b, v] bool)
+    tokens removed, / temperature, top-k / top-p / min-p. temperature 0 is greedy decoding."""
+    raw = logits.float()
+    logprob_t = logprob_temperature if logprob_temperature is not None else (temperature if temperature > 0 else 1.0)
+    log_probs = (raw / logprob_t).log_softmax(-1)  # [b, v]
+    processed = raw if seen is None else penalize_repetitions(raw, seen, repetition_penalty)
+    if banned is not None:
+        processed = processed.masked_fill(banned, float("-inf"))
     if temperature <= 0:
-        tokens = scaled.argmax(-1)
+        tokens = processed.argmax(-1)
     else:
-        probs = filter_logits(scaled, top_k, top_p, min_p).softmax(-1)  # [b, v]
+        probs = filter_logits(processed / temperature, top_k, top_p, min_p).softmax(-1)  # [b, v]
         # Inverse-CDF sampling: one uniform number per row instead of torch.multinomial's per-token work
         # (several times faster on CPU). The clamp guards against u landing past a rounded-down total.
         cdf = probs.cumsum(-1)  # [b, v]
@@ -173,32 +204,53 @@ def sample_groups(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    min_p: float = 0.0,
+    min_p: float | None = 0.0,
     generator: torch.Generator | None = None,
+    repetition_penalty: float = 1.0,
+    logprob_temperature: float | None = None,
+    suppress_tokens: Sequence[int] | None = None,
+    min_new_tokens: int = 0,
 ) -> SampledGroups:
     """Sample `num_generations` completions for each prompt (lists of token ids), see the module docstring.
 
     `model` is a decoder-only causal LM (or a PEFT / value-head wrapper of one); it runs in eval mode and
-    is put back in its previous mode.
+    is put back in its previous mode. repetition_penalty: see the module docstring (1.0: off);
+    suppress_tokens: ids never sampled; min_new_tokens: no EOS before that many tokens; min_p None: off.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("sample_groups needs at least one prompt, and every prompt needs at least one token.")
     if max_new_tokens < 1 or num_generations < 1:
         raise ValueError(f"max_new_tokens and num_generations must be >= 1, got {max_new_tokens}, {num_generations}.")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0: off), got {repetition_penalty}.")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    settings = _Processors(temperature, top_k, top_p, min_p or 0.0, repetition_penalty, logprob_temperature,
+                           list(suppress_tokens or []), int(min_new_tokens or 0))
     try:
         # The transformers model itself (adapters stay injected): a value-head wrapper returns a tuple.
-        return _sample_loop(unwrap_model(model), prompts, num_generations, max_new_tokens, pad_token_id, list(eos_token_ids),
-                            temperature, top_k, top_p, min_p, generator, device)
+        return _sample_loop(unwrap_model(model), prompts, num_generations, max_new_tokens, pad_token_id,
+                            list(eos_token_ids), settings, generator, device)
     finally:
         model.train(was_training)
 
 
+@dataclass
+class _Processors:
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    logprob_temperature: float | None
+    suppress_tokens: list[int]
+    min_new_tokens: int
+
+
 def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max_new_tokens: int,
-                 pad_token_id: int, eos_token_ids: list[int], temperature: float, top_k: int, top_p: float,
-                 min_p: float, generator: torch.Generator | None, device: torch.device) -> SampledGroups:
+                 pad_token_id: int, eos_token_ids: list[int], settings: _Processors,
+                 generator: torch.Generator | None, device: torch.device) -> SampledGroups:
     input_ids, attention_mask = left_pad(prompts, pad_token_id, device)  # [p, q]
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=True, logits_to_keep=1)
@@ -209,7 +261,7 @@ def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max
     attention_mask = attention_mask.repeat_interleave(k, dim=0)  # [n, q]
     next_position = attention_mask.sum(-1)  # [n]: position of the first completion token
 
-    n = len(prompts) * k
+    n, vocab = len(prompts) * k, logits.shape[-1]
     # One extra row, n, is a sink: rows that ended but are still in the cache (until the next compaction)
     # keep decoding, and their tokens are written there and dropped.
     completion_ids = torch.full((n + 1, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -217,11 +269,26 @@ def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max
     lengths = torch.full((n + 1,), max_new_tokens, dtype=torch.long, device=device)  # rows without an EOS
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     running = torch.arange(n, device=device)  # output row of each cache row; n once it has ended
+    seen = None  # [n + 1, v] bool: token ids in each row's prompt and completion so far (repetition penalty)
+    if settings.repetition_penalty != 1.0:
+        seen = torch.zeros((n + 1, vocab), dtype=torch.bool, device=device)
+        for g, prompt in enumerate(prompts):  # real prompt tokens only, never the left padding
+            seen[g * k:(g + 1) * k, torch.as_tensor(list(prompt), dtype=torch.long, device=device)] = True
+    banned = torch.zeros(vocab, dtype=torch.bool, device=device)  # [v]
+    banned[[t for t in settings.suppress_tokens if 0 <= t < vocab]] = True
+    banned_before_min = banned.clone()
+    banned_before_min[eos[eos < vocab]] = True
 
     for step in range(max_new_tokens):
-        tokens, token_logps = _sample(logits, temperature, top_k, top_p, min_p, generator)  # [r], [r]
+        tokens, token_logps = _sample(
+            logits, settings.temperature, settings.top_k, settings.top_p, settings.min_p, generator,
+            settings.logprob_temperature, None if seen is None else seen[running], settings.repetition_penalty,
+            banned_before_min if step < settings.min_new_tokens else (banned if settings.suppress_tokens else None),
+        )  # [r], [r]
         completion_ids[running, step] = tokens
         logps[running, step] = token_logps
+        if seen is not None:
+            seen[running, tokens] = True
         ended = torch.isin(tokens, eos) & (running < n)  # [r]
         lengths[running[ended]] = step + 1
         running = torch.where(ended, n, running)
@@ -246,3 +313,39 @@ def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max
     logps = logps[:, :width].masked_fill(~completion_mask, 0.0)
     last_token = completion_ids.gather(1, (lengths - 1)[:, None]).squeeze(1)  # [n]
     return SampledGroups(completion_ids, completion_mask, logps, truncated=~torch.isin(last_token, eos))
+
+
+# generation_kwargs keys tether's sampler honours: transformers GenerationConfig names, with vLLM SamplingParams
+# spellings of the same settings as aliases (TRL passes the dict to whichever engine generates).
+_GENERATION_KWARG_ALIASES = {
+    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
+    "min_new_tokens": "min_new_tokens", "min_tokens": "min_new_tokens", "suppress_tokens": "suppress_tokens",
+    "eos_token_id": "eos_token_ids", "stop_token_ids": "eos_token_ids", "do_sample": "do_sample",
+}
+
+
+def sampling_settings(generation_kwargs: dict[str, Any] | None, **defaults: Any) -> dict[str, Any]:
+    """The sampler's settings: `defaults` (temperature, top_k, top_p, min_p, repetition_penalty,
+    max_new_tokens, eos_token_ids, ...) overridden by `generation_kwargs` (TRL's config field, whose keys win
+    over the dedicated fields). do_sample=False means greedy (temperature 0); top_k None means 0 (off), min_p
+    None 0 (off). A key the sampler cannot honour is a ValueError naming it."""
+    kwargs = dict(generation_kwargs or {})
+    unknown = sorted(set(kwargs) - set(_GENERATION_KWARG_ALIASES))
+    if unknown:
+        raise ValueError(
+            f"generation_kwargs has keys tether's sampler does not implement: {unknown}. Supported: "
+            f"{sorted(_GENERATION_KWARG_ALIASES)}. Fix: remove them, or use use_vllm=True, where generation_kwargs "
+            "go to vLLM's SamplingParams.")
+    settings = dict(defaults)
+    for key, value in kwargs.items():
+        settings[_GENERATION_KWARG_ALIASES[key]] = value
+    if settings.pop("do_sample", True) is False:
+        settings["temperature"] = 0.0
+    if "eos_token_ids" in settings and not isinstance(settings["eos_token_ids"], (list, tuple)):
+        settings["eos_token_ids"] = [settings["eos_token_ids"]]
+    if "top_k" in settings:
+        settings["top_k"] = int(settings["top_k"] or 0)
+    if "min_p" in settings:
+        settings["min_p"] = float(settings["min_p"] or 0.0)
+    return settings

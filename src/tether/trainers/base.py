@@ -8,6 +8,8 @@
 - metrics accumulated between logging steps and averaged over processes; sample generations a trainer
   writes during the run (`write_samples`) kept in samples.jsonl for the report
 - checkpoints written atomically (a folder renamed once complete), so a killed run resumes from a whole one
+- TRL's options common to every trainer: trust_remote_code and quantization_config for what is loaded by name,
+  activation_offloading, router_aux_loss_coef (MoE load balancing) and TR-DPO's reference sync
 """
 
 from __future__ import annotations
@@ -26,21 +28,26 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..data.collate import resolve_pad_to_multiple_of
 from ..distributed import default_ddp_backend
 from ..models.dropout import disable_dropout
-from ..models.forward import supports_packed_rows
+from ..models.forward import capture_router_aux_loss, configure_router_aux_loss, supports_packed_rows
 from ..models.loading import (
     apply_peft,
     check_quantized_for_training,
     ensure_pad_token,
+    from_pretrained_kwargs,
     load_language_model,
     load_tokenizer,
     model_name,
+    parse_json_kwargs,
 )
 from ..reports.callback import WRITE_THEIR_OWN_SAMPLES, RunReportCallback
 from ..reports.page import write_report
 from ..reports.runfiles import SAMPLES_FILE, write_jsonl
 from .checkpoints import atomic_directory, rotate_checkpoints
+from .hub_tags import card_tags, tag_model, trainer_tags
+from .ref_sync import ReferenceSyncCallback, check_sync_config
 
 
 def _init_values(args: TrainingArguments) -> dict[str, Any]:
@@ -102,9 +109,10 @@ def warn_inapplicable(config: Any) -> None:
 class TetherConfig(TrainingArguments):
     """Fields every tether method has, on top of `TrainingArguments`."""
 
-    model_init_kwargs: dict[str, Any] | None = field(
+    model_init_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Keyword arguments for from_pretrained when `model` is a name or path "
-                                        "(e.g. dtype, attn_implementation, trust_remote_code)."})
+                                        "(e.g. dtype, attn_implementation, trust_remote_code), or a JSON object "
+                                        "string of them (command line)."})
     max_length: int | None = field(default=1024, metadata={"help": "Truncate tokenized sequences to this "
                                                                      "many tokens."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
@@ -128,7 +136,11 @@ class TetherConfig(TrainingArguments):
     inapplicable_fields: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
+        parse_json_kwargs(self)
         warn_inapplicable(self)
+        multiple = resolve_pad_to_multiple_of(self.pad_to_multiple_of)  # a bad value fails here, named
+        if multiple is not None:
+            self.pad_to_multiple_of = multiple  # "8" from a command line becomes 8
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
         if self.ddp_backend is None:  # gloo for DeepSpeed on CPU-only machines (see distributed.py)
@@ -186,6 +198,7 @@ class TetherTrainer(Trainer):
         tokenizer: PreTrainedTokenizerBase | None = None,
         model_init: Callable[..., nn.Module] | None = None,
         preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+        quantization_config: Any = None,
         **legacy_kwargs: Any,
     ) -> None:
         name = type(self).__name__
@@ -196,9 +209,13 @@ class TetherTrainer(Trainer):
             raise ValueError(f"{name} needs {self.dataset_description}.")
         set_seed(args.seed)  # before loading and wrapping: fresh heads and adapters start the same each run
         self.model_init, self._peft_config = model_init, peft_config
+        self._quantization_config = quantization_config
         model = self._load(Trainer.call_model_init(self) if model is None else model, args)
-        processing_class = processing_class or tokenizer or load_tokenizer(model_name(model))
+        processing_class = processing_class or tokenizer or load_tokenizer(
+            model_name(model), trust_remote_code=from_pretrained_kwargs(args, args.model_init_kwargs)["trust_remote_code"])
         model = self._set_up_model(model, processing_class, args)
+        if getattr(args, "sync_ref_model", False):
+            check_sync_config(args, model)
         gives_predictions = type(self).prediction_step is not TetherTrainer.prediction_step
         if (compute_metrics or preprocess_logits_for_metrics) and not gives_predictions:
             warnings.warn(f"{name}'s evaluation gives a loss and logged metrics but no predictions, so "
@@ -218,6 +235,11 @@ class TetherTrainer(Trainer):
         # After the report callback, so that it can put back the samples that one rewrites at the end.
         self._sample_keeper = _SampleKeeper(method=self.config_suffix.lower())
         self.add_callback(self._sample_keeper)
+        if getattr(args, "sync_ref_model", False):
+            self.add_callback(ReferenceSyncCallback(self))
+        if self.router_aux_loss_coef:  # the method's compute_loss, plus the router loss of its policy forwards
+            self._method_compute_loss = self.compute_loss
+            self.compute_loss = self._compute_loss_with_router_loss
         self.train_dataset = self._prepare(train_dataset, "train")
         # raw eval dataset id -> (raw, prepared): evaluate(eval_dataset=raw) prepares a raw set once (TRL does)
         self._prepared_eval: dict[int, tuple[Any, Any]] = {}
@@ -241,15 +263,22 @@ class TetherTrainer(Trainer):
 
     def _set_up_model(self, model: nn.Module, processing_class: PreTrainedTokenizerBase, args: TetherConfig
                       ) -> nn.Module:
-        """What every loaded model goes through: pad token, PEFT adapter, quantization check, dropout."""
+        """What every loaded model goes through: pad token, router aux loss (MoE), PEFT adapter, quantization
+        check, dropout."""
         ensure_pad_token(processing_class, model)
+        self.router_aux_loss_coef = configure_router_aux_loss(model, args.router_aux_loss_coef)
         if self._peft_config is not None:
             peft_config = self._adapt_peft_config(self._peft_config)
             model = apply_peft(model, peft_config, args.activation_checkpointing or False)
         check_quantized_for_training(model)
         if getattr(args, "disable_dropout", False):
             disable_dropout(model)
+        tag_model(model, trainer_tags(type(self)))  # e.g. ["tether", "sft"]: push_to_hub puts them on the card
         return model
+
+    def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:
+        """transformers' model card, with tether's and the method's tags besides the ones given."""
+        return super().create_model_card(*args, tags=card_tags(self.model, trainer_tags(type(self)), tags), **kwargs)
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
         """A fresh model from `model_init`, loaded and set up as the first one was. transformers' Trainer calls
@@ -258,13 +287,30 @@ class TetherTrainer(Trainer):
         model = self._load(super().call_model_init(trial), self.args)
         return self._set_up_model(model, self.processing_class, self.args)
 
+    # What quantization_config= does when the model is already an object: "warn" (it is ignored; TRL's SFT,
+    # Reward, GRPO and RLOO trainers) or "error" (TRL's DPO and KTO trainers).
+    quantization_config_on_loaded_model = "warn"
+    _quantization_config: Any = None  # the constructor's quantization_config= (IterativeSFTTrainer has none)
+
     def _load(self, model: nn.Module | str, args: TetherConfig) -> nn.Module:
         if isinstance(model, str):
-            return self.load_model(model, args.model_init_kwargs or {})
+            return self.load_model(model, from_pretrained_kwargs(args, args.model_init_kwargs, self._quantization_config))
         if args.model_init_kwargs:
             warnings.warn("model_init_kwargs is used only when `model` is a name or path; it was ignored.",
                           UserWarning, stacklevel=3)
+        if self._quantization_config is not None:
+            why = ("quantization_config applies when the trainer loads the model (given as a name or path); this "
+                   "model is already loaded")
+            if self.quantization_config_on_loaded_model == "error":
+                raise ValueError(f"{why}. Fix: pass the model's name or path, or load it quantized yourself "
+                                 "(from_pretrained(..., quantization_config=...)) and drop the keyword.")
+            warnings.warn(f"{why}, so it was ignored.", UserWarning, stacklevel=3)
         return model
+
+    def model_loading_kwargs(self, init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """from_pretrained keywords for a model this trainer loads by name or path besides the policy (a
+        reference, a reward model): `init_kwargs` with the config's trust_remote_code unless it sets its own."""
+        return from_pretrained_kwargs(self.args, init_kwargs)
 
     def _adapt_peft_config(self, peft_config: Any) -> Any:
         """A method's chance to complete the user's PEFT config (e.g. the task type)."""
@@ -322,6 +368,36 @@ class TetherTrainer(Trainer):
             path = os.path.join(self.args.output_dir, SAMPLES_FILE)
             write_jsonl(path, rows, append=self._sample_keeper.started)
         self._sample_keeper.started = True
+
+    # ----- one training step: activation offloading, the MoE router loss -----------------------------
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+                      ) -> torch.Tensor:
+        """Trainer's step (forward, loss, backward). With activation_offloading, the tensors autograd saves for
+        the backward pass are kept in CPU memory (pinned on CUDA, so copies overlap compute) and brought back
+        when the backward pass needs them: the same gradients, less accelerator memory, some transfer time."""
+        if not self.args.activation_offloading:
+            return super().training_step(model, inputs, num_items_in_batch)
+        with torch.autograd.graph.save_on_cpu(pin_memory=self.accelerator.device.type == "cuda"):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def _compute_loss_with_router_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                                       num_items_in_batch: Any = None) -> Any:
+        """The method's loss plus router_aux_loss_coef * the load-balancing loss of the policy's forward(s) in
+        it (their mean when a method runs several), for MoE models. The method's loss is a mean over the micro-
+        batch, or, where the method normalises by the whole step itself (`loss_is_scaled_for_ga`), a share of
+        the step's; in that case the router loss, a per-micro-batch mean, is divided by the accumulation steps
+        so that it weighs the same either way (DDP averages it over processes like the rest)."""
+        with capture_router_aux_loss(model) as found:
+            result = self._method_compute_loss(model, inputs, return_outputs=return_outputs,
+                                               num_items_in_batch=num_items_in_batch)
+        if not found:  # no forward with grad (evaluation), or a model whose outputs carry no router loss
+            return result
+        loss, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
+        aux = torch.stack([a.to(loss.device, torch.float32) for a in found]).mean()
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        loss = loss + self.router_aux_loss_coef * aux / (steps if self.loss_is_scaled_for_ga else 1)
+        self.record_metrics(aux_loss=aux.detach())
+        return (loss, *rest) if rest is not None else loss
 
     # ----- loss normalisation -----------------------------------------------------------------------
     @staticmethod

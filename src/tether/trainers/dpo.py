@@ -11,30 +11,56 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..callbacks import RefModelCallbackHandler
 from ..data.collate import IGNORE_INDEX
+from ..data.formats import is_stream
 from ..data.preference import check_truncation_mode
 from ..distributed import prepare_frozen_model
-from ..losses.preference import AVERAGED_LOG_PROBS, DPO_LOSSES, dpo_loss
+from ..losses.preference import (
+    BATCH_SORTED_LOSSES,
+    DPO_LOSSES,
+    F_DIVERGENCES,
+    dpo_loss,
+    loss_type_list,
+    wpo_weights,
+)
 from ..models.dropout import disable_dropout
-from ..models.forward import completion_log_probs, unwrap_model
-from ..models.loading import is_peft_model, load_language_model, model_init_kwargs
+from ..models.forward import unwrap_model
+from ..models.loading import is_peft_model, load_language_model
 from ..models.reference import activate_trained_adapter, reference_context, select_reference
-from ..reports.callback import generate_samples
-from .preference import PairwiseConfig, PairwiseTrainer
+from .preference import PairwiseConfig, PairwiseTrainer, pair_sequence_log_probs
 from .ref_sync import ReferenceSyncFields
-
-EVAL_SAMPLES = 4  # generate_during_eval: prompts completed at each evaluation
-EVAL_SAMPLE_TOKENS = 48  # and their new tokens, unless max_completion_length is set
 
 
 @dataclass
 class DPOConfig(PairwiseConfig, ReferenceSyncFields):
     """Configuration of `DPOTrainer`; every `TrainingArguments` field applies too."""
 
-    loss_type: str = field(default="sigmoid", metadata={"help": f"One of: {', '.join(sorted(DPO_LOSSES))}."})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
+        "help": f"One loss or a list of losses (summed with loss_weights, as MPO does); each one of: "
+                f"{', '.join(sorted(DPO_LOSSES))}. A single name is stored as a one-element list."})
+    loss_weights: list[float] | None = field(default=None, metadata={
+        "help": "Weights of the losses in loss_type, one each (default: 1 each); the loss is sum_i w_i * loss_i."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Assumed share of flipped preference labels "
                                                                     "(conservative losses)."})
-    ref_model_init_kwargs: dict[str, Any] | None = field(
+    f_divergence_type: str = field(default="reverse_kl", metadata={
+        "help": "Divergence regularising policy against reference (f-DPO): reverse_kl (DPO), forward_kl, "
+                "js_divergence or alpha_divergence; margin-based loss types only."})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={
+        "help": "alpha of f_divergence_type='alpha_divergence', whose score is (1 - u^-alpha) / alpha for the "
+                "policy/reference probability ratio u."})
+    ld_alpha: float | None = field(default=None, metadata={
+        "help": "LD-DPO: weight in [0, 1] of the log-probs of the tokens by which the longer completion of a pair "
+                "exceeds the shorter (None or 1: plain sums; 0: both cut to the shorter length)."})
+    use_weighting: bool = field(default=False, metadata={
+        "help": "WPO: weight each pair's loss by the product of its two completions' length-normalised, "
+                "aligned probabilities under the policy (costs a second forward pass without gradients)."})
+    discopop_tau: float = field(default=0.05, metadata={
+        "help": "Temperature tau of loss_type='discopop' (how sharply it swaps logistic for exponential)."})
+    pad_token: str | None = field(default=None, metadata={
+        "help": "A token of the tokenizer's vocabulary to make its pad token (on tokenizer and model) before the "
+                "data are prepared (TRL deprecates it: set tokenizer.pad_token instead)."})
+    ref_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Keyword arguments for from_pretrained when `ref_model` is a name or path."})
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Compute the reference log-probs in one pass before training and hold "
@@ -51,9 +77,6 @@ class DPOConfig(PairwiseConfig, ReferenceSyncFields):
     model_adapter_name: str | None = field(
         default=None, metadata={"help": "For a PEFT policy holding several adapters: the adapter to train (made "
                                         "active and trainable; default: the active one)."})
-    padding_value: int | None = field(
-        default=None, metadata={"help": "Token id written in the padding of input batches (default: the tokenizer's "
-                                        "pad id). Padding is masked, so it changes no loss."})
     label_pad_token_id: int = field(
         default=IGNORE_INDEX, metadata={
             "help": "Label value marking a token that is not a target, in batches from a custom data_collator that "
@@ -63,23 +86,26 @@ class DPOConfig(PairwiseConfig, ReferenceSyncFields):
     truncation_mode: str = field(
         default="keep_end", metadata={"help": "Which tokens a prompt longer than max_prompt_length keeps: "
                                               "'keep_end' (its last ones) or 'keep_start' (its first ones)."})
-    is_encoder_decoder: bool | None = field(
-        default=None, metadata={"help": "Whether the model is an encoder-decoder; read from the model, so it needs "
-                                        "no setting; when given, it must agree with the model. DPO here trains "
-                                        "decoder-only models."})
-    generate_during_eval: bool = field(
-        default=False, metadata={"help": "At each evaluation, write greedy completions of a few eval prompts by the "
-                                         "policy and by the reference to output_dir/samples.jsonl (shown in the "
-                                         "run report)."})
 
     def __post_init__(self) -> None:
-        if self.loss_type not in DPO_LOSSES:
-            raise ValueError(f"Unknown loss_type {self.loss_type!r}; use one of {', '.join(sorted(DPO_LOSSES))}.")
+        self.loss_type = loss_type_list(self.loss_type)  # as TRL 1.16: a name becomes a one-element list
+        if self.loss_weights is not None:
+            self.loss_weights = [float(w) for w in self.loss_weights]
+            if len(self.loss_weights) != len(self.loss_type):
+                raise ValueError(f"loss_weights has {len(self.loss_weights)} weights for loss_type {self.loss_type}; "
+                                 "give one weight per loss type, or None for 1 each.")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got "
+                             f"{self.f_divergence_type!r}.")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must lie in [0, 1] (or be None for no length desensitisation), got "
+                             f"{self.ld_alpha}.")
+        if self.use_weighting and BATCH_SORTED_LOSSES & set(self.loss_type):
+            raise ValueError(f"use_weighting=True weights each pair, but loss types {sorted(BATCH_SORTED_LOSSES)} "
+                             "sort the batch, so their entries are not pairs. Fix: drop one of them.")
         check_truncation_mode(self.truncation_mode)
-        for name in ("padding_value", "label_pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name} must be an integer token id, got {value!r}.")
+        if isinstance(self.label_pad_token_id, bool) or not isinstance(self.label_pad_token_id, int):
+            raise ValueError(f"label_pad_token_id must be an integer token id, got {self.label_pad_token_id!r}.")
         if self.reference_free and self.precompute_ref_log_probs:
             raise ValueError("reference_free=True uses no reference, so precompute_ref_log_probs has nothing to "
                              "compute. Fix: set one of them to False.")
@@ -91,8 +117,15 @@ class DPOConfig(PairwiseConfig, ReferenceSyncFields):
                              "reference adapter must be a different one from the trained adapter.")
         # Each loss checks its own hyperparameters (exo_pair needs label_smoothing > 0, hinge takes none, ...):
         # call it once on a dummy pair so a bad combination fails here rather than at the first step.
-        dpo_loss(self.loss_type, *torch.zeros(4, 1), beta=self.beta, label_smoothing=self.label_smoothing)
+        dpo_loss(self.loss_type, *torch.zeros(4, 1), beta=self.beta, label_smoothing=self.label_smoothing,
+                 loss_weights=self.loss_weights, **self.loss_options)
         super().__post_init__()
+
+    @property
+    def loss_options(self) -> dict[str, Any]:
+        """The losses' hyperparameters from this config, as `losses.preference.dpo_loss` options."""
+        return {"f_divergence": self.f_divergence_type, "f_alpha": self.f_alpha_divergence_coef,
+                "tau": self.discopop_tau}
 
 
 class DPOTrainer(PairwiseTrainer):
@@ -117,11 +150,18 @@ class DPOTrainer(PairwiseTrainer):
         self.ref_model = self._resolve_reference(ref_model)
         self._reward_shift = (0.0, 0)  # running mean of implicit rewards and its count, for bco_pair
         if self.args.precompute_ref_log_probs:
+            if is_stream(self.train_dataset) or is_stream(self.eval_dataset):
+                raise ValueError("precompute_ref_log_probs=True needs the whole dataset before training, and a "
+                                 "streaming dataset has no end to read to. Fix: set precompute_ref_log_probs=False "
+                                 "(the reference model then scores each batch), or load the dataset without "
+                                 "streaming.")
             self.train_dataset = self._add_reference_log_probs(self.train_dataset)
             if self.eval_dataset is not None:
                 self.eval_dataset = self._add_reference_log_probs(self.eval_dataset)
             self.ref_model = None
             self._reference_released = True
+        # Callbacks receive ref_model=, as TRL's do (BEMACallback(update_ref_model=True) writes into it).
+        RefModelCallbackHandler.install(self)
 
     def _prepare_eval_one(self, dataset: Any, what: str) -> Any:
         prepared = super()._prepare_eval_one(dataset, what)
@@ -164,17 +204,32 @@ class DPOTrainer(PairwiseTrainer):
                                  "Fix: pass ref_model=None to use the adapter, or drop ref_adapter_name.")
             return None  # the policy with its reference adapter switched on (reference_context)
         if isinstance(ref_model, str):
-            ref_model = load_language_model(ref_model, **model_init_kwargs(args.ref_model_init_kwargs))
+            ref_model = load_language_model(ref_model, **self.model_loading_kwargs(args.ref_model_init_kwargs))
         ref_model = select_reference(
             policy if policy is not None else self.model, ref_model, source=self._policy_source,
             copy_needed=not args.precompute_ref_log_probs,
-            load=lambda source: load_language_model(source, **(args.model_init_kwargs or {})))
+            load=lambda source: load_language_model(source, **self.model_loading_kwargs(args.model_init_kwargs)))
         if ref_model is None:
             return None
         if args.disable_dropout:
             disable_dropout(ref_model)
         # Frozen and placed for the engine: not wrapped for training, partitioned under ZeRO-3.
         return prepare_frozen_model(self.accelerator, ref_model)
+
+    def _set_up_model(self, model: nn.Module, processing_class: Any, args: Any) -> nn.Module:
+        """DPOConfig.pad_token: that token becomes the tokenizer's pad token (and the model's pad id) before the data
+        are prepared and collated."""
+        pad_token = getattr(args, "pad_token", None)
+        if pad_token is not None:
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            if pad_token not in tokenizer.get_vocab():
+                raise ValueError(f"pad_token={pad_token!r} is not in the tokenizer's vocabulary. Fix: give one of its "
+                                 "tokens (e.g. its EOS token), or add it to the tokenizer and resize the embeddings.")
+            tokenizer.pad_token = pad_token
+            for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+                if config is not None:
+                    config.pad_token_id = tokenizer.pad_token_id
+        return super()._set_up_model(model, processing_class, args)
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
         """The fresh model train() builds with model_init; a reference that was a copy of the policy is copied
@@ -206,9 +261,9 @@ class DPOTrainer(PairwiseTrainer):
             return {"chosen": zeros, "rejected": zeros}
         reference, context = reference_context(model, self.ref_model, **self._adapters)
         with context:
-            sums, _, _ = completion_log_probs(reference, inputs, chunk_size=self.args.logprob_chunk_size)
-        chosen, rejected = sums.chunk(2)
-        return {"chosen": chosen, "rejected": rejected}
+            logps, _, _ = pair_sequence_log_probs(reference, inputs, self.args.logprob_chunk_size,
+                                                  self._option("ld_alpha"))
+        return {"chosen": logps["chosen"], "rejected": logps["rejected"]}
 
     def _add_reference_log_probs(self, dataset: Any) -> Any:
         """One pass over the data with the reference; the log-probs become dataset columns."""
@@ -227,42 +282,32 @@ class DPOTrainer(PairwiseTrainer):
         model.train(was_training)
         return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
-    # ----- evaluation --------------------------------------------------------------------------------
-    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
-                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
-        if self._option("generate_during_eval"):
-            self._write_eval_samples(dataloader.dataset, metric_key_prefix)
-        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-
-    def _write_eval_samples(self, dataset: Any, split: str) -> None:
-        """generate_during_eval: greedy completions of the first few distinct prompts of `dataset`, by the policy
-        and (when there is a live one) by the reference, appended to samples.jsonl as {"step", "split", "prompt",
-        "completion", "reference_completion"}. Runs on every process (ZeRO-3 generation needs them all)."""
-        max_new_tokens = self.args.max_completion_length or EVAL_SAMPLE_TOKENS
-        policy = generate_samples(self.model, self.processing_class, dataset, EVAL_SAMPLES, max_new_tokens)
-        live = self._live_reference(self.model)
-        if live is not None:
-            reference, context = live
-            with context:
-                from_reference = generate_samples(reference, self.processing_class, dataset, EVAL_SAMPLES,
-                                                  max_new_tokens)
-            for row, ref_row in zip(policy, from_reference):
-                row["reference_completion"] = ref_row["completion"]
-        self.write_samples([{"split": split, **row} for row in policy])
-
     # ----- the loss ----------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor:
-        policy = self.pair_log_probs(model, inputs)
+        """The DPOConfig.loss_type loss(es) on summed completion log-probs (LD-DPO-weighted with ld_alpha), with
+        f_divergence_type's scores, each pair's loss weighted by WPO with use_weighting; rewards beta * r."""
+        args = self.args
+        policy = self.pair_log_probs(model, inputs, ld_alpha=args.ld_alpha, aligned=args.use_weighting)
         reference = self.reference_log_probs(model, inputs)
         pc, pr, rc, rr = policy["chosen"], policy["rejected"], reference["chosen"], reference["rejected"]
-        if self.args.loss_type in AVERAGED_LOG_PROBS:
-            pc, rc = pc / policy["chosen_tokens"], rc / policy["chosen_tokens"]
-            pr, rr = pr / policy["rejected_tokens"], rr / policy["rejected_tokens"]
-        extra = {"delta": self._bco_delta(pc, pr, rc, rr)} if self.args.loss_type == "bco_pair" else {}
-        out = dpo_loss(self.args.loss_type, pc, pr, rc, rr, self.args.beta, self.args.label_smoothing, **extra)
-        self.record_pair_metrics(out.chosen_rewards, out.rejected_rewards, policy)
-        loss = out.losses.mean()
+        options = {**args.loss_options, "chosen_tokens": policy["chosen_tokens"],
+                   "rejected_tokens": policy["rejected_tokens"]}
+        if args.ld_alpha is not None:
+            options["unweighted_chosen_logps"] = policy["chosen_unweighted"]  # sft's NLL is on the plain sums
+        if "bco_pair" in args.loss_type:
+            options["delta"] = self._bco_delta(pc, pr, rc, rr)
+        out = dpo_loss(args.loss_type, pc, pr, rc, rr, args.beta, args.label_smoothing,
+                       loss_weights=args.loss_weights, **options)
+        losses = out.losses  # [b]
+        extra = {}
+        if args.use_weighting:
+            weights = wpo_weights(policy["chosen_aligned"], policy["rejected_aligned"], policy["chosen_tokens"],
+                                  policy["rejected_tokens"])
+            losses = losses * weights
+            extra["wpo_weight"] = weights.mean()
+        self.record_pair_metrics(out.chosen_rewards, out.rejected_rewards, policy, **extra)
+        loss = losses.mean()
         if return_outputs:
             return loss, {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards}
         return loss

@@ -21,38 +21,41 @@ Shapes: P = prompts per round, G = num_generations, n = P * G completions, c = c
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import functools
 import json
 import math
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..data import collate_columns, prepare_prompts
 from ..data.collate import LanguageModelingCollator
-from ..data.rounds import PromptRoundSampler
+from ..data.formats import is_stream
+from ..data.rounds import PromptRoundSampler, PromptRoundStream
 from ..distributed import (
     prepare_frozen_model,
     prepare_reward_models,
     unwrap_model_for_generation,
 )
-from ..losses.group import GroupPolicyLossOutput
+from ..losses.group import GroupPolicyLossOutput, high_entropy_mask, sampler_importance_weights
 from ..losses.kl import sequence_kl
 from ..models.forward import causal_token_log_probs, supports_packed_rows
-from ..models.loading import is_encoder_decoder, load_language_model
+from ..models.loading import from_pretrained_kwargs, is_encoder_decoder, load_language_model
 from ..models.reference import reference_context, select_reference
 from ..ops.stats import masked_mean
 from ..rollout.generation import eos_token_ids
 from ..rollout.rewards import RewardFunctions
-from ..rollout.sampling import sample_groups
+from ..rollout.sampling import sample_groups, sampling_settings
 from ..rollout.vllm_generation import VLLMGroupSampler, require_vllm
 from .base import TetherConfig, TetherTrainer, as_config
+from .completion_log import completions_table
+from .online_forward import cast_lm_head_to_fp32, token_log_probs_with_entropy
 from .ref_sync import ReferenceSyncFields
 
 
@@ -72,7 +75,25 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
     top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0: off)."})
-    min_p: float = field(default=0.0, metadata={"help": "Drop tokens below min_p x the top probability (0: off)."})
+    min_p: float | None = field(default=None, metadata={
+        "help": "Drop tokens below min_p x the top probability (None or 0: off)."})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "Divide (logit > 0) or multiply (logit <= 0) the logits of tokens already in the prompt or the "
+                "completion by this when sampling (> 1: fewer repeats; 1.0: off). Log-probs for the loss stay the "
+                "policy's own, as in TRL."})
+    generation_kwargs: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Sampling settings that override the fields above: temperature, top_k, top_p, min_p, "
+                "repetition_penalty, max_new_tokens, min_new_tokens, suppress_tokens, eos_token_id, do_sample (vLLM "
+                "names max_tokens, min_tokens, stop_token_ids too); with use_vllm, any vLLM SamplingParams."})
+    chat_template_kwargs: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Extra keyword arguments for the tokenizer's apply_chat_template on conversational prompts "
+                "(e.g. {'enable_thinking': False})."})
+    cache_implementation: str | None = field(default=None, metadata={
+        "help": "transformers' KV-cache implementation for generate(); tether samples with its own cache."})
+    ds3_gather_for_generation: bool = field(default=True, metadata={
+        "help": "DeepSpeed ZeRO-3: gather the whole policy once per round for generation."})
+    num_generations_eval: int | None = field(default=None, metadata={
+        "help": "Completions per prompt at evaluation (default: num_generations)."})
     steps_per_generation: int | None = field(default=None, metadata={
         "help": "Micro-batches per round of generation (default: gradient_accumulation_steps); a multiple of it."})
     generation_batch_size: int | None = field(default=None, metadata={
@@ -93,11 +114,59 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields):
         "help": "Pack the completions of a micro-batch into rows without padding (default: when supported)."})
     logprob_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the log-prob kernel."})
     use_vllm: bool = field(default=False, metadata={
-        "help": "Generate with a vLLM engine in the training process (CUDA GPU; needs `pip install vllm`)."})
+        "help": "Generate with vLLM: an engine in the training process (vllm_mode='colocate', CUDA GPU, "
+                "`pip install vllm`) or a vLLM server (vllm_mode='server')."})
+    vllm_mode: str = field(default="colocate", metadata={"help": "'colocate' or 'server' (see use_vllm)."})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
-        "help": "Share of GPU memory vLLM may take for its weights and KV cache, with use_vllm."})
+        "help": "Share of GPU memory the colocated vLLM engine may take for its weights and KV cache."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={
+        "help": "GPUs the colocated vLLM engine shards the model over."})
+    vllm_max_model_length: int | None = field(default=None, metadata={
+        "help": "Context length of the colocated vLLM engine (default: max_prompt_length + max_completion_length, "
+                "or the model's when max_prompt_length is None)."})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={
+        "help": "Offload the colocated engine's weights and free its KV cache between rounds."})
+    vllm_model_impl: str = field(default="vllm", metadata={
+        "help": "The colocated engine's model implementation: 'vllm' or 'transformers'."})
+    vllm_structured_outputs_regex: str | None = field(default=None, metadata={
+        "help": "With use_vllm: every completion matches this regular expression (vLLM structured outputs)."})
+    vllm_server_base_url: str | None = field(default=None, metadata={
+        "help": "vllm_mode='server': the server's URL, e.g. 'http://localhost:8000' (overrides host and port)."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vllm_mode='server': the server's host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "vllm_mode='server': the server's port."})
+    vllm_server_timeout: float = field(default=240.0, metadata={
+        "help": "vllm_mode='server': seconds to wait for the server to come up before a ConnectionError."})
+    vllm_group_port: int = field(default=51216, metadata={
+        "help": "vllm_mode='server': port of the weight-update communicator."})
+    use_transformers_continuous_batching: bool = field(default=False, metadata={
+        "help": "Generate with transformers' continuous-batching engine (tether uses its own sampler)."})
+    transformers_continuous_batching_config: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Settings of transformers' continuous-batching engine."})
+    use_transformers_paged: bool = field(default=False, metadata={
+        "help": "Deprecated name of use_transformers_continuous_batching."})
     num_completions_to_log: int = field(default=4, metadata={
         "help": "Completions written to output_dir/samples.jsonl at each logging step."})
+    log_completions: bool = field(default=False, metadata={
+        "help": "Print a table of prompts, completions, rewards and advantages at each logging step."})
+    num_completions_to_print: int | None = field(default=None, metadata={
+        "help": "Rows of that table, drawn at random from the last round (None: all)."})
+    log_unique_prompts: bool = field(default=False, metadata={
+        "help": "In that table, one row per distinct prompt."})
+    log_multimodal: bool = field(default=True, metadata={
+        "help": "Log images and other media with the completions (multimodal prompts)."})
+
+    inapplicable_fields: ClassVar[dict[str, str]] = {
+        **TetherConfig.inapplicable_fields,
+        "cache_implementation": "tether samples with its own preallocated KV cache (rollout.sampling), not "
+                                "generate()'s cache implementations.",
+        "use_transformers_continuous_batching": "tether generates with its own batched sampler, which already "
+                                                "drops finished rows; transformers' engine is not used.",
+        "transformers_continuous_batching_config": "tether does not use transformers' continuous batching.",
+        "use_transformers_paged": "tether does not use transformers' paged / continuous-batching generation.",
+        "log_multimodal": "tether's online trainers take text prompts only: there is no media to log.",
+        "ds3_gather_for_generation": "tether's sampler always gathers the ZeRO-3 model once per round (generation "
+                                     "with per-layer gathering is not implemented).",
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,6 +176,24 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields):
             raise ValueError("max_completion_length must be at least 1.")
         if self.num_iterations < 1:
             raise ValueError("num_iterations must be at least 1.")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0: off), got {self.repetition_penalty}.")
+        if self.num_generations_eval is not None and self.num_generations_eval < 1:
+            raise ValueError(f"num_generations_eval must be at least 1, got {self.num_generations_eval}.")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ValueError(f"vllm_mode must be 'colocate' or 'server', got {self.vllm_mode!r}.")
+        if self.vllm_model_impl not in ("vllm", "transformers"):
+            raise ValueError(f"vllm_model_impl must be 'vllm' or 'transformers', got {self.vllm_model_impl!r}.")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"vllm_tensor_parallel_size must be at least 1, got {self.vllm_tensor_parallel_size}.")
+        for name in ("generation_kwargs", "chat_template_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # from the command line or YAML as JSON text, as TRL accepts
+                setattr(self, name, json.loads(value))
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}.")
+        if not self.use_vllm:  # fail at construction on a key our sampler cannot honour, not mid-training
+            sampling_settings(self.generation_kwargs)
         if self.generation_batch_size is not None:
             per_round = self.per_device_train_batch_size * self.world_size
             if self.generation_batch_size % per_round:
@@ -152,6 +239,21 @@ class Round:
     advantages: torch.Tensor
     token_normalisers: list[float]
     sequence_normaliser: float
+    sampler_weights: torch.Tensor | None = None  # [n, c] or [n, 1]: truncated IS weights pi_trainer / pi_sampler
+    sampling_logps: torch.Tensor | None = None  # [n, c]: an external sampler's own log-probs (vLLM)
+
+
+@dataclass
+class PolicyLossExtras:
+    """What `policy_loss` gets beyond the log-probs, for b completions of c tokens: entropy [b, c]
+    (differentiable when the trainer's `needs_entropy_gradient`, else detached); entropy_mask [b, c] bool
+    (top_entropy_quantile < 1) or None; sampler_weights [b, c] / [b, 1] and sampling_logps [b, c] when an
+    external engine (vLLM) sampled."""
+
+    entropy: torch.Tensor
+    entropy_mask: torch.Tensor | None = None
+    sampler_weights: torch.Tensor | None = None
+    sampling_logps: torch.Tensor | None = None
 
 
 class OnlineTrainer(TetherTrainer):
@@ -162,6 +264,9 @@ class OnlineTrainer(TetherTrainer):
     dataset_description = "a train_dataset of prompts (a 'prompt' column)"
     loss_is_scaled_for_ga = True  # each micro-batch's loss carries the whole step's normaliser
     kl_in_reward = False
+    corrects_sampler_mismatch = False  # whether the vllm_importance_sampling_* fields exist and apply
+    needs_entropy_gradient = False  # whether policy_loss differentiates the token entropy (an entropy bonus)
+    keep_top_entropy = 1.0  # share of tokens, by entropy, the policy term trains on
 
     def __init__(
         self,
@@ -175,41 +280,80 @@ class OnlineTrainer(TetherTrainer):
         callbacks: list | None = None,
         optimizers: tuple = (None, None),
         peft_config: Any = None,
+        quantization_config: Any = None,
         **legacy_kwargs: Any,
     ) -> None:
         args = as_config(self.config_class, args, model, self.config_suffix)
-        if args.use_vllm:
+        if args.use_vllm and args.vllm_mode == "colocate":
             require_vllm()
-        self.rewards = RewardFunctions(reward_funcs, args.reward_weights, reward_processing_classes)
+        self.rewards = RewardFunctions(reward_funcs, args.reward_weights, reward_processing_classes,
+                                       load_kwargs=from_pretrained_kwargs(args, args.model_init_kwargs))
+        if is_stream(train_dataset) or is_stream(eval_dataset):
+            # A streamed batch of prompts holds strings, which accelerate's dispatching (the main process reads
+            # and splits each batch) cannot split; each process reads its own share of the stream instead.
+            if args.accelerator_config.dispatch_batches:
+                raise ValueError("A streaming (Iterable) dataset of prompts needs accelerator_config.dispatch_batches="
+                                 "False (each process reads its share of the stream); leave it unset.")
+            args.accelerator_config.dispatch_batches = False
         self._round: Round | None = None
         self._micro_step: int | None = None
         super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
-                         peft_config=peft_config, **legacy_kwargs)
+                         peft_config=peft_config, quantization_config=quantization_config, **legacy_kwargs)
         if is_encoder_decoder(self.model):
             raise ValueError(f"{type(self).__name__} trains decoder-only language models; got an encoder-decoder.")
         # Reward and reference models are evaluated, never trained: placed for the engine, not wrapped for it.
         prepare_reward_models(self.rewards, self.accelerator)
         # No reference when beta = 0; under PEFT the adapter-disabled policy; else a frozen copy.
         reference = select_reference(self.model, None, source=model if isinstance(model, str) else None,
-                                     load=lambda source: load_language_model(source, **(args.model_init_kwargs or {})),
+                                     load=lambda source: load_language_model(
+                                         source, **self.model_loading_kwargs(args.model_init_kwargs)),
                                      copy_needed=args.beta != 0.0)
         self.ref_model = prepare_frozen_model(self.accelerator, reference) if reference is not None else None
         # The tokenizer's EOS and any the model's generation_config adds (chat models often have several).
         self._eos_ids = sorted({self.processing_class.eos_token_id, *eos_token_ids(self.model)} - {None})
         self._samples_logged_at = -1
-        self._vllm = None
-        if args.use_vllm:
-            if not torch.cuda.is_available():
-                raise ValueError("use_vllm=True needs a CUDA GPU; on this machine leave use_vllm=False.")
-            source = model if isinstance(model, str) else self.model.config._name_or_path
-            self._vllm = VLLMGroupSampler(source, (args.max_prompt_length or 2048) + args.max_completion_length,
-                                          args.vllm_gpu_memory_utilization, args.seed)
+        self._completion_log: collections.deque = collections.deque(
+            maxlen=args.per_device_train_batch_size * args.steps_per_generation * args.world_size)
+        if getattr(args, "cast_lm_head_to_fp32", False):
+            cast_lm_head_to_fp32(self.model)
+            if self.ref_model is not None:
+                cast_lm_head_to_fp32(self.ref_model)
+        self._vllm = self._vllm_sampler(model) if args.use_vllm else None
+
+    def _vllm_sampler(self, model: nn.Module | str) -> Any:
+        """The vLLM sampler of args.vllm_mode: an engine in this process ('colocate', needs CUDA here) or a client
+        of a vLLM server ('server': the server generates, so this process needs no GPU)."""
+        args = self.args
+        if args.vllm_mode == "server":
+            from ..rollout.vllm_client import VLLMServerGroupSampler  # only server mode needs the HTTP client
+
+            return VLLMServerGroupSampler(base_url=args.vllm_server_base_url, host=args.vllm_server_host,
+                                          port=args.vllm_server_port, timeout=args.vllm_server_timeout)
+        if not torch.cuda.is_available():
+            raise ValueError("use_vllm=True with vllm_mode='colocate' needs a CUDA GPU; on this machine leave "
+                             "use_vllm=False, or run a vLLM server and set vllm_mode='server'.")
+        source = model if isinstance(model, str) else self.model.config._name_or_path
+        max_len = args.vllm_max_model_length
+        if max_len is None and args.max_prompt_length is not None:
+            max_len = args.max_prompt_length + args.max_completion_length
+        return VLLMGroupSampler(source, max_len, args.vllm_gpu_memory_utilization, args.seed,
+                                tensor_parallel_size=args.vllm_tensor_parallel_size,
+                                enable_sleep_mode=args.vllm_enable_sleep_mode, model_impl=args.vllm_model_impl,
+                                structured_outputs_regex=args.vllm_structured_outputs_regex,
+                                trust_remote_code=args.trust_remote_code)
+
+    def _group_size(self, training: bool) -> int:
+        """Completions per prompt: num_generations in training, num_generations_eval (if set) at evaluation."""
+        if training or self.args.num_generations_eval is None:
+            return self.args.num_generations
+        return self.args.num_generations_eval
 
     # ----- data ---------------------------------------------------------------------------------------
     def _prepare(self, dataset: Any, what: str) -> Any:
         return prepare_prompts(dataset, self.processing_class, max_prompt_length=self.args.max_prompt_length,
-                               num_proc=self.args.dataset_num_proc, what=what)
+                               num_proc=self.args.dataset_num_proc, what=what,
+                               chat_template_kwargs=self.args.chat_template_kwargs)
 
     def _default_collator(self) -> Any:
         return collate_columns
@@ -219,12 +363,22 @@ class OnlineTrainer(TetherTrainer):
         args = self.args
         return args.per_device_train_batch_size * args.steps_per_generation // args.num_generations
 
-    def _get_train_sampler(self, train_dataset: Any = None) -> PromptRoundSampler:
+    def _get_train_sampler(self, train_dataset: Any = None) -> PromptRoundSampler | None:
         args = self.args
+        if is_stream(self.train_dataset):
+            return None  # a stream cannot be indexed: get_train_dataloader reads its rounds in order
         return PromptRoundSampler(len(self.train_dataset), self._prompts_per_round, args.world_size,
                                   args.steps_per_generation * args.num_iterations, args.seed, args.shuffle_dataset)
 
     def get_train_dataloader(self) -> Any:
+        args = self.args
+        if is_stream(self.train_dataset):
+            # Each process reads the whole stream (seeded buffer shuffle with shuffle_dataset, as TRL) and keeps
+            # its own block of every round, so the loader is not handed to accelerate to shard again.
+            rows = self.train_dataset.shuffle(seed=args.seed) if args.shuffle_dataset else self.train_dataset
+            rounds = PromptRoundStream(rows, self._prompts_per_round, args.world_size, args.process_index,
+                                       args.steps_per_generation * args.num_iterations)
+            return torch.utils.data.DataLoader(rounds, batch_size=None, collate_fn=self.data_collator)
         return self._get_dataloader(dataset=self.train_dataset, description="Training",
                                     batch_size=self._prompts_per_round, sampler_fn=self._get_train_sampler,
                                     is_training=True)
@@ -233,14 +387,20 @@ class OnlineTrainer(TetherTrainer):
         return None  # the round carries its own normalisers
 
     # ----- the method: subclasses -----------------------------------------------------------------------
-    def compute_advantages(self, rewards: torch.Tensor, sequence_kl: torch.Tensor | None) -> torch.Tensor:
+    def compute_advantages(self, rewards: torch.Tensor, sequence_kl: torch.Tensor | None,
+                           group_size: int | None = None, per_function: torch.Tensor | None = None
+                           ) -> torch.Tensor:
         """rewards [n] -> advantages [n]; sequence_kl [n] is log pi(o) - log pi_ref(o) when the method
-        puts its KL in the reward (kl_in_reward and beta > 0), else None."""
+        puts its KL in the reward (kl_in_reward and beta > 0), else None; group_size: completions per prompt
+        (default num_generations); per_function [n, f]: each reward function's values (NaN: unscored)."""
         raise NotImplementedError
 
     def policy_loss(self, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, ref_logps: torch.Tensor | None, num_tokens: float,
-                    num_sequences: float) -> GroupPolicyLossOutput:
+                    mask: torch.Tensor, ref_logps: torch.Tensor | None, num_tokens: float, num_sequences: float,
+                    extras: PolicyLossExtras | None = None) -> GroupPolicyLossOutput:
+        """One micro-batch's loss: logps [b, c] (differentiable), old_logps (the sampling policy's; the current
+        ones detached when on-policy), mask, ref_logps (None when beta = 0): [b, c]; advantages [b];
+        num_tokens / num_sequences: the optimizer step's global counts / processes (see Round)."""
         raise NotImplementedError
 
     # ----- 1-3: rollout, score, advantages ----------------------------------------------------------------
@@ -252,45 +412,69 @@ class OnlineTrainer(TetherTrainer):
 
     def _generate_round(self, batch: dict[str, list[Any]], training: bool = True) -> Round:
         """Stages 1-3 for this process's prompts in `batch`: sample, score, advantages (see the module doc)."""
-        args, k = self.args, self.args.num_generations
+        args, k = self.args, self._group_size(training)
         started = time.perf_counter()
         with self._generation_model() as policy:  # 1. rollout
-            sampler = functools.partial(sample_groups, policy)
-            if self._vllm is not None:
-                self._vllm.sync(policy, self.state.global_step)
-                sampler = self._vllm
-            sampled = sampler(batch["prompt_input_ids"], k, args.max_completion_length,
-                              self.processing_class.pad_token_id, self._eos_ids, args.temperature, args.top_k,
-                              args.top_p, args.min_p)
+            sampled = self._sample(policy, batch["prompt_input_ids"], k)
         generation_s, started = time.perf_counter() - started, time.perf_counter()
-        prompts, completions, rewards, per_function = self._score(batch, sampled)  # 2. score
+        prompts, completions, rewards, per_function = self._score(batch, sampled, k)  # 2. score
         scoring_s = time.perf_counter() - started
 
         prompt_ids = [ids for ids in batch["prompt_input_ids"] for _ in range(k)]  # 3. advantages
         mask = sampled.completion_mask
         ref_logps = self._frozen_logps(prompt_ids, sampled, reference=True) if args.beta != 0.0 else None
         # Off-policy micro-batches (replayed, or after an optimizer step within the round) need the sampling
-        # policy's log-probs; on-policy ones use the current ones, detached (ratio exactly 1).
+        # policy's log-probs; on-policy ones use the current ones, detached (ratio exactly 1). An external
+        # sampler's tokens need the trainer's own log-probs for the importance-sampling correction.
         stored_old = args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
-        if sampled.logps is None and (stored_old or (self.kl_in_reward and ref_logps is not None)):
+        correct = (training and self.corrects_sampler_mismatch and sampled.sampler_logps is not None
+                   and args.vllm_importance_sampling_correction)
+        if sampled.logps is None and (stored_old or correct or (self.kl_in_reward and ref_logps is not None)):
             sampled.logps = self._frozen_logps(prompt_ids, sampled, reference=False)
+        sampler_weights = None
+        if correct:
+            sampler_weights = sampler_importance_weights(
+                sampled.logps.cpu(), sampled.sampler_logps, mask, args.vllm_importance_sampling_mode,
+                args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max)
+            self._record_sampler_mismatch(sampled, sampler_weights)
         kl_per_sequence = None
         if self.kl_in_reward and ref_logps is not None:
             device = self.accelerator.device
             kl_per_sequence = sequence_kl(sampled.logps.to(device), ref_logps, mask.to(device)).cpu()  # [n]
-        advantages = self.compute_advantages(rewards, kl_per_sequence)  # [n]
+        per_function_matrix = torch.stack(list(per_function.values()), dim=1)  # [n, f]
+        advantages = self.compute_advantages(rewards, kl_per_sequence, k, per_function_matrix)  # [n]
         loss_mask = mask & ~sampled.truncated[:, None] if args.mask_truncated_completions else mask
-        self._record_round(rewards, per_function, sampled, advantages, kl_per_sequence, generation_s, scoring_s)
+        self._record_round(rewards, per_function, sampled, advantages, kl_per_sequence, generation_s, scoring_s, k)
+        self._keep_for_completion_log(prompts, completions, per_function, advantages)
         if not training:
             return Round(rewards, prompt_ids, sampled.completion_ids, loss_mask, None, ref_logps, advantages, [], 0.0)
         self._log_samples(prompts, completions, rewards)
-        return Round(rewards, prompt_ids, sampled.completion_ids, loss_mask, sampled.logps if stored_old else None,
-                     ref_logps, advantages, *self._normalisers(loss_mask))
+        return Round(rewards, prompt_ids, sampled.completion_ids, loss_mask,
+                     sampled.logps if stored_old or correct else None, ref_logps, advantages,
+                     *self._normalisers(loss_mask), sampler_weights=sampler_weights,
+                     sampling_logps=sampled.sampler_logps if correct else None)
 
-    def _score(self, batch: dict[str, list[Any]], sampled: Any) -> tuple[list[Any], list[Any], torch.Tensor, dict]:
+    def _sample(self, policy: nn.Module, prompt_ids: list[list[int]], k: int) -> Any:
+        """k completions per prompt from the policy: tether's sampler, or vLLM when use_vllm. The settings are
+        the config's sampling fields with generation_kwargs over them (see rollout.sampling.sampling_settings)."""
+        args = self.args
+        named = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p or 0.0,
+                     repetition_penalty=args.repetition_penalty)
+        pad_id = self.processing_class.pad_token_id
+        if self._vllm is not None:  # vLLM takes generation_kwargs as SamplingParams, as TRL passes them
+            self._vllm.sync(policy, self.state.global_step)
+            return self._vllm(prompt_ids, k, args.max_completion_length, pad_id, self._eos_ids, **named,
+                              generation_kwargs=args.generation_kwargs)
+        settings = sampling_settings(args.generation_kwargs, **named, max_new_tokens=args.max_completion_length,
+                                     eos_token_ids=self._eos_ids)
+        # Log-probs at the training temperature, as the loss computes them, whatever temperature samples.
+        return sample_groups(policy, prompt_ids, k, pad_token_id=pad_id, logprob_temperature=args.temperature,
+                             **settings)
+
+    def _score(self, batch: dict[str, list[Any]], sampled: Any, k: int
+               ) -> tuple[list[Any], list[Any], torch.Tensor, dict]:
         """Reward functions on the decoded completions, each group's prompt and dataset columns repeated for
-        its completions. Returns (prompts, completions, weighted rewards [n], {function: rewards [n]})."""
-        k = self.args.num_generations
+        its k completions. Returns (prompts, completions, weighted rewards [n], {function: rewards [n]})."""
         columns = {key: [v for v in values for _ in range(k)] for key, values in batch.items()
                    if key not in ("prompt", "prompt_input_ids")}
         prompts = [p for p in batch["prompt"] for _ in range(k)]
@@ -333,18 +517,30 @@ class OnlineTrainer(TetherTrainer):
 
     # ----- 4: the update ------------------------------------------------------------------------------------
     def _token_logps(self, model: nn.Module, prompt_ids: list[list[int]], completion_ids: torch.Tensor,
-                     mask: torch.Tensor) -> _GridLogProbs:
+                     mask: torch.Tensor, entropy_gradient: bool = False) -> _GridLogProbs:
         """Log-probs of completion tokens under `model`, in a [b, c] grid like completion_ids (0 outside mask),
-        from one forward pass over prompt + completion (packed rows where the model supports them)."""
+        from one forward pass over prompt + completion (packed rows where the model supports them; batch widths
+        rounded up to pad_to_multiple_of when it is an int). entropy_gradient: the entropy grid is
+        differentiable (an entropy bonus), else detached."""
         device = self.accelerator.device
         lengths = mask.sum(-1).tolist()
         rows = [{"input_ids": p + ids[:m].tolist(), "loss_mask": [False] * len(p) + [True] * m}
                 for p, ids, m in zip(prompt_ids, completion_ids, lengths)]
         pack = self.args.padding_free if self.args.padding_free is not None else supports_packed_rows(model)
         longest = max(len(r["input_ids"]) for r in rows)
-        batch = LanguageModelingCollator(self.processing_class.pad_token_id, pack_to=longest if pack else None)(rows)
+        if pack and isinstance(self.args.pad_to_multiple_of, int):  # room for the rounded-up width
+            longest = -(-longest // self.args.pad_to_multiple_of) * self.args.pad_to_multiple_of
+        batch = LanguageModelingCollator(self.processing_class.pad_token_id,
+                                         pad_to_multiple_of=self.args.pad_to_multiple_of,
+                                         pack_to=longest if pack else None)(rows)
         batch = {key: value.to(device) for key, value in batch.items()}
-        token_logps = causal_token_log_probs(model, batch, self.args.temperature, self.args.logprob_chunk_size)
+        fp32_head = bool(getattr(self.args, "cast_lm_head_to_fp32", False))
+        if entropy_gradient or fp32_head:
+            token_logps, token_entropy = token_log_probs_with_entropy(
+                model, batch, self.args.temperature, self.args.logprob_chunk_size, entropy_gradient)
+        else:
+            token_logps = causal_token_log_probs(model, batch, self.args.temperature, self.args.logprob_chunk_size)
+            token_entropy = token_logps.stats.entropy
         r, p = token_logps.rows, token_logps.positions
         owner = batch["sequence_ids"][r, p] if "sequence_ids" in batch else r  # [tokens]
         in_sequence = batch["position_ids"][r, p] if "position_ids" in batch else p  # position within its sequence
@@ -352,7 +548,7 @@ class OnlineTrainer(TetherTrainer):
         column = in_sequence - prompt_lengths[owner]  # [tokens]: index of the token in its completion
         shape = tuple(completion_ids.shape)
         grid = token_logps.logps.new_zeros(shape).index_put((owner, column), token_logps.logps)
-        entropy = token_logps.logps.new_zeros(shape).index_put((owner, column), token_logps.stats.entropy)
+        entropy = token_entropy.new_zeros(shape).index_put((owner, column), token_entropy)
         return _GridLogProbs(grid, entropy)
 
     def training_step(self, model: nn.Module, inputs: dict[str, list[Any]], num_items_in_batch: Any = None
@@ -384,18 +580,39 @@ class OnlineTrainer(TetherTrainer):
         rows = slice(s * b, (s + 1) * b)
         device = self.accelerator.device
         mask = round_.completion_mask[rows].to(device)
-        current = self._token_logps(model, round_.prompt_ids[rows], round_.completion_ids[rows], mask)
+        current = self._token_logps(model, round_.prompt_ids[rows], round_.completion_ids[rows], mask,
+                                    entropy_gradient=self.needs_entropy_gradient)
         old = round_.old_logps[rows].to(device) if round_.old_logps is not None else current.logps_grid.detach()
         ref = round_.ref_logps[rows].to(device) if round_.ref_logps is not None else None
+
+        def rows_of(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[rows].to(device)
+
+        extras = PolicyLossExtras(current.entropy, self._entropy_mask(current.entropy, mask),
+                                  rows_of(round_.sampler_weights), rows_of(round_.sampling_logps))
         out = self.policy_loss(current.logps_grid, old, round_.advantages[rows].to(device), mask, ref,
-                               round_.token_normalisers[s], round_.sequence_normaliser)
+                               round_.token_normalisers[s], round_.sequence_normaliser, extras)
         self.record_metrics(**{
-            "entropy": masked_mean(current.entropy, mask) if mask.any() else float("nan"),
+            "entropy": masked_mean(current.entropy.detach(), mask) if mask.any() else float("nan"),
             "clip_ratio/low_mean": out.clip_ratio_low, "clip_ratio/high_mean": out.clip_ratio_high,
             "clip_ratio/region_mean": out.clip_ratio_region,
             **({"kl": out.kl} if not self.kl_in_reward and self.args.beta != 0.0 else {}),
+            **({"policy_loss": out.policy_loss} if self.needs_entropy_gradient else {}),
+            **out.extra,
         })
         return (out.loss, None) if return_outputs else out.loss
+
+    def _entropy_mask(self, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The tokens in the top `keep_top_entropy` share by entropy, the threshold taken over this micro-batch's
+        tokens on every process (as TRL gathers them); None when every token counts."""
+        if self.keep_top_entropy >= 1.0:
+            return None
+        values = entropy.detach()[mask.bool()].float()
+        if self.args.world_size > 1:  # pad to a common length with a value no entropy takes, gather, drop it
+            values = self.accelerator.pad_across_processes(values, dim=0, pad_index=-1.0)
+            values = self.accelerator.gather(values)
+            values = values[values >= 0]
+        return high_entropy_mask(entropy.detach(), mask, self.keep_top_entropy, population=values)
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, list[Any]], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
@@ -406,9 +623,9 @@ class OnlineTrainer(TetherTrainer):
         return -evaluated.rewards.mean().to(self.accelerator.device), None, None
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
-        # Whole groups per eval batch, with at least one prompt.
+        # Whole groups (of the eval group size) per eval batch, with at least one prompt.
         saved = self.args.per_device_eval_batch_size
-        self.args.per_device_eval_batch_size = max(1, saved // self.args.num_generations)
+        self.args.per_device_eval_batch_size = max(1, saved // self._group_size(training=False))
         try:
             return super().get_eval_dataloader(eval_dataset)
         finally:
@@ -417,13 +634,13 @@ class OnlineTrainer(TetherTrainer):
     # ----- metrics and samples ----------------------------------------------------------------------------
     def _record_round(self, rewards: torch.Tensor, per_function: dict[str, torch.Tensor], sampled: Any,
                       advantages: torch.Tensor, sequence_kl: torch.Tensor | None, generation_s: float,
-                      scoring_s: float) -> None:
-        k = self.args.num_generations
+                      scoring_s: float, k: int) -> None:
         lengths = sampled.completion_mask.sum(-1).float()  # [n]
         ended = ~sampled.truncated
         metrics = {
-            "reward": rewards.mean(), "reward_std": rewards.view(-1, k).std(-1).mean(),
-            "frac_reward_zero_std": (rewards.view(-1, k).std(-1) < 1e-6).float().mean(),
+            "reward": rewards.mean(),
+            "reward_std": rewards.view(-1, k).std(-1).mean() if k > 1 else torch.tensor(0.0),
+            "frac_reward_zero_std": (rewards.view(-1, k).std(-1) < 1e-6).float().mean() if k > 1 else 1.0,
             "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
             "completions/max_length": lengths.max(), "completions/clipped_ratio": sampled.truncated.float().mean(),
             "completions/mean_terminated_length": lengths[ended].mean() if ended.any() else float("nan"),
@@ -439,6 +656,40 @@ class OnlineTrainer(TetherTrainer):
             metrics["kl"] = sequence_kl.mean()
         self.record_metrics(**metrics)
 
+    def _record_sampler_mismatch(self, sampled: Any, weights: torch.Tensor) -> None:
+        """How far the external sampler's log-probs are from the trainer's, and the IS weights that result."""
+        mask = sampled.completion_mask
+        gap = (sampled.logps.cpu() - sampled.sampler_logps).abs()[mask & ~torch.isnan(sampled.sampler_logps)]
+        flat = weights.flatten() if weights.shape[-1] == 1 else weights[mask]
+        nan = torch.tensor(float("nan"))
+        self.record_metrics(**{
+            "sampling/sampling_logp_difference/mean": gap.mean() if gap.numel() else nan,
+            "sampling/sampling_logp_difference/max": gap.max() if gap.numel() else nan,
+            "sampling/importance_sampling_ratio/min": flat.min() if flat.numel() else nan,
+            "sampling/importance_sampling_ratio/mean": flat.mean() if flat.numel() else nan,
+            "sampling/importance_sampling_ratio/max": flat.max() if flat.numel() else nan,
+        })
+
+    def _keep_for_completion_log(self, prompts: list[Any], completions: list[Any],
+                                 per_function: dict[str, torch.Tensor], advantages: torch.Tensor) -> None:
+        """Rows of the log_completions table: the latest round's completions (all processes'), each with its
+        prompt, each reward function's value and its advantage."""
+        if not self.args.log_completions:
+            return
+        rows = [{"prompt": p, "completion": c, **{name: float(v[i]) for name, v in per_function.items()},
+                 "advantage": float(advantages[i])} for i, (p, c) in enumerate(zip(prompts, completions))]
+        if self.args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            rows = gather_object(rows)
+        self._completion_log.extend(rows)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if self.args.log_completions and self.accelerator.is_main_process and self._completion_log:
+            print(completions_table(list(self._completion_log), self.state.global_step,
+                                    self.args.num_completions_to_print, self.args.log_unique_prompts))
+
     def _log_samples(self, prompts: list[Any], completions: list[Any], rewards: torch.Tensor) -> None:
         """A few completions per logging step to output_dir/samples.jsonl (read by the run report)."""
         step, every = self.state.global_step, max(1, int(self.args.logging_steps))
@@ -449,7 +700,7 @@ class OnlineTrainer(TetherTrainer):
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "samples.jsonl"), "a", encoding="utf-8") as f:
             for prompt, completion, reward in list(zip(prompts, completions, rewards.tolist()))[
-                    :: self.args.num_generations][: self.args.num_completions_to_log]:
+                    :: self._group_size(training=True)][: self.args.num_completions_to_log]:
                 text = prompt if isinstance(prompt, str) else json.dumps(prompt)
                 completion = completion if isinstance(completion, str) else completion[0]["content"]
                 f.write(json.dumps({"step": step, "prompt": text, "completion": completion,

@@ -68,6 +68,7 @@ from ..ops.stats import RunningMoments, masked_mean, masked_whiten
 from ..reports.trackers import log_to_trackers
 from ..rollout.generation import generate_responses
 from ..rollout.rewards import RewardFunctions
+from .hub_tags import tag_model, trainer_tags
 from .ppo_config import PPOConfig
 from .ppo_loop import PPOTrainLoop
 from .ppo_stats import reduce_stats, step_stats
@@ -162,6 +163,7 @@ class PPOTrainer(PPOTrainLoop):
             model.v_head.requires_grad_(False)
         trainable = [p for m in (model, critic) if m is not None for p in m.parameters() if p.requires_grad]
         self.optimizer = optimizer or _adam(trainable, config.learning_rate)
+        tag_model(model, trainer_tags(type(self)))  # ["tether", "ppo"], as the other trainers tag theirs
         self.lr_scheduler = lr_scheduler
         self.dataset = dataset
         self.data_collator = data_collator or collate_columns

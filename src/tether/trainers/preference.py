@@ -3,6 +3,7 @@ through data/, and one concatenated forward pass giving each completion's log-pr
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,10 +14,15 @@ from torch import nn
 
 from ..data.collate import IGNORE_INDEX
 from ..data.preference import PairBatch, PreferenceCollator, prepare_preference
-from ..models.forward import completion_log_probs
+from ..losses.preference import length_desensitised_log_probs
+from ..models.forward import TokenLogProbs, causal_token_log_probs
 from ..models.loading import is_encoder_decoder
 from ..ops.logprobs import DEFAULT_CHUNK_SIZE
+from ..reports.callback import generate_samples
 from .base import TetherConfig, TetherTrainer
+
+EVAL_SAMPLES = 4  # generate_during_eval: prompts completed at each evaluation
+EVAL_SAMPLE_TOKENS = 48  # and their new tokens, unless max_completion_length is set
 
 
 @dataclass
@@ -37,8 +43,22 @@ class PairwiseConfig(TetherConfig):
     logprob_chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "Tokens per chunk of the "
                                                                                     "vocabulary projection."})
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial AdamW learning rate."})
+    padding_value: int | None = field(
+        default=None, metadata={"help": "Token id written in the padding of input batches (default: the tokenizer's "
+                                        "pad id). Padding is masked, so it changes no loss."})
+    is_encoder_decoder: bool | None = field(
+        default=None, metadata={"help": "Whether the model is an encoder-decoder; read from the model, so it needs "
+                                        "no setting; when given, it must agree with the model. The preference "
+                                        "trainers here train decoder-only models."})
+    generate_during_eval: bool = field(
+        default=False, metadata={"help": "At each evaluation, write greedy completions of a few eval prompts by the "
+                                         "policy (and by the reference, for methods with one) to "
+                                         "output_dir/samples.jsonl (shown in the run report)."})
 
     def __post_init__(self) -> None:
+        if self.padding_value is not None and (isinstance(self.padding_value, bool)
+                                               or not isinstance(self.padding_value, int)):
+            raise ValueError(f"padding_value must be an integer token id, got {self.padding_value!r}.")
         if self.max_completion_length is not None and self.max_completion_length < 1:
             raise ValueError(f"max_completion_length must be at least 1 (or None), got {self.max_completion_length}.")
         if self.beta <= 0:
@@ -59,8 +79,9 @@ class PairwiseTrainer(TetherTrainer):
     implicit rewards as {"chosen_rewards", "rejected_rewards"} ([b] each) when asked for outputs, which
     evaluation hands to compute_metrics (see `prediction_step`).
 
-    The data options of TRL 0.7's DPOTrainer (`padding_value`, `truncation_mode`, `label_pad_token_id`,
-    `is_encoder_decoder`) are DPOConfig fields; a config without them gets their defaults here.
+    `padding_value`, `is_encoder_decoder` and `generate_during_eval` are PairwiseConfig fields, so DPO, CPO and
+    ORPO share them; `truncation_mode` and `label_pad_token_id` are DPOConfig's, and a config without them gets
+    their defaults here.
     """
 
     config_class: type[PairwiseConfig] = PairwiseConfig
@@ -87,7 +108,8 @@ class PairwiseTrainer(TetherTrainer):
         return self.processing_class.pad_token_id if value is None else value
 
     def _default_collator(self) -> Callable:
-        return PreferenceCollator(self.padding_value, pack_to=self._packing_length())
+        return PreferenceCollator(self.padding_value, pack_to=self._packing_length(),
+                                  pad_to_multiple_of=self.args.pad_to_multiple_of)
 
     def _adapt_collator(self, data_collator: Callable) -> Callable:
         # A collator written for TRL's rows returns labels with label_pad_token_id where nothing counts.
@@ -122,14 +144,60 @@ class PairwiseTrainer(TetherTrainer):
         rewards = torch.stack([outputs["chosen_rewards"], outputs["rejected_rewards"]], dim=1).detach()  # [b, 2]
         return loss.detach(), rewards, torch.zeros(rewards.shape[0], dtype=torch.long, device=rewards.device)
 
-    def pair_log_probs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Summed completion log-probs and token counts for chosen and rejected, [b] each, from one
-        forward pass over the [2b, t] batch (chosen rows first)."""
-        sums, counts, _ = completion_log_probs(model, inputs, chunk_size=self.args.logprob_chunk_size)
-        chosen, rejected = sums.chunk(2)
-        chosen_tokens, rejected_tokens = counts.chunk(2)
-        return {"chosen": chosen, "rejected": rejected,
-                "chosen_tokens": chosen_tokens.clamp(min=1), "rejected_tokens": rejected_tokens.clamp(min=1)}
+    def pair_log_probs(self, model: nn.Module, inputs: dict[str, torch.Tensor], ld_alpha: float | None = None,
+                       aligned: bool = False) -> dict[str, torch.Tensor]:
+        """Chosen and rejected completion log-probs of the [2b, t] batch (chosen rows first), one forward pass;
+        see `pair_sequence_log_probs`. With `aligned`, also WPO's aligned sums (see `_add_aligned_log_probs`)."""
+        logps, tokens, owner = pair_sequence_log_probs(model, inputs, self.args.logprob_chunk_size, ld_alpha)
+        if aligned:
+            sums = self._aligned_log_probs(model, inputs, tokens, owner, 2 * logps["chosen"].shape[0])
+            logps["chosen_aligned"], logps["rejected_aligned"] = sums.chunk(2)
+        return logps
+
+    @torch.no_grad()
+    def _aligned_log_probs(self, model: nn.Module, inputs: dict[str, torch.Tensor], tokens: TokenLogProbs,
+                           owner: torch.Tensor, num_sequences: int) -> torch.Tensor:
+        """WPO's inputs, [2b] detached: per completion, sum_t [log pi(y_t) - log sum_v pi(v)^2]. log sum_v pi(v)^2
+        needs the whole next-token distribution, which the chunked log-prob pass does not keep, so this runs a
+        second, gradient-free forward pass, one batch row at a time to hold [1, t, v] logits at most."""
+        rows, positions = tokens.rows, tokens.positions
+        log_sum_sq = torch.empty_like(tokens.logps)  # [n]
+        for row in rows.unique().tolist():
+            keys = [k for k in ("input_ids", "attention_mask", "position_ids") if inputs.get(k) is not None]
+            logits = model(**{k: inputs[k][row:row + 1] for k in keys}, use_cache=False).logits[0]  # [t, v]
+            here = rows == row
+            log_dist = logits[positions[here] - 1].float().log_softmax(-1)  # [n_row, v]
+            log_sum_sq[here] = torch.logsumexp(2.0 * log_dist, dim=-1)
+        aligned = tokens.logps.detach() - log_sum_sq  # [n]
+        return aligned.new_zeros(num_sequences).index_add(0, owner, aligned)
+
+    # ----- generate_during_eval ----------------------------------------------------------------------------
+    def _live_reference(self, model: nn.Module) -> tuple[nn.Module, contextlib.AbstractContextManager] | None:
+        """(module, context) that computes as the reference model, or None: the methods without one (CPO,
+        ORPO) keep this; DPO overrides it."""
+        return None
+
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+        if getattr(self.args, "generate_during_eval", False):
+            self._write_eval_samples(dataloader.dataset, metric_key_prefix)
+        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+
+    def _write_eval_samples(self, dataset: Any, split: str) -> None:
+        """generate_during_eval: greedy completions of the first few distinct prompts of `dataset`, by the policy
+        and (when there is a live one) by the reference, appended to samples.jsonl as {"step", "split", "prompt",
+        "completion", "reference_completion"}. Runs on every process (ZeRO-3 generation needs them all)."""
+        max_new_tokens = self.args.max_completion_length or EVAL_SAMPLE_TOKENS
+        policy = generate_samples(self.model, self.processing_class, dataset, EVAL_SAMPLES, max_new_tokens)
+        live = self._live_reference(self.model)
+        if live is not None:
+            reference, context = live
+            with context:
+                from_reference = generate_samples(reference, self.processing_class, dataset, EVAL_SAMPLES,
+                                                  max_new_tokens)
+            for row, ref_row in zip(policy, from_reference):
+                row["reference_completion"] = ref_row["completion"]
+        self.write_samples([{"split": split, **row} for row in policy])
 
     def record_pair_metrics(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
                             logps: dict[str, torch.Tensor], **extra: torch.Tensor | float) -> None:
@@ -141,3 +209,29 @@ class PairwiseTrainer(TetherTrainer):
             "logps/chosen": logps["chosen"].detach().mean(),
             "logps/rejected": logps["rejected"].detach().mean(),
         }, **extra)
+
+
+def pair_sequence_log_probs(model: nn.Module, inputs: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK_SIZE,
+                            ld_alpha: float | None = None
+                            ) -> tuple[dict[str, torch.Tensor], TokenLogProbs, torch.Tensor]:
+    """Completion log-probs of a [2b, t] preference batch (chosen sequences first, padded or packed), from one
+    forward pass: "chosen", "rejected" [b] summed log-probs (LD-DPO-weighted with `ld_alpha`, see
+    losses.preference.length_desensitised_log_probs), "chosen_unweighted" [b] (the plain sums, for the NLL
+    terms), "chosen_tokens", "rejected_tokens" [b] (counts, at least 1); with the per-token log-probs and the
+    sequence of each token ([n], k < b chosen k, b + k rejected k)."""
+    tokens = causal_token_log_probs(model, inputs, chunk_size=chunk_size)
+    if "sequence_ids" in inputs:  # packed rows: each token's sequence, chosen k < b and rejected b + k
+        owner = inputs["sequence_ids"][tokens.rows, tokens.positions]  # [n]
+        num_sequences = int(inputs["sequence_ids"].max()) + 1
+    else:
+        owner, num_sequences = tokens.rows, inputs["input_ids"].shape[0]
+    sums = tokens.logps.new_zeros(num_sequences).index_add(0, owner, tokens.logps)  # [2b]
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=owner.device).index_add_(0, owner,
+                                                                                       torch.ones_like(owner))
+    chosen_unweighted = sums.chunk(2)[0]
+    if ld_alpha is not None:
+        sums = length_desensitised_log_probs(tokens.logps, owner, num_sequences // 2, ld_alpha)
+    chosen, rejected = sums.chunk(2)
+    chosen_tokens, rejected_tokens = counts.clamp(min=1).chunk(2)
+    return {"chosen": chosen, "rejected": rejected, "chosen_unweighted": chosen_unweighted,
+            "chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens}, tokens, owner

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.chat_format import apply_tokenizer_options
 from ..data.preference import PreferenceCollator, prepare_preference
 from ..losses.reward import bradley_terry_loss
 from ..models.loading import load_reward_model
@@ -27,6 +28,16 @@ class RewardConfig(TetherConfig):
         default=None, metadata={"help": "Weight of the mean squared reward added to the loss, pulling rewards "
                                         "toward zero (e.g. 0.01)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the model."})
+    chat_template_path: str | None = field(default=None, metadata={
+        "help": "Chat template for conversational pairs: a Jinja file (its tokens must be in the vocabulary), or a "
+                "tokenizer directory whose template, special tokens and EOS are copied (clone_chat_template; the "
+                "embeddings grow to hold new tokens)."})
+    eos_token: str | None = field(default=None, metadata={
+        "help": "A token of the vocabulary to use as EOS, ending each plain-text sequence (default: the "
+                "tokenizer's)."})
+    pad_token: str | None = field(default=None, metadata={
+        "help": "A token of the vocabulary to pad with (default: the tokenizer's pad token, else its EOS); the "
+                "model config's pad_token_id follows, which the score is read by."})
     padding_free: bool | None = field(default=None, metadata={
         "help": "Pack each batch's sequences into rows of max_length (position_ids, no padding) instead of "
                 "padding them; None: on for transformers' own decoder models."})
@@ -72,8 +83,14 @@ class RewardTrainer(TetherTrainer):
         peft_config.task_type = "SEQ_CLS"
         return peft_config
 
+    def _set_up_model(self, model: nn.Module, processing_class: Any, args: RewardConfig) -> nn.Module:
+        model, _ = apply_tokenizer_options(model, processing_class, eos_token=args.eos_token,
+                                           pad_token=args.pad_token, chat_template_path=args.chat_template_path)
+        return super()._set_up_model(model, processing_class, args)
+
     def _default_collator(self) -> Callable:
-        return PreferenceCollator(self.processing_class.pad_token_id, pack_to=self._packing_length())
+        return PreferenceCollator(self.processing_class.pad_token_id, pack_to=self._packing_length(),
+                                  pad_to_multiple_of=self.args.pad_to_multiple_of)
 
     def _prepare(self, dataset: Any, what: str) -> Any:
         return prepare_preference(dataset, self.processing_class, max_length=self.args.max_length,

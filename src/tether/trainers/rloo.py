@@ -11,7 +11,7 @@ import torch
 
 from ..losses.advantages import leave_one_out_advantages
 from ..losses.group import GroupPolicyLossOutput, sequence_level_policy_loss
-from .online import OnlineConfig, OnlineTrainer
+from .online import OnlineConfig, OnlineTrainer, PolicyLossExtras
 
 
 @dataclass
@@ -33,20 +33,25 @@ class RLOOTrainer(OnlineTrainer):
     config_suffix = "RLOO"
     kl_in_reward = True
 
-    def compute_advantages(self, rewards: torch.Tensor, sequence_kl: torch.Tensor | None) -> torch.Tensor:
+    def compute_advantages(self, rewards: torch.Tensor, sequence_kl: torch.Tensor | None,
+                           group_size: int | None = None, per_function: torch.Tensor | None = None
+                           ) -> torch.Tensor:
         args = self.args
+        k = group_size or args.num_generations
         if args.reward_clip_range is not None:
             rewards = rewards.clamp(*args.reward_clip_range)
         if sequence_kl is not None:
             rewards = rewards - args.beta * sequence_kl  # the KL-regularised reward (RLOO paper, sec. 3)
-        advantages = leave_one_out_advantages(rewards, args.num_generations)
+        if k < 2:  # evaluation with num_generations_eval=1: no other sample to leave out
+            return torch.zeros_like(rewards)
+        advantages = leave_one_out_advantages(rewards, k)
         if args.normalize_advantages:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         return advantages
 
     def policy_loss(self, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, ref_logps: torch.Tensor | None, num_tokens: float,
-                    num_sequences: float) -> GroupPolicyLossOutput:
+                    mask: torch.Tensor, ref_logps: torch.Tensor | None, num_tokens: float, num_sequences: float,
+                    extras: PolicyLossExtras | None = None) -> GroupPolicyLossOutput:
         args = self.args
         return sequence_level_policy_loss(logps, old_logps, advantages, mask, args.epsilon, args.epsilon_high,
                                           num_sequences=num_sequences)

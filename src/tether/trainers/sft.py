@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,10 +13,18 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from ..data import LanguageModelingCollator, Seq2SeqCollator
-from ..data.collate import IGNORE_INDEX, DataCollatorForCompletionOnlyLM, LabelsToLossMask
+from ..data.chat_format import apply_tokenizer_options, peft_config_training_new_tokens
+from ..data.collate import (
+    IGNORE_INDEX,
+    PACKING_STRATEGIES,
+    DataCollatorForCompletionOnlyLM,
+    LabelsToLossMask,
+)
 from ..data.constant_length import ConstantLengthDataset
 from ..data.prepare import prepare_sft_dataset
-from ..models.forward import causal_lm_loss, seq2seq_token_log_probs
+from ..data.tokenize import TRUNCATION_MODES
+from ..losses.lm import SFT_LOSSES
+from ..models.forward import causal_lm_loss, causal_token_log_probs, seq2seq_token_log_probs
 from ..models.loading import is_encoder_decoder
 from ..ops.logprobs import DEFAULT_CHUNK_SIZE
 from .base import TetherConfig, TetherTrainer
@@ -30,12 +39,31 @@ class SFTConfig(TetherConfig):
 
     dataset_text_field: str = field(default="text", metadata={"help": "Column holding the text of language "
                                                                         "modeling data."})
+    chat_template_path: str | None = field(default=None, metadata={
+        "help": "Chat template to train with: a Jinja file (its tokens must be in the vocabulary), or a tokenizer "
+                "directory whose template, special tokens and EOS are copied (clone_chat_template; the embeddings "
+                "grow to hold new tokens)."})
+    eos_token: str | None = field(default=None, metadata={
+        "help": "A token of the vocabulary to use as EOS: it ends plain-text examples and stops generation "
+                "(default: the tokenizer's)."})
+    pad_token: str | None = field(default=None, metadata={
+        "help": "A token of the vocabulary to pad with (default: the tokenizer's pad token, else its EOS)."})
     max_length: int | None = field(default=1024, metadata={"help": "Truncate tokenized examples to this many "
                                                                      "tokens; the row length when packing."})
-    packing: bool = field(default=False, metadata={"help": "Pack examples into rows of max_length (best fit "
-                                                             "decreasing); packed sequences do not attend to "
-                                                             "each other. A stream is packed by a "
+    truncation_mode: str = field(default="keep_start", metadata={
+        "help": "Which end of an example longer than max_length to keep: keep_start or keep_end (not used when "
+                "packing: packing_strategy decides)."})
+    shuffle_dataset: bool = field(default=False, metadata={
+        "help": "Shuffle the prepared dataset (with `seed`), and the examples before packing, so packed rows mix "
+                "examples from across the dataset."})
+    packing: bool = field(default=False, metadata={"help": "Pack examples into rows of max_length "
+                                                             "(packing_strategy); packed sequences do not attend "
+                                                             "to each other. A stream is packed by a "
                                                              "ConstantLengthDataset."})
+    packing_strategy: str = field(default="bfd", metadata={
+        "help": "bfd: best fit decreasing, examples whole, a long one cut to max_length; bfd_split: the same, a "
+                "long one split into pieces; wrapped: everything concatenated and cut into rows of max_length, "
+                "examples crossing rows."})
     eval_packing: bool | None = field(default=None, metadata={"help": "Pack the eval dataset (default: as "
                                                                         "`packing`)."})
     padding_free: bool = field(default=False, metadata={"help": "Put each batch in a single row with "
@@ -55,6 +83,9 @@ class SFTConfig(TetherConfig):
     dataset_kwargs: dict[str, Any] | None = field(default=None, metadata={
         "help": "Dataset preparation options: add_special_tokens (default true), append_concat_token (packing a "
                 "stream; default true), skip_prepare_dataset (pass the dataset to the collator as it is)."})
+    loss_type: str = field(default="nll", metadata={
+        "help": "nll: cross-entropy on the target tokens; dft: Dynamic Fine-Tuning, each token's cross-entropy "
+                "weighted by the (detached) probability of the target token."})
     logprob_chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "Tokens per chunk of the "
                                                                                     "vocabulary projection."})
     learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate."})
@@ -64,10 +95,25 @@ class SFTConfig(TetherConfig):
             raise ValueError("packing=True needs max_length (the packed row length).")
         if self.logprob_chunk_size < 1:
             raise ValueError("logprob_chunk_size must be positive.")
+        if isinstance(self.dataset_kwargs, str):  # the CLI passes a dict as JSON
+            self.dataset_kwargs = json.loads(self.dataset_kwargs)
         unknown = set(self.dataset_kwargs or {}) - set(DATASET_KWARGS)
         if unknown:
             raise ValueError(f"dataset_kwargs has unknown key(s) {sorted(unknown)}; the options are "
                              f"{DATASET_KWARGS}.")
+        if self.loss_type == "chunked_nll":  # TRL's deprecated alias: the same loss
+            warnings.warn("loss_type='chunked_nll' is the same loss as 'nll' (which never builds the full logits "
+                          "either); use 'nll'.", FutureWarning, stacklevel=3)
+            self.loss_type = "nll"
+        if self.loss_type not in SFT_LOSSES:
+            raise ValueError(f"loss_type={self.loss_type!r}; use one of {sorted(SFT_LOSSES)}.")
+        if self.packing_strategy == "bfd-requeue":  # TRL's former name
+            warnings.warn("packing_strategy='bfd-requeue' is now called 'bfd_split'.", FutureWarning, stacklevel=3)
+            self.packing_strategy = "bfd_split"
+        if self.packing_strategy not in PACKING_STRATEGIES:
+            raise ValueError(f"packing_strategy={self.packing_strategy!r}; use one of {PACKING_STRATEGIES}.")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode={self.truncation_mode!r}; use one of {TRUNCATION_MODES}.")
         super().__post_init__()
 
 
@@ -141,7 +187,10 @@ class SFTTrainer(TetherTrainer):
         if options.get("skip_prepare_dataset", False):
             return dataset
         packing = args.packing if what == "train" or args.eval_packing is None else args.eval_packing
-        return prepare_sft_dataset(
+        # shuffle_dataset, as TRL: the examples are shuffled before packing (so rows mix the whole dataset) and the
+        # prepared rows after it. Shuffling the raw rows orders the tokenized ones the same way.
+        dataset = self._shuffled(dataset)
+        prepared = prepare_sft_dataset(
             dataset, self.processing_class, seq2seq=self._seq2seq, packing=packing,
             text_field=args.dataset_text_field, formatting_func=self._formatting_func, max_length=args.max_length,
             completion_only_loss=args.completion_only_loss, assistant_only_loss=args.assistant_only_loss,
@@ -150,8 +199,25 @@ class SFTTrainer(TetherTrainer):
             chars_per_token=args.chars_per_token,
             infinite=self._infinite if self._infinite is not None else what == "train" and args.max_steps > 0,
             model_rows=self._hf_collator, num_proc=args.dataset_num_proc, batch_size=args.dataset_batch_size,
-            what=what,
+            what=what, truncation_mode=args.truncation_mode, packing_strategy=args.packing_strategy,
         )
+        return self._shuffled(prepared) if packing else prepared
+
+    def _shuffled(self, dataset: Any) -> Any:
+        """`dataset` shuffled with the run's seed when shuffle_dataset is set (a stream through a buffer); torch
+        datasets as they are."""
+        if not self.args.shuffle_dataset or not hasattr(dataset, "shuffle"):
+            return dataset
+        return dataset.shuffle(seed=self.args.seed)
+
+    def _set_up_model(self, model: nn.Module, processing_class: PreTrainedTokenizerBase, args: SFTConfig
+                      ) -> nn.Module:
+        model, added = apply_tokenizer_options(
+            model, processing_class, eos_token=args.eos_token, pad_token=args.pad_token,
+            chat_template_path=args.chat_template_path)
+        if self._peft_config is not None:  # tokens added by chat_template_path: LoRA trains their rows and the head
+            self._peft_config = peft_config_training_new_tokens(self._peft_config, model, added)
+        return super()._set_up_model(model, processing_class, args)
 
     def _default_collator(self) -> Callable:
         pad_id = self.processing_class.pad_token_id
@@ -161,7 +227,7 @@ class SFTTrainer(TetherTrainer):
         # Packed rows can always be one row per batch with flash attention's variable-length kernels;
         # with SDPA/eager one long row costs attention over all of it, so rows stay separate.
         flatten = self.args.padding_free or (self.args.packing and "flash" in attention)
-        return LanguageModelingCollator(pad_id, flatten=flatten)
+        return LanguageModelingCollator(pad_id, flatten=flatten, pad_to_multiple_of=self.args.pad_to_multiple_of)
 
     def _set_signature_columns_if_needed(self) -> None:
         # With remove_unused_columns=True, keep what the model's forward takes (Trainer's rule: torch datasets
@@ -174,12 +240,17 @@ class SFTTrainer(TetherTrainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor:
         normalizer = self._token_normalizer(inputs, num_items_in_batch)
+        token_loss = SFT_LOSSES[self.args.loss_type]
         if self._seq2seq:
             token_logps = seq2seq_token_log_probs(model, inputs)
-            loss, stats = -token_logps.logps.sum() / normalizer, token_logps.stats
+            loss, stats = token_loss(token_logps.logps, normalizer), token_logps.stats
             tokens = int(inputs["attention_mask"].sum() + inputs["decoder_attention_mask"].sum())
         else:
-            loss, stats = causal_lm_loss(model, inputs, normalizer, self.args.logprob_chunk_size)
+            if self.args.loss_type == "nll":  # fused: the gradient is formed in the forward pass
+                loss, stats = causal_lm_loss(model, inputs, normalizer, self.args.logprob_chunk_size)
+            else:  # a weight that depends on the log-probs needs them first
+                token_logps = causal_token_log_probs(model, inputs, chunk_size=self.args.logprob_chunk_size)
+                loss, stats = token_loss(token_logps.logps, normalizer), token_logps.stats
             tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
         if self.model.training:
             self._num_tokens_seen += tokens * self.args.world_size
