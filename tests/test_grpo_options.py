@@ -21,7 +21,6 @@ from tether.data.collate import LanguageModelingCollator
 from tether.models.forward import causal_token_log_probs
 from tether.rollout.sampling import sample_groups, sampling_settings
 from tether.rollout.vllm_generation import groups_from_token_lists
-from tether.trainers.online_forward import token_log_probs_with_entropy
 
 FIELDS = json.loads((Path(__file__).parent / "data" / "trl_1_16_config_fields.json").read_text())
 
@@ -167,7 +166,8 @@ def test_entropy_with_gradient_matches_full_logits(policy, tokenizer):
     """The chunked, checkpointed entropy equals -sum p log p of softmax(logits / T) and carries the gradient
     that autograd through the full logits gives."""
     batch = _batch(tokenizer)
-    out, entropy = token_log_probs_with_entropy(policy, batch, temperature=0.7, chunk_size=2)
+    out = causal_token_log_probs(policy, batch, temperature=0.7, chunk_size=2, entropy_gradient=True)
+    entropy = out.entropy
     logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[out.rows, out.positions - 1] / 0.7
     reference = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)

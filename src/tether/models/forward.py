@@ -5,7 +5,10 @@ loss mask only (no prompt, no padding), in chunks. Models whose head cannot be s
 wrapped or quantized head, soft-capped or scaled logits, seq2seq heads) take the full-logits path,
 which gives the same numbers.
 
-Shapes: b = batch, t = tokens, h = hidden, n = selected target tokens.
+`cast_lm_head_to_fp32` keeps a model's LM head in float32 (ScaleRL); every path here then computes float32
+logits from the hidden states cast up to the head's dtype.
+
+Shapes: b = batch, t = tokens, h = hidden, n = selected target tokens, s = sequences.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from torch import nn
 from ..ops.logprobs import (
     DEFAULT_CHUNK_SIZE,
     TokenStats,
+    entropy_from_logits,
     linear_cross_entropy,
+    linear_entropy,
     linear_log_probs,
     log_probs_from_logits,
 )
@@ -75,19 +80,46 @@ def _holds_full_weight(head: nn.Linear) -> bool:
             and tuple(weight.shape) == (head.out_features, head.in_features))
 
 
+def cast_lm_head_to_fp32(model: nn.Module) -> None:
+    """Keep the LM head's parameters in float32 and compute its logits in float32 (ScaleRL, Khatri et al.,
+    2025, "The Art of Scaling RL Compute", sec. 4: float32 logits reduce the training/inference mismatch).
+    The head takes its input cast to float32; when the head shares its weight with the input embeddings
+    (tied), the embeddings' output is cast back to the model's dtype so the layers see what they expect.
+    A PEFT adapter on the head is an error (its base weight would be cast under the adapter's feet)."""
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"cast_lm_head_to_fp32=True: {type(inner).__name__} has no LM head with a weight to cast.")
+    if type(head) is not nn.Linear:
+        raise ValueError("cast_lm_head_to_fp32=True is not supported when the LM head is wrapped (e.g. a PEFT "
+                         "adapter targets lm_head). Fix: remove 'lm_head' from the adapter's target_modules, or "
+                         "set cast_lm_head_to_fp32=False.")
+    original = head.weight.dtype
+    embeddings = inner.get_input_embeddings()
+    tied = embeddings is not None and embeddings.weight is head.weight
+    head.float()
+    head.register_forward_pre_hook(lambda _module, args: (args[0].float(), *args[1:]))
+    if tied and original != torch.float32:
+        embeddings.register_forward_hook(lambda _module, _args, output: output.to(original))
+
+
 @dataclass
 class TokenLogProbs:
     """Log-probs of the selected target tokens, flattened, with where they came from.
 
-    logps [n] float32 (differentiable), stats (detached), rows [n] batch row of each token,
-    positions [n] position of each target token in its row.
+    logps [n] float32 (differentiable), stats (detached), rows [n] batch row of each token, positions [n]
+    position of each target token in its row, sequences [n] the sequence each token belongs to (its row, or
+    in a packed batch its `sequence_ids` value) out of num_sequences.
     """
 
     logps: torch.Tensor
     stats: TokenStats
     rows: torch.Tensor
     positions: torch.Tensor
+    sequences: torch.Tensor
+    num_sequences: int
     values: torch.Tensor | None = None  # [n] value-head estimate at the state before each token
+    entropy: torch.Tensor | None = None  # [n] differentiable entropy of each token's distribution, when asked
 
     def scatter(self, values: torch.Tensor, shape: tuple[int, int], fill: float = 0.0) -> torch.Tensor:
         """Put per-token values [n] back in a [b, t] grid at the target positions, `fill` elsewhere."""
@@ -100,6 +132,24 @@ class TokenLogProbs:
     def sum_per_row(self, num_rows: int) -> torch.Tensor:
         """Sum of log-probs per batch row, [b]."""
         return self.logps.new_zeros(num_rows).index_add(0, self.rows, self.logps)
+
+    def sum_per_sequence(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token values [n] (default: the log-probs) summed per sequence, [num_sequences]."""
+        values = self.logps if values is None else values
+        return values.new_zeros(self.num_sequences).index_add(0, self.sequences, values)
+
+    def count_per_sequence(self) -> torch.Tensor:
+        """Selected tokens per sequence, [num_sequences] long."""
+        return torch.zeros(self.num_sequences, dtype=torch.long, device=self.sequences.device).index_add_(
+            0, self.sequences, torch.ones_like(self.sequences))
+
+
+def _sequences(batch: dict[str, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, int]:
+    """(sequence of each selected token [n], number of sequences): rows, or `sequence_ids` in packed rows."""
+    if "sequence_ids" in batch:
+        return batch["sequence_ids"][rows, positions], int(batch["sequence_ids"].max()) + 1
+    return rows, batch["input_ids"].shape[0]
 
 
 def _final_hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
@@ -150,31 +200,48 @@ def _targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return rows, positions, batch["input_ids"][rows, positions]
 
 
+def _head_inputs(model: nn.Module, batch: dict[str, torch.Tensor], head: nn.Linear, rows: torch.Tensor,
+                 positions: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """(final hidden states of the positions that predict the selected tokens [n, h], the model's outputs).
+    The states are cast to the head's dtype, as the head's own forward would take them: a float32 head
+    (`cast_lm_head_to_fp32`) under a half-precision model computes float32 logits."""
+    hidden, outputs = _final_hidden_states(model, _model_inputs(batch))  # [b, t, h]
+    return hidden[rows, positions - 1].to(head.weight.dtype), outputs
+
+
 def causal_token_log_probs(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_values: bool = False,
+    entropy_gradient: bool = False,
 ) -> TokenLogProbs:
     """log p(token_j | tokens_<j) for every j with batch["loss_mask"][row, j] True, from one forward pass.
 
     batch: input_ids [b, t], loss_mask [b, t], and attention_mask [b, t] or position_ids [b, t]
-    (packed rows, one sequence per run of increasing positions). With `with_values`, `model` is a
-    value-head model and the values of the same states come along.
+    (packed rows, one sequence per run of increasing positions; `sequence_ids` [b, t] numbers them). With
+    `with_values`, `model` is a value-head model and the values of the same states come along. With
+    `entropy_gradient`, `.entropy` [n] is each token's entropy H = -sum_v p_v log p_v of p = softmax(logits /
+    temperature), carrying its gradient (an entropy bonus), computed chunk-wise from the same hidden states
+    (`ops.logprobs.linear_entropy`); `.stats.entropy` is always the detached value.
     """
     rows, positions, targets = _targets(batch)
     head = splittable_head(model)
-    if head is None:
+    entropy = None
+    if head is None:  # the model's own head (whose pre-hook casts to float32 when the head is float32)
         outputs = model(**_model_inputs(batch), use_cache=False)
-        logps, stats = log_probs_from_logits(_logits(outputs)[rows, positions - 1], targets, temperature)
+        logits = _logits(outputs)[rows, positions - 1]  # [n, v]
+        logps, stats = log_probs_from_logits(logits, targets, temperature)
+        if entropy_gradient:
+            entropy = entropy_from_logits(logits.float() / temperature)
     else:
-        hidden, outputs = _final_hidden_states(model, _model_inputs(batch))  # [b, t, h]
-        logps, stats = linear_log_probs(
-            hidden[rows, positions - 1], head.weight, targets, head.bias, temperature, chunk_size
-        )
+        hidden, outputs = _head_inputs(model, batch, head, rows, positions)  # [n, h]
+        logps, stats = linear_log_probs(hidden, head.weight, targets, head.bias, temperature, chunk_size)
+        if entropy_gradient:
+            entropy = linear_entropy(hidden, head.weight, head.bias, temperature, chunk_size)
     values = outputs[2][rows, positions - 1] if with_values else None  # (lm_logits, loss, value [b, t])
-    return TokenLogProbs(logps, stats, rows, positions, values)
+    return TokenLogProbs(logps, stats, rows, positions, *_sequences(batch, rows, positions), values, entropy)
 
 
 def causal_lm_loss(
@@ -193,9 +260,9 @@ def causal_lm_loss(
         token_logps = causal_token_log_probs(model, batch, chunk_size=chunk_size)
         return -token_logps.logps.sum() / normalizer, token_logps.stats
     rows, positions, targets = _targets(batch)
-    hidden, _ = _final_hidden_states(model, _model_inputs(batch))  # [b, t, h]
+    hidden, _ = _head_inputs(model, batch, head, rows, positions)  # [n, h]
     weights = torch.full(targets.shape, 1.0, device=hidden.device) / normalizer
-    return linear_cross_entropy(hidden[rows, positions - 1], head.weight, targets, weights, head.bias, chunk_size)
+    return linear_cross_entropy(hidden, head.weight, targets, weights, head.bias, chunk_size)
 
 
 def seq2seq_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
@@ -216,23 +283,15 @@ def seq2seq_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], te
     rows, positions = batch["decoder_loss_mask"].bool().nonzero(as_tuple=True)
     logps, stats = log_probs_from_logits(_logits(outputs)[rows, positions], labels[rows, positions], temperature)
     values = outputs[2][rows, positions] if with_values else None  # (lm_logits, loss, value [b, t])
-    return TokenLogProbs(logps, stats, rows, positions, values)
+    return TokenLogProbs(logps, stats, rows, positions, rows, labels.shape[0], values)
 
 
 def completion_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor, TokenStats]:
-    """Summed log-probs of each sequence's loss-masked tokens and their counts: ([n] float32, [n] long,
+    """Summed log-probs of each sequence's loss-masked tokens and their counts: ([s] float32, [s] long,
     stats). A sequence is a row, or, in packed batches, a `sequence_ids` value."""
-    token_logps = causal_token_log_probs(model, batch, temperature, chunk_size)
-    if "sequence_ids" in batch:
-        owner = batch["sequence_ids"][token_logps.rows, token_logps.positions]  # [n_tokens]
-        num_sequences = int(batch["sequence_ids"].max()) + 1
-    else:
-        owner, num_sequences = token_logps.rows, batch["input_ids"].shape[0]
-    sums = token_logps.logps.new_zeros(num_sequences).index_add(0, owner, token_logps.logps)
-    counts = torch.zeros(num_sequences, dtype=torch.long, device=owner.device)
-    counts.index_add_(0, owner, torch.ones_like(owner))
-    return sums, counts, token_logps.stats
+    tokens = causal_token_log_probs(model, batch, temperature, chunk_size)
+    return tokens.sum_per_sequence(), tokens.count_per_sequence(), tokens.stats
 
 
 # Attention implementations whose masks transformers builds from position_ids for packed rows.

@@ -14,6 +14,9 @@ Here the vocabulary projection runs `chunk_size` tokens at a time, so the larges
 - `linear_cross_entropy` (a loss that is a weighted sum of token NLLs, e.g. SFT): the gradient is known
   during the forward pass, so it is computed there and backward only rescales it; no recompute.
 
+An entropy that carries a gradient (an entropy bonus in the loss): `linear_entropy`, chunked the same way
+under activation checkpointing, so its backward pass also holds one chunk's logits at a time.
+
 When only full logits exist: `log_probs_from_logits` (log-probs plus detached TokenStats), and TRL's
 classic `logprobs_from_logits` / `entropy_from_logits` (one tensor each, both differentiable).
 """
@@ -24,16 +27,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 1024
 
 
 @dataclass
 class TokenStats:
-    """Detached per-token diagnostics from the same pass, [n] each."""
+    """Detached per-token statistics of each next-token distribution p from the same pass, [n] each."""
 
-    entropy: torch.Tensor
+    entropy: torch.Tensor  # -sum_v p_v log p_v
     correct: torch.Tensor  # bool: argmax prediction equals the target
+    log_sum_sq: torch.Tensor  # log sum_v p_v^2 = logsumexp(2 log p): WPO's normaliser (Zhou et al., 2024)
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -53,13 +58,16 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def _chunk_stats(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(probs [c, v], entropy [c], correct [c]). The entropy is -sum p * log p with log p formed first:
-    the algebraically equal lse - sum p * logits loses ~1e-5 to cancellation when logits are large."""
+    """(probs [c, v], entropy [c], correct [c], log_sum_sq [c]). The entropy is -sum p * log p with log p
+    formed first: the algebraically equal lse - sum p * logits loses ~1e-5 to cancellation when logits are
+    large. log sum p^2 from the probs themselves: the sum is at least max p^2 >= 1 / v^2, far above
+    float32's underflow, and the terms that do underflow are negligible beside it."""
     correct = logits.argmax(-1) == targets
     logp = logits - lse[:, None]  # [c, v]
     probs = logp.exp()
     entropy = -(probs * logp).sum(-1)
-    return probs, entropy, correct
+    log_sum_sq = (probs * probs).sum(-1).log()
+    return probs, entropy, correct, log_sum_sq
 
 
 class _LinearLogProbs(torch.autograd.Function):
@@ -68,7 +76,7 @@ class _LinearLogProbs(torch.autograd.Function):
         n, dtype = hidden.shape[0], _compute_dtype(hidden)
         logps = hidden.new_empty(n, dtype=dtype)
         lse_all = hidden.new_empty(n, dtype=dtype)
-        entropy = hidden.new_empty(n, dtype=dtype)
+        entropy, log_sum_sq = hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype)
         correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
         with torch.no_grad():
             for start in range(0, n, chunk_size):
@@ -77,14 +85,14 @@ class _LinearLogProbs(torch.autograd.Function):
                 lse = torch.logsumexp(logits, dim=-1)
                 logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse
                 lse_all[sl] = lse
-                _, entropy[sl], correct[sl] = _chunk_stats(logits, lse, targets[sl])
+                _, entropy[sl], correct[sl], log_sum_sq[sl] = _chunk_stats(logits, lse, targets[sl])
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        ctx.mark_non_differentiable(entropy, correct)
-        return logps, entropy, correct
+        ctx.mark_non_differentiable(entropy, correct, log_sum_sq)
+        return logps, entropy, correct, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_entropy, _grad_correct):
+    def backward(ctx, grad_logps, _grad_entropy, _grad_correct, _grad_log_sum_sq):
         hidden, weight, bias, targets, lse_all = ctx.saved_tensors
         grads = _backward_chunks(
             hidden, weight, bias, targets, grad_logps.to(lse_all.dtype), ctx.temperature, ctx.chunk_size,
@@ -135,7 +143,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=acc) if needs[1] else None
         grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and needs[2] else None
         loss = hidden.new_zeros((), dtype=dtype)
-        entropy = hidden.new_empty(n, dtype=dtype)
+        entropy, log_sum_sq = hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype)
         correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
         with torch.no_grad():
             for start in range(0, n, chunk_size):
@@ -145,7 +153,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 lse = torch.logsumexp(logits, dim=-1)
                 logp = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse
                 loss -= (w * logp).sum()
-                probs, entropy[sl], correct[sl] = _chunk_stats(logits, lse, targets[sl])
+                probs, entropy[sl], correct[sl], log_sum_sq[sl] = _chunk_stats(logits, lse, targets[sl])
                 # d loss / d logits = w * (softmax - onehot); reuse the probs buffer.
                 grad_logits = probs.mul_(w[:, None])
                 grad_logits.scatter_add_(-1, targets[sl, None], -w[:, None])
@@ -157,11 +165,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_bias += grad_logits.sum(0).to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(entropy, correct)
-        return loss, entropy, correct
+        ctx.mark_non_differentiable(entropy, correct, log_sum_sq)
+        return loss, entropy, correct, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_entropy, _grad_correct):
+    def backward(ctx, grad_loss, _grad_entropy, _grad_correct, _grad_log_sum_sq):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_loss  # [] in the loss's dtype (float32, or float64 for float64 inputs)
         out_hidden = grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None
@@ -185,8 +193,8 @@ def linear_log_probs(
     Differentiable with respect to hidden, weight and bias.
     """
     with torch.autocast(hidden.device.type, enabled=False):
-        logps, entropy, correct = _LinearLogProbs.apply(hidden, weight, bias, targets, temperature, chunk_size)
-    return logps, TokenStats(entropy=entropy, correct=correct)
+        logps, *stats = _LinearLogProbs.apply(hidden, weight, bias, targets, temperature, chunk_size)
+    return logps, TokenStats(*stats)
 
 
 def linear_cross_entropy(
@@ -209,10 +217,35 @@ def linear_cross_entropy(
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, entropy, correct = _LinearCrossEntropy.apply(
-            hidden, weight, bias, targets, token_weights.detach(), chunk_size
-        )
-    return loss, TokenStats(entropy=entropy, correct=correct)
+        loss, *stats = _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weights.detach(), chunk_size)
+    return loss, TokenStats(*stats)
+
+
+def _chunk_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   temperature: float) -> torch.Tensor:
+    return entropy_from_logits(_chunk_logits(hidden, weight, bias, temperature))  # [c]
+
+
+def linear_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Entropy of softmax((hidden @ weight.T + bias) / temperature) per token, differentiable, chunked.
+
+    hidden [n, h], weight [v, h] -> [n] float32 (float64 for float64 inputs). Naive equivalent:
+    entropy_from_logits((hidden @ weight.T + bias) / temperature). Each chunk runs under activation
+    checkpointing, so autograd keeps only the chunk's inputs and the backward pass recomputes its [c, v]
+    logits: the whole [n, v] never exists, forward or backward.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=_compute_dtype(hidden))
+    with torch.autocast(hidden.device.type, enabled=False):
+        return torch.cat([
+            checkpoint(_chunk_entropy, hidden[i:i + chunk_size], weight, bias, temperature, use_reentrant=False)
+            for i in range(0, hidden.shape[0], chunk_size)])
 
 
 def log_probs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -226,7 +259,8 @@ def log_probs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperatu
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         correct = logits.argmax(-1) == targets
-    return logps, TokenStats(entropy=entropy, correct=correct)
+        log_sum_sq = torch.logsumexp(2.0 * logp_all, dim=-1)
+    return logps, TokenStats(entropy=entropy, correct=correct, log_sum_sq=log_sum_sq)
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, gather: bool = True) -> torch.Tensor:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from collections import defaultdict
@@ -468,6 +469,29 @@ class TetherTrainer(Trainer):
     def _get_output_dir(self, trial: Any) -> str:
         return self._checkpoint_staging or super()._get_output_dir(trial)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Trainer state that transformers' checkpoint does not hold, as {file name: object with state_dict()
+        and load_state_dict()}: each state is written as JSON into every checkpoint and loaded back when
+        training resumes from one (GRPO's adaptive entropy coefficient). None by default.
+
+        A file of our own rather than transformers' stateful callbacks (`ExportableState`): those are
+        restored only with restore_callback_states_from_checkpoint=True (off by default) and as new instances,
+        and the file names can be TRL's, so a TRL checkpoint resumes with its state."""
+        return {}
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)  # Trainer calls this once, on resume only
+        if checkpoint is None:
+            return
+        for filename, owner in self.checkpoint_state().items():
+            path = os.path.join(checkpoint, filename)
+            if not os.path.isfile(path):
+                warnings.warn(f"Resuming from {checkpoint}, which has no {filename}: that state starts afresh.",
+                              UserWarning, stacklevel=2)
+                continue
+            with open(path, encoding="utf-8") as f:
+                owner.load_state_dict(json.load(f))
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Trainer's checkpoint, written atomically. transformers 5 writes straight into checkpoint-N, so a
         run killed mid-save left a half-written folder that resume_from_checkpoint=True then picked; here
@@ -483,6 +507,10 @@ class TetherTrainer(Trainer):
                 super()._save_checkpoint(model, trial)  # -> partial/checkpoint-N
             finally:
                 self._checkpoint_staging = None
+            for filename, owner in self.checkpoint_state().items():
+                if self.args.should_save:
+                    with open(os.path.join(partial, name, filename), "w", encoding="utf-8") as f:
+                        json.dump(owner.state_dict(), f)
             if self.state.best_model_checkpoint == os.path.join(partial, name):  # the best is this one
                 self.state.best_model_checkpoint = path
                 if self.args.should_save:

@@ -261,8 +261,8 @@ class DPOTrainer(PairwiseTrainer):
             return {"chosen": zeros, "rejected": zeros}
         reference, context = reference_context(model, self.ref_model, **self._adapters)
         with context:
-            logps, _, _ = pair_sequence_log_probs(reference, inputs, self.args.logprob_chunk_size,
-                                                  self._option("ld_alpha"))
+            logps, _ = pair_sequence_log_probs(reference, inputs, self.args.logprob_chunk_size,
+                                               self._option("ld_alpha"))
         return {"chosen": logps["chosen"], "rejected": logps["rejected"]}
 
     def _add_reference_log_probs(self, dataset: Any) -> Any:

@@ -23,7 +23,8 @@ from ..losses.group import (
     GroupPolicyLossOutput,
     group_policy_loss,
 )
-from .online import OnlineConfig, OnlineTrainer, PolicyLossExtras
+from .online import OnlineTrainer, PolicyLossExtras
+from .online_config import OnlineConfig
 
 LOSS_TYPES = tuple(LOSS_AGGREGATION)
 SCALE_REWARDS = {"group": "group", "batch": "batch", "none": None, "True": "group", "False": None}
@@ -144,6 +145,10 @@ class GRPOTrainer(OnlineTrainer):
                                                            a.entropy_coef_min, a.entropy_coef_max)
                                 if a.use_adaptive_entropy else None)
         self._entropy_window = torch.zeros(2, dtype=torch.float64)  # [entropy sum, tokens] of this step so far
+
+    def checkpoint_state(self) -> dict[str, AdaptiveEntropyCoefficient]:
+        # TRL's file name and keys, so either library resumes the other's coefficient.
+        return {"entropy_ctrl_state.json": self.entropy_control} if self.entropy_control is not None else {}
 
     @property
     def needs_entropy_gradient(self) -> bool:

@@ -147,29 +147,14 @@ class PairwiseTrainer(TetherTrainer):
     def pair_log_probs(self, model: nn.Module, inputs: dict[str, torch.Tensor], ld_alpha: float | None = None,
                        aligned: bool = False) -> dict[str, torch.Tensor]:
         """Chosen and rejected completion log-probs of the [2b, t] batch (chosen rows first), one forward pass;
-        see `pair_sequence_log_probs`. With `aligned`, also WPO's aligned sums (see `_add_aligned_log_probs`)."""
-        logps, tokens, owner = pair_sequence_log_probs(model, inputs, self.args.logprob_chunk_size, ld_alpha)
+        see `pair_sequence_log_probs`. With `aligned`, also WPO's inputs "chosen_aligned", "rejected_aligned"
+        [b] (detached): per completion, sum_t [log pi(y_t) - log sum_v pi(v)^2], the normaliser coming from
+        the same pass (`TokenStats.log_sum_sq`)."""
+        logps, tokens = pair_sequence_log_probs(model, inputs, self.args.logprob_chunk_size, ld_alpha)
         if aligned:
-            sums = self._aligned_log_probs(model, inputs, tokens, owner, 2 * logps["chosen"].shape[0])
+            sums = tokens.sum_per_sequence(tokens.logps.detach() - tokens.stats.log_sum_sq)  # [2b]
             logps["chosen_aligned"], logps["rejected_aligned"] = sums.chunk(2)
         return logps
-
-    @torch.no_grad()
-    def _aligned_log_probs(self, model: nn.Module, inputs: dict[str, torch.Tensor], tokens: TokenLogProbs,
-                           owner: torch.Tensor, num_sequences: int) -> torch.Tensor:
-        """WPO's inputs, [2b] detached: per completion, sum_t [log pi(y_t) - log sum_v pi(v)^2]. log sum_v pi(v)^2
-        needs the whole next-token distribution, which the chunked log-prob pass does not keep, so this runs a
-        second, gradient-free forward pass, one batch row at a time to hold [1, t, v] logits at most."""
-        rows, positions = tokens.rows, tokens.positions
-        log_sum_sq = torch.empty_like(tokens.logps)  # [n]
-        for row in rows.unique().tolist():
-            keys = [k for k in ("input_ids", "attention_mask", "position_ids") if inputs.get(k) is not None]
-            logits = model(**{k: inputs[k][row:row + 1] for k in keys}, use_cache=False).logits[0]  # [t, v]
-            here = rows == row
-            log_dist = logits[positions[here] - 1].float().log_softmax(-1)  # [n_row, v]
-            log_sum_sq[here] = torch.logsumexp(2.0 * log_dist, dim=-1)
-        aligned = tokens.logps.detach() - log_sum_sq  # [n]
-        return aligned.new_zeros(num_sequences).index_add(0, owner, aligned)
 
     # ----- generate_during_eval ----------------------------------------------------------------------------
     def _live_reference(self, model: nn.Module) -> tuple[nn.Module, contextlib.AbstractContextManager] | None:
@@ -213,25 +198,18 @@ class PairwiseTrainer(TetherTrainer):
 
 def pair_sequence_log_probs(model: nn.Module, inputs: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK_SIZE,
                             ld_alpha: float | None = None
-                            ) -> tuple[dict[str, torch.Tensor], TokenLogProbs, torch.Tensor]:
+                            ) -> tuple[dict[str, torch.Tensor], TokenLogProbs]:
     """Completion log-probs of a [2b, t] preference batch (chosen sequences first, padded or packed), from one
     forward pass: "chosen", "rejected" [b] summed log-probs (LD-DPO-weighted with `ld_alpha`, see
     losses.preference.length_desensitised_log_probs), "chosen_unweighted" [b] (the plain sums, for the NLL
-    terms), "chosen_tokens", "rejected_tokens" [b] (counts, at least 1); with the per-token log-probs and the
-    sequence of each token ([n], k < b chosen k, b + k rejected k)."""
+    terms), "chosen_tokens", "rejected_tokens" [b] (counts, at least 1); with the per-token log-probs, whose
+    `sequences` [n] give each token's sequence (k < b: chosen k; b + k: rejected k)."""
     tokens = causal_token_log_probs(model, inputs, chunk_size=chunk_size)
-    if "sequence_ids" in inputs:  # packed rows: each token's sequence, chosen k < b and rejected b + k
-        owner = inputs["sequence_ids"][tokens.rows, tokens.positions]  # [n]
-        num_sequences = int(inputs["sequence_ids"].max()) + 1
-    else:
-        owner, num_sequences = tokens.rows, inputs["input_ids"].shape[0]
-    sums = tokens.logps.new_zeros(num_sequences).index_add(0, owner, tokens.logps)  # [2b]
-    counts = torch.zeros(num_sequences, dtype=torch.long, device=owner.device).index_add_(0, owner,
-                                                                                       torch.ones_like(owner))
+    sums, num_sequences = tokens.sum_per_sequence(), tokens.num_sequences  # [2b]
     chosen_unweighted = sums.chunk(2)[0]
     if ld_alpha is not None:
-        sums = length_desensitised_log_probs(tokens.logps, owner, num_sequences // 2, ld_alpha)
+        sums = length_desensitised_log_probs(tokens.logps, tokens.sequences, num_sequences // 2, ld_alpha)
     chosen, rejected = sums.chunk(2)
-    chosen_tokens, rejected_tokens = counts.clamp(min=1).chunk(2)
+    chosen_tokens, rejected_tokens = tokens.count_per_sequence().clamp(min=1).chunk(2)
     return {"chosen": chosen, "rejected": rejected, "chosen_unweighted": chosen_unweighted,
-            "chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens}, tokens, owner
+            "chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens}, tokens

@@ -11,7 +11,8 @@ import torch
 
 from ..losses.advantages import leave_one_out_advantages
 from ..losses.group import GroupPolicyLossOutput, sequence_level_policy_loss
-from .online import OnlineConfig, OnlineTrainer, PolicyLossExtras
+from .online import OnlineTrainer, PolicyLossExtras
+from .online_config import OnlineConfig
 
 
 @dataclass
