@@ -288,6 +288,7 @@ def test_router_aux_loss_is_added_with_its_coefficient(name, tmp_path, tiny_moe_
     plain = build(name, tiny_moe_dir, tmp_path, router_aux_loss_coef=0.0, per_device_train_batch_size=2)
     assert trainer.router_aux_loss_coef == coef and trainer.model.config.output_router_logits
     assert plain.router_aux_loss_coef == 0.0 and not plain.model.config.output_router_logits
+    assert trainer.aux_loss_enabled and not plain.aux_loss_enabled  # TRL's attribute
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     forwards = []
     trainer.model.register_forward_hook(
@@ -316,7 +317,8 @@ def test_router_aux_loss_default_and_errors(tmp_path, tiny_moe_dir, tiny_decoder
     assert any("aux_loss" in entry for entry in trainer.state.log_history)
     with pytest.raises(ValueError, match="router_aux_loss_coef=0.1.*not a Mixture-of-Experts"):
         build("sft", tiny_decoder_dir, tmp_path, router_aux_loss_coef=0.1)
-    assert build("sft", tiny_decoder_dir, tmp_path).router_aux_loss_coef == 0.0  # None on a dense model: nothing
+    dense = build("sft", tiny_decoder_dir, tmp_path)
+    assert dense.router_aux_loss_coef == 0.0 and not dense.aux_loss_enabled  # None on a dense model: nothing
 
 
 # ----- model_init_kwargs as JSON (command lines) --------------------------------------------------------------

@@ -307,3 +307,17 @@ def test_pad_to_multiple_of_rounds_the_batch_width(tmp_path, tiny_decoder_dir, m
                      args=KTOConfig(output_dir=str(tmp_path / "kto"), pad_to_multiple_of=multiple,
                                     **{k: v for k, v in COMMON.items() if k != "padding_free"}))
     assert one_batch(kto)["input_ids"].shape[-1] % multiple == 0
+
+
+def test_precomputed_reference_log_probs_for_a_dict_of_eval_sets(tmp_path, tiny_decoder_dir):
+    # Each named eval set gets its reference log-probs before training; its eval loss equals the live reference's.
+    eval_sets = {"a": pairs(4, seed=1), "b": pairs(4, seed=2)}
+    losses = {}
+    for precompute in (True, False):
+        args = DPOConfig(output_dir=str(tmp_path / f"p{precompute}"), precompute_ref_log_probs=precompute,
+                         **{**COMMON, "per_device_eval_batch_size": 2})
+        trainer = DPOTrainer(model=perturbed_policy(tiny_decoder_dir), ref_model=tiny_decoder_dir, args=args,
+                             train_dataset=pairs(), eval_dataset=eval_sets)
+        metrics = trainer.evaluate()
+        losses[precompute] = (metrics["eval_a_loss"], metrics["eval_b_loss"])
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)

@@ -143,6 +143,25 @@ def test_log_completions_prints_a_table(policy, tokenizer, tmp_path, capsys):
     assert len([row for row in first_table if row.startswith("| the film")]) == 2  # 2 of 4 distinct prompts
 
 
+def test_reward_functions_log_extra_columns_and_metrics(policy, tokenizer, tmp_path, capsys):
+    # TRL 1.x hands reward functions log_extra(column, values) and log_metric(name, value).
+    def judged(completions, log_extra, log_metric, **_):
+        lengths = [len(c) for c in completions]
+        log_extra("verdict", ["long" if n > 3 else "short" for n in lengths])
+        log_metric("judge/mean_length", sum(lengths) / len(lengths))
+        return [float(n) for n in lengths]
+
+    args = config(GRPOConfig, tmp_path, log_completions=True)
+    trainer = GRPOTrainer(policy, reward_funcs=judged, args=args, train_dataset=prompts_dataset(),
+                          processing_class=tokenizer)
+    trainer.train()
+    assert "verdict" in capsys.readouterr().out  # a column of the printed table
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert rows and all(row["verdict"] == ("long" if len(row["completion"]) > 3 else "short") for row in rows)
+    logged = [entry["judge/mean_length"] for entry in trainer.state.log_history if "judge/mean_length" in entry]
+    assert logged and logged[0] > 0
+
+
 def test_chat_template_kwargs_reach_the_template(policy, tokenizer, tmp_path):
     tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}{{ marker | default('') }}{% endif %}")

@@ -80,13 +80,13 @@ def check_row_semantics(sampled, eos: list[int], max_new_tokens: int) -> list[in
 def count_compactions(monkeypatch):
     """Counts the calls that drop finished rows from the preallocated cache layers."""
     calls = []
-    original = sampling._PreallocatedLayer.batch_select_indices
+    original = sampling._PreallocatedLayer._gather
 
     def counting(self, indices):
         calls.append(len(indices))
         return original(self, indices)
 
-    monkeypatch.setattr(sampling._PreallocatedLayer, "batch_select_indices", counting)
+    monkeypatch.setattr(sampling._PreallocatedLayer, "_gather", counting)
     return calls
 
 
@@ -169,6 +169,46 @@ def test_logps_equal_full_forward_log_softmax(model, eos_ids, temperature, top_k
         if temperature == 0:
             assert ((logits > chosen + 1e-4).sum(-1) == 0).all()  # greedy: the argmax
     assert len(set(lengths)) >= 3  # non-vacuous: rows stopped at different steps
+
+
+@pytest.fixture(params=["shared", "re-encoded", "no-cache"])
+def sampler_path(request, monkeypatch):
+    """The sampler's three paths on the same model: the prompt encoded once per group and its cache gathered
+    by rows (fast path); a cache that cannot be gathered (no gatherer passes its check), so each completion's
+    prompt is encoded and no row is dropped; a model that returns no cache, so every step re-reads the whole
+    sequence."""
+    if request.param == "re-encoded":
+        monkeypatch.setattr(sampling, "_GATHERERS", ())
+    if request.param == "no-cache":
+        original = sampling._Forward.prefill
+        monkeypatch.setattr(sampling._Forward, "prefill",
+                            lambda self, ids, mask, use_cache=True: original(self, ids, mask, use_cache=False))
+    return request.param
+
+
+def test_every_sampler_path_equals_generate_and_full_forward(model, eos_ids, sampler_path, monkeypatch):
+    """Greedy groups equal generate() prompt by prompt and sampled rows' log-probs equal a full forward's
+    log_softmax, whichever path the sampler takes; compaction after every finished row (threshold 0) also
+    runs on the no-cache path."""
+    monkeypatch.setattr(sampling, "_COMPACT_WHEN_FINISHED", 0.0)
+    k = 2
+    greedy = sample_groups(model, PROMPTS, k, MAX_NEW, PAD, eos_ids, temperature=0)
+    lengths = check_row_semantics(greedy, eos_ids, MAX_NEW)
+    assert len(set(lengths)) >= 3
+    for g, prompt in enumerate(PROMPTS):
+        expected = hf_greedy(model, prompt, MAX_NEW, eos_ids)
+        for i in range(g * k, (g + 1) * k):
+            assert greedy.completion_ids[i, : lengths[i]].tolist() == expected
+    sampled = sample_groups(model, PROMPTS, k, MAX_NEW, PAD, SAMPLING_EOS, temperature=0.8,
+                            generator=torch.Generator().manual_seed(5))
+    lengths = check_row_semantics(sampled, SAMPLING_EOS, MAX_NEW)
+    for i in range(len(PROMPTS) * k):
+        prompt, completion = PROMPTS[i // k], sampled.completion_ids[i, : lengths[i]]
+        ids = torch.cat([torch.tensor(prompt), completion])[None]  # [1, q + c]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float()  # [c, v]
+        expected = (logits / 0.8).log_softmax(-1).gather(-1, completion[:, None]).squeeze(-1)  # [c]
+        torch.testing.assert_close(sampled.logps[i, : lengths[i]], expected, rtol=0, atol=1e-5)
 
 
 def test_sampling_is_reproducible_with_a_generator(model):

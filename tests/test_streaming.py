@@ -221,3 +221,11 @@ def test_dpo_precomputed_reference_needs_the_whole_dataset(tmp_path, tiny_decode
     args = DPOConfig(**common(tmp_path), precompute_ref_log_probs=True)
     with pytest.raises(ValueError, match="precompute_ref_log_probs=False"):
         DPOTrainer(tiny_decoder_dir, args=args, train_dataset=stream(PAIRS))
+
+
+def test_grpo_evaluates_a_dict_of_streamed_eval_sets(tmp_path, tiny_decoder_dir):
+    args = GRPOConfig(**{**common(tmp_path), **ONLINE_OPTIONS})
+    trainer = GRPOTrainer(tiny_decoder_dir, length_reward, args=args, train_dataset=Dataset.from_list(PROMPTS),
+                          eval_dataset={"a": stream(PROMPTS[:2]), "b": stream(PROMPTS[2:4])})
+    metrics = trainer.evaluate()  # each set gets its loss; the rollout metrics are logged as eval_* (as TRL)
+    assert {"eval_a_loss", "eval_b_loss", "eval_reward"} <= set(metrics)

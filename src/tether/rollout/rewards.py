@@ -69,9 +69,11 @@ def _await_all(awaitables: list[Awaitable]) -> list[Any]:
 
 
 def _invoke(func: RewardFunction, prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]],
-            trainer_state: Any) -> Any:
-    """func's raw output (or a coroutine, for an async function, or the exception it raised)."""
-    extra = {"trainer_state": trainer_state} if trainer_state is not None and _accepts(func, "trainer_state") else {}
+            context: dict[str, Any]) -> Any:
+    """func's raw output (or a coroutine, for an async function, or the exception it raised). `context` holds
+    what TRL hands reward functions besides the data (trainer_state, log_extra, log_metric): each is passed
+    when given and when the function takes it (by name or **kwargs)."""
+    extra = {key: value for key, value in context.items() if value is not None and _accepts(func, key)}
     try:
         return func(prompts=prompts, completions=completions, **columns, **extra)
     except Exception as error:  # noqa: BLE001 (named and re-raised by _check_values)
@@ -108,10 +110,13 @@ def _check_values(func: RewardFunction, values: Any, n: int) -> torch.Tensor:
 
 
 def call_reward_functions(funcs: Sequence[RewardFunction], prompts: list[Any], completions: list[Any],
-                          trainer_state: Any = None, **columns: list[Any]) -> torch.Tensor:
+                          trainer_state: Any = None, log_extra: Callable[[str, list], None] | None = None,
+                          log_metric: Callable[[str, float], None] | None = None, **columns: list[Any]) -> torch.Tensor:
     """Call every function (async ones concurrently) and check their outputs: [k, n] float32, NaN where a
-    function returned None."""
-    outputs = [_invoke(f, prompts, completions, columns, trainer_state) for f in funcs]
+    function returned None. log_extra(column, values) adds a column to the logged completions, log_metric(name,
+    value) a scalar to the logged metrics (TRL 1.x's reward-function hooks)."""
+    context = {"trainer_state": trainer_state, "log_extra": log_extra, "log_metric": log_metric}
+    outputs = [_invoke(f, prompts, completions, columns, context) for f in funcs]
     pending = [i for i, out in enumerate(outputs) if inspect.isawaitable(out)]
     for i, result in zip(pending, _await_all([outputs[i] for i in pending])):
         outputs[i] = result
@@ -245,10 +250,12 @@ class RewardFunctions:
         return func
 
     def score(self, prompts: list[Any], completions: list[Any], trainer_state: Any = None,
-              **columns: list[Any]) -> tuple[torch.Tensor, dict]:
+              log_extra: Callable[[str, list], None] | None = None,
+              log_metric: Callable[[str, float], None] | None = None, **columns: list[Any]) -> tuple[torch.Tensor, dict]:
         """(weighted sum [n], {name: values [n]}); a function's None (NaN) counts for nothing in the sum, as in
         TRL; a completion no function scored gets 0, with a warning naming it."""
-        values = call_reward_functions(self.funcs, prompts, completions, trainer_state, **columns)  # [k, n]
+        values = call_reward_functions(self.funcs, prompts, completions, trainer_state, log_extra, log_metric,
+                                       **columns)  # [k, n]
         unscored = torch.isnan(values).all(0).nonzero().flatten().tolist()
         if unscored:
             warnings.warn(f"No reward function scored completion(s) {unscored[:10]} (all returned None); their "

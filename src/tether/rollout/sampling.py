@@ -6,11 +6,21 @@ Here the loop is written out:
 
     1. prefill: the p unique prompts, left-padded, in one forward pass -> KV cache [p, q] and the
        next-token distribution of each prompt
-    2. the cache is repeated k times along the batch (`batch_repeat_interleave`): [p * k, q], so the
-       group shares one encoding of its prompt
+    2. the cache is gathered to [p * k, q] rows (row g repeated k times), so the group shares one
+       encoding of its prompt
     3. decode one token per step for the rows still running; a row stops at its first EOS; once a
-       quarter of the rows have stopped, they are dropped from the cache (`batch_select_indices`), so
-       finished rows cost nothing; the loop ends when every row has stopped or at max_new_tokens
+       quarter of the rows have stopped, they are dropped from the cache (a gather of the running rows),
+       so finished rows cost nothing; the loop ends when every row has stopped or at max_new_tokens
+
+Gathering a cache by rows must move every piece of per-row state: keys / values, sliding-window buffers,
+convolution and recurrent states of linear-attention / state-space layers, state a cache keeps outside its
+layers. transformers has two gathers, `reorder_cache` (beam search's) and `batch_select_indices`; the first
+that leaves every batch-shaped tensor of the cache with the new row count is used (checked on the prompt
+cache, before decoding). A cache that neither gathers correctly goes the slower path with the same numbers:
+each completion's prompt is encoded (n rows prefilled) and finished rows are never dropped (they decode
+into a sink row). A model that returns no cache re-reads the whole sequence at every step. MoE models are
+called with output_router_logits=False: sampling needs no load-balancing loss, which transformers cannot
+compute on a one-token step with the full attention mask.
 
 The log-probability of each sampled token under the policy's own distribution, softmax(logits / T), is
 kept, so callers have the behaviour policy's log-probs without another forward pass. It is taken before
@@ -82,23 +92,83 @@ class _PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
-        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+    def _gather(self, indices: torch.Tensor) -> None:
+        """Keep the batch rows `indices` [r'] (repeats allowed), in that order."""
+        indices = indices.to(self.key_buffer.device)
+        self.key_buffer = self.key_buffer.index_select(0, indices)
+        self.value_buffer = self.value_buffer.index_select(0, indices)
         self._refresh_views()
 
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self._gather(beam_idx)
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-        self._refresh_views()
+        self._gather(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._gather(torch.arange(self.key_buffer.shape[0], device=self.key_buffer.device).repeat_interleave(repeats))
 
 
 def _preallocate(cache: object, extra_tokens: int) -> None:
     """Give the cache's plain dynamic layers room for `extra_tokens` more (other layer kinds, e.g.
-    sliding-window ones, keep their own behaviour)."""
+    sliding-window, linear-attention or hybrid ones, keep their own behaviour)."""
     layers = getattr(cache, "layers", None) or []
     for i, layer in enumerate(layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
             layers[i] = _PreallocatedLayer.wrap(layer, extra_tokens)
+
+
+# ----- cache row gathering ---------------------------------------------------------------------------------------
+# The fast path needs one operation on the prompt cache: keep the batch rows `index` (repeats allowed), used to
+# repeat each prompt's encoding for its group and to drop finished rows. transformers offers it twice, and neither
+# is right for every cache: `reorder_cache` (beam search's contract, kept by every layer kind of cache_utils,
+# linear-attention and hybrid layers included) and `batch_select_indices` (missing on linear-attention layers,
+# silently partial on hybrid ones, overridden by caches holding state outside their layers). So each candidate is
+# checked after use: every batch-shaped tensor the cache holds must have the new batch size. A cache that passes
+# neither check is not gathered at all: its prompts are encoded once per completion and no row is dropped.
+_GATHERERS = (
+    ("reorder_cache", lambda cache, index: cache.reorder_cache(index)),
+    ("batch_select_indices", lambda cache, index: cache.batch_select_indices(index)),
+)
+
+
+def _state_tensors(obj: object, depth: int = 0, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """The tensors of >= 2 dims a cache holds: in its attributes, its layers' attributes, and lists / dicts of
+    those (per-row state always has a batch dimension and a feature one; scalars and counters are skipped)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 4:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.dim() >= 2 else []
+    if isinstance(obj, (list, tuple)):
+        items = list(obj)
+    elif isinstance(obj, dict):
+        items = list(obj.values())
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for item in items for t in _state_tensors(item, depth + 1, seen)]
+
+
+def _batch_sizes_match(cache: object, old_rows: int, new_rows: int) -> bool:
+    """After gathering `old_rows` -> `new_rows` (different) rows: no state tensor still has `old_rows` rows.
+    Conservative: a non-batch tensor that happens to be `old_rows` long fails it, which only costs speed."""
+    return all(t.shape[0] != old_rows for t in _state_tensors(cache)) and any(
+        t.shape[0] == new_rows for t in _state_tensors(cache))
+
+
+def _try_gather(cache: object, index: torch.Tensor, old_rows: int, name: str, gather: Any) -> bool:
+    """Apply one gatherer; True if it exists, ran, and left every state tensor with len(index) rows. On
+    False the cache may be half-gathered: the caller must not use it."""
+    if not callable(getattr(cache, name, None)):
+        return False
+    try:
+        gather(cache, index)
+    except (AttributeError, NotImplementedError, RuntimeError, IndexError, TypeError):
+        return False
+    return _batch_sizes_match(cache, old_rows, len(index))
 
 
 @dataclass
@@ -248,17 +318,87 @@ class _Processors:
     min_new_tokens: int
 
 
+class _Forward:
+    """Calls of the transformers model with the argument names its forward takes: the cache is `cache` in
+    transformers 5.x (`past_key_values` before); MoE models get output_router_logits=False, because their
+    load-balancing loss cannot be computed on a one-token decoding step with the full attention mask (and
+    sampling needs only logits)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        import inspect
+
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self.cache_name = "cache" if "cache" in params else "past_key_values"
+        self.extra: dict[str, Any] = {"output_router_logits": False} if "output_router_logits" in params else {}
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = True
+                ) -> tuple[torch.Tensor, Any]:
+        """[b, t] left-padded -> (next-token logits [b, v], the cache or None if the model keeps none)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask), use_cache=use_cache,
+                         **self.last_only, **self.extra)
+        cache = getattr(out, "cache", None) if use_cache else None
+        if cache is None and use_cache:
+            cache = getattr(out, "past_key_values", None)
+        return out.logits[:, -1], cache
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache: Any
+             ) -> tuple[torch.Tensor, Any]:
+        """One token per row, tokens [r], attention_mask [r, t], positions [r] -> (logits [r, v], cache)."""
+        out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=positions[:, None],
+                         use_cache=True, **{self.cache_name: cache}, **self.extra)
+        returned = getattr(out, "cache", None)
+        if returned is None:
+            returned = getattr(out, "past_key_values", None)
+        return out.logits[:, -1], cache if returned is None else returned
+
+
+def _shared_prompt_cache(fwd: _Forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
+                         ) -> tuple[torch.Tensor, Any, Any]:
+    """Encode the p unique prompts [p, q] once and gather the cache to [p * k] rows.
+
+    Returns (logits [p, v], cache with p * k rows, gatherer) or (logits, None, None) when the cache cannot
+    be gathered (or the model keeps none). For k = 1 the gatherer is still checked, by a probe that adds and
+    removes a row, because decoding uses it to drop finished rows."""
+    p = input_ids.shape[0]
+    logits, cache = fwd.prefill(input_ids, attention_mask)
+    if cache is None:
+        return logits, None, None
+    rows = torch.arange(p, device=input_ids.device)
+    index = rows.repeat_interleave(k) if k > 1 else torch.cat([rows, rows[:1]])
+    for attempt, (name, gather) in enumerate(_GATHERERS):
+        if attempt:  # the previous candidate may have left the cache half-gathered
+            logits, cache = fwd.prefill(input_ids, attention_mask)
+        if _try_gather(cache, index, p, name, gather):
+            if k == 1:
+                gather(cache, rows)
+            return logits, cache, gather
+    return logits, None, None
+
+
 def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max_new_tokens: int,
                  pad_token_id: int, eos_token_ids: list[int], settings: _Processors,
                  generator: torch.Generator | None, device: torch.device) -> SampledGroups:
+    fwd = _Forward(model)
     input_ids, attention_mask = left_pad(prompts, pad_token_id, device)  # [p, q]
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    _preallocate(cache, max_new_tokens)
-    cache.batch_repeat_interleave(k)  # [p, q] -> [n, q]: each group shares its prompt's encoding
-    logits = out.logits[:, -1].repeat_interleave(k, dim=0)  # [n, v]
+    logits, cache, gather = _shared_prompt_cache(fwd, input_ids, attention_mask, k)
+    input_ids = input_ids.repeat_interleave(k, dim=0)  # [n, q]
     attention_mask = attention_mask.repeat_interleave(k, dim=0)  # [n, q]
+    if gather is not None:  # fast path: each group shares its prompt's encoding
+        logits = logits.repeat_interleave(k, dim=0)  # [n, v]
+    else:
+        # The cache cannot be gathered by rows: encode each completion's prompt (same numbers, k times the
+        # prefill work) and never drop finished rows from it. A model that keeps no cache at all re-reads
+        # the whole sequence at every step (sequence below).
+        logits, cache = fwd.prefill(input_ids, attention_mask)
+        if cache is None:
+            logits, _ = fwd.prefill(input_ids, attention_mask, use_cache=False)
+    sequence = input_ids if cache is None else None  # [r, q + step]: only without a cache
+    if cache is not None:
+        _preallocate(cache, max_new_tokens)
+    can_compact = gather is not None or cache is None
     next_position = attention_mask.sum(-1)  # [n]: position of the first completion token
 
     n, vocab = len(prompts) * k, logits.shape[-1]
@@ -296,14 +436,20 @@ def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max
         if step + 1 == max_new_tokens or not bool(alive.any()):
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(running), 1))], dim=1)
-        if 1.0 - float(alive.float().mean()) >= _COMPACT_WHEN_FINISHED:
+        if sequence is not None:
+            sequence = torch.cat([sequence, tokens[:, None]], dim=1)
+        if can_compact and 1.0 - float(alive.float().mean()) >= _COMPACT_WHEN_FINISHED:
             keep = alive.nonzero().squeeze(-1)  # [r']
-            cache.batch_select_indices(keep)
+            if cache is not None:
+                gather(cache, keep)
+            else:
+                sequence = sequence[keep]
             running, tokens, attention_mask, next_position = (
                 running[keep], tokens[keep], attention_mask[keep], next_position[keep])
-        out = model(input_ids=tokens[:, None], attention_mask=attention_mask,
-                    position_ids=next_position[:, None], past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1]  # [r, v]
+        if cache is None:
+            logits, _ = fwd.prefill(sequence, attention_mask, use_cache=False)
+        else:
+            logits, cache = fwd.step(tokens, attention_mask, next_position, cache)  # [r, v]
         next_position = next_position + 1
 
     completion_ids, logps, lengths = completion_ids[:n], logps[:n], lengths[:n]

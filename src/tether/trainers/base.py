@@ -291,6 +291,13 @@ class TetherTrainer(Trainer):
     # What quantization_config= does when the model is already an object: "warn" (it is ignored; TRL's SFT,
     # Reward, GRPO and RLOO trainers) or "error" (TRL's DPO and KTO trainers).
     quantization_config_on_loaded_model = "warn"
+    router_aux_loss_coef: float = 0.0  # set from the config and the model in _set_up_model
+
+    @property
+    def aux_loss_enabled(self) -> bool:
+        """Whether the router load-balancing loss is added to the loss (MoE models; TRL's attribute name)."""
+        return bool(self.router_aux_loss_coef)
+
     _quantization_config: Any = None  # the constructor's quantization_config= (IterativeSFTTrainer has none)
 
     def _load(self, model: nn.Module | str, args: TetherConfig) -> nn.Module:

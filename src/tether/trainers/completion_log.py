@@ -33,7 +33,8 @@ def completions_table(rows: list[dict[str, Any]], step: int, num_rows: int | Non
     if not rows:
         return f"Step {step}: no completions"
     columns = list(rows[0])
-    cells = [[_text(r[c]) if c in ("prompt", "completion") else f"{float(r[c]):.2f}" for c in columns] for r in rows]
+    cells = [[f"{r.get(c):.2f}" if isinstance(r.get(c), float) else _text(r.get(c, "")) for c in columns]
+             for r in rows]
     header = [c.capitalize() if c in ("prompt", "completion", "advantage") else c for c in columns]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
 

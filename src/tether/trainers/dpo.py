@@ -150,13 +150,16 @@ class DPOTrainer(PairwiseTrainer):
         self.ref_model = self._resolve_reference(ref_model)
         self._reward_shift = (0.0, 0)  # running mean of implicit rewards and its count, for bco_pair
         if self.args.precompute_ref_log_probs:
-            if is_stream(self.train_dataset) or is_stream(self.eval_dataset):
+            eval_sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
+            if is_stream(self.train_dataset) or any(is_stream(e) for e in eval_sets.values()):
                 raise ValueError("precompute_ref_log_probs=True needs the whole dataset before training, and a "
                                  "streaming dataset has no end to read to. Fix: set precompute_ref_log_probs=False "
                                  "(the reference model then scores each batch), or load the dataset without "
                                  "streaming.")
             self.train_dataset = self._add_reference_log_probs(self.train_dataset)
-            if self.eval_dataset is not None:
+            if isinstance(self.eval_dataset, dict):  # several named eval sets: each gets its columns
+                self.eval_dataset = {name: self._add_reference_log_probs(e) for name, e in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
                 self.eval_dataset = self._add_reference_log_probs(self.eval_dataset)
             self.ref_model = None
             self._reference_released = True

@@ -129,7 +129,8 @@ class OnlineTrainer(TetherTrainer):
             require_vllm()
         self.rewards = RewardFunctions(reward_funcs, args.reward_weights, reward_processing_classes,
                                        load_kwargs=from_pretrained_kwargs(args, args.model_init_kwargs))
-        if is_stream(train_dataset) or is_stream(eval_dataset):
+        eval_sets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        if is_stream(train_dataset) or any(is_stream(e) for e in eval_sets):
             # A streamed batch of prompts holds strings, which accelerate's dispatching (the main process reads
             # and splits each batch) cannot split; each process reads its own share of the stream instead.
             if args.accelerator_config.dispatch_batches:
@@ -138,6 +139,7 @@ class OnlineTrainer(TetherTrainer):
             args.accelerator_config.dispatch_batches = False
         self._round: Round | None = None
         self._micro_step: int | None = None
+        self._extra_columns: dict[str, list[Any]] = {}
         super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
                          peft_config=peft_config, quantization_config=quantization_config, **legacy_kwargs)
@@ -325,9 +327,23 @@ class OnlineTrainer(TetherTrainer):
         texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         # Conversational prompts get conversational completions, as TRL passes them to reward functions.
         completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(prompts[0], list) else texts
+        self._extra_columns = collections.defaultdict(list)  # this round's log_extra columns
         rewards, per_function = self.rewards.score(prompts, completions, trainer_state=self.state,
+                                                   log_extra=self._log_extra, log_metric=self._log_reward_metric,
                                                    completion_ids=completion_ids, **columns)
         return prompts, completions, rewards, per_function
+
+    def _log_extra(self, column: str, values: list[Any]) -> None:
+        """TRL's `log_extra` hook for reward functions: a column of this round's logged completions (one value
+        per completion, in order; several calls for one column append)."""
+        self._extra_columns[column].extend(values)
+
+    def _log_reward_metric(self, name: str, value: float) -> None:
+        """TRL's `log_metric` hook for reward functions: a scalar averaged into the next logged metrics."""
+        self.record_metrics(**{name: value})
+
+    def _extras_of(self, i: int) -> dict[str, Any]:
+        return {column: values[i] for column, values in self._extra_columns.items() if i < len(values)}
 
     def _normalisers(self, loss_mask: torch.Tensor) -> tuple[list[float], float]:
         """Per micro-batch slice of this round: the global completion-token count of the optimizer step it
@@ -477,7 +493,8 @@ class OnlineTrainer(TetherTrainer):
         if not self.args.log_completions:
             return
         rows = [{"prompt": p, "completion": c, **{name: float(v[i]) for name, v in per_function.items()},
-                 "advantage": float(advantages[i])} for i, (p, c) in enumerate(zip(prompts, completions))]
+                 "advantage": float(advantages[i]), **self._extras_of(i)}
+                for i, (p, c) in enumerate(zip(prompts, completions))]
         if self.args.world_size > 1:
             from accelerate.utils import gather_object
 
@@ -499,12 +516,13 @@ class OnlineTrainer(TetherTrainer):
         self._samples_logged_at = step
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "samples.jsonl"), "a", encoding="utf-8") as f:
-            for prompt, completion, reward in list(zip(prompts, completions, rewards.tolist()))[
-                    :: self._group_size(training=True)][: self.args.num_completions_to_log]:
+            for i in range(0, len(prompts), self._group_size(training=True))[: self.args.num_completions_to_log]:
+                prompt, completion, reward = prompts[i], completions[i], float(rewards[i])
                 text = prompt if isinstance(prompt, str) else json.dumps(prompt)
                 completion = completion if isinstance(completion, str) else completion[0]["content"]
                 f.write(json.dumps({"step": step, "prompt": text, "completion": completion,
-                                    "reward": reward if math.isfinite(reward) else None}) + "\n")
+                                    "reward": reward if math.isfinite(reward) else None, **self._extras_of(i)},
+                                   default=str) + "\n")
 
 
 @dataclass
