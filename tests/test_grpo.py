@@ -77,8 +77,9 @@ def test_reward_functions_get_columns_and_groups(policy, tokenizer, tmp_path):
     trainer.train()
     assert len(calls) == 2  # one scoring call per round, one round per step here
     for prompts, completions, ids, answers, kwargs in calls:
-        # TRL's contract: the trainer's state comes along (and nothing else unasked)
-        assert len(prompts) == len(completions) == len(answers) == 6 and set(kwargs) == {"trainer_state"}
+        # TRL's contract: the trainer's state and the two logging hooks come along (and nothing else unasked)
+        assert len(prompts) == len(completions) == len(answers) == 6
+        assert set(kwargs) == {"trainer_state", "log_extra", "log_metric"}
         assert kwargs["trainer_state"].max_steps == 2
         for g in range(2):  # each group: one prompt, its own dataset row's extra column, three samples
             group = slice(3 * g, 3 * g + 3)

@@ -311,11 +311,19 @@ def prepare_unpaired(
     max_prompt_length: int | None = None,
     num_proc: int | None = None,
     what: str = "train",
+    kl_chunk_size: int | None = None,
 ) -> Any:
     """Rows with `prompt_ids`, `completion_ids` and bool `label`; paired preference data is unpaired
     first, and rows that already have those columns (TRL's tokenized KTO rows) are only truncated. Prompt
-    and completion stay apart so a collator can also build mismatched pairs. A stream is prepared lazily."""
+    and completion stay apart so a collator can also build mismatched pairs. A stream is prepared lazily.
+
+    With `kl_chunk_size`, rows also get a fixed mismatched completion, `KL_completion_ids` (see
+    `add_kl_completions`). Rows this function prepared that already carry reference log-probs
+    (`ref_logps`) are returned as they are: their columns belong together.
+    """
     sample = sample_of(dataset, what)
+    if has_columns(sample, (*_TOKENIZED_UNPAIRED, "ref_logps")):
+        return dataset
     tokenized = has_columns(sample, _TOKENIZED_UNPAIRED)
     if not tokenized:
         fmt = detect_format(sample, expected=(DatasetType.UNPAIRED_PREFERENCE, DatasetType.PREFERENCE))
@@ -339,20 +347,50 @@ def prepare_unpaired(
     dataset = map_rows(dataset, tokenize, columns=sample.column_names, num_proc=num_proc,
                        desc=f"Tokenizing {what} unpaired examples")
     if is_stream(dataset):
-        return dataset.filter(lambda row: len(row["completion_ids"]) > 0)
-    keep = [len(ids) > 0 for ids in dataset["completion_ids"]]
-    if not any(keep):
-        raise DatasetError(
-            f"No {what} example has a completion token left within max_length={max_length}. "
-            "Fix: raise max_length or lower max_prompt_length."
-        )
-    return dataset if all(keep) else dataset.select([i for i, k in enumerate(keep) if k])
+        dataset = dataset.filter(lambda row: len(row["completion_ids"]) > 0)
+    else:
+        keep = [len(ids) > 0 for ids in dataset["completion_ids"]]
+        if not any(keep):
+            raise DatasetError(
+                f"No {what} example has a completion token left within max_length={max_length}. "
+                "Fix: raise max_length or lower max_prompt_length."
+            )
+        dataset = dataset if all(keep) else dataset.select([i for i, k in enumerate(keep) if k])
+    # After the filter, so that the chunks are those of the rows that are trained on.
+    return dataset if kl_chunk_size is None else add_kl_completions(dataset, kl_chunk_size)
+
+
+def add_kl_completions(dataset: Any, chunk_size: int) -> Any:
+    """A `KL_completion_ids` column: within each run of `chunk_size` consecutive rows (the last run may be
+    shorter), row i gets the completion of row i - 1 and the first row that of the last, so every
+    completion of a run is used once, paired with another row's prompt. KTO's KL reference point is
+    estimated on these (prompt, other completion) pairs; fixing them here, rather than per batch, lets
+    reference log-probs be computed for them ahead of training. With batches read in order in runs of
+    `chunk_size`, a batch's mismatched completions are exactly its own completions. A run of one row
+    (a last, short one) pairs the row with its own completion: there is no other."""
+    if chunk_size < 1:
+        raise ValueError(f"kl_chunk_size must be a positive number of rows, got {chunk_size}.")
+
+    def rotate(batch: dict[str, list]) -> dict[str, list]:
+        completions = batch["completion_ids"]
+        return {"KL_completion_ids": completions[-1:] + completions[:-1]}
+
+    if is_stream(dataset):
+        return dataset.map(rotate, batched=True, batch_size=chunk_size)
+    return dataset.map(rotate, batched=True, batch_size=chunk_size, desc="Fixing mismatched KL completions")
+
+
+# Per-example scalars carried into KTO batches as [b] float32: precomputed reference log-probs of the
+# (prompt, completion) pair and of the (prompt, KL completion) pair.
+UNPAIRED_REFERENCE_COLUMNS = ("ref_logps", "ref_KL_logps")
 
 
 @dataclass
 class UnpairedCollator:
-    """[2b, t] batch: the b (prompt_i, completion_i) sequences, then b mismatched (prompt_i,
-    completion_{i+1 mod b}) ones whose log-probs estimate KTO's KL reference point. Plus `label` [b].
+    """[2b, t] batch: the b (prompt_i, completion_i) sequences, then b mismatched ones whose log-probs
+    estimate KTO's KL reference point: (prompt_i, KL_completion_ids_i) when the rows carry that fixed
+    column (`add_kl_completions`), else (prompt_i, completion_{i+1 mod b}) within the batch. Plus `label`
+    [b] and the reference log-probs present (`ref_logps`, `ref_KL_logps`) as [b] float32.
     `pad_to_multiple_of`: t is rounded up to a multiple of it (None or "auto": no rounding)."""
 
     pad_token_id: int
@@ -363,12 +401,20 @@ class UnpairedCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = len(examples)
-        pairs = [(e, e) for e in examples] + [(examples[i], examples[(i + 1) % n]) for i in range(n)]
+        if "KL_completion_ids" in examples[0]:
+            mismatched = [e["KL_completion_ids"] for e in examples]
+        else:
+            mismatched = [examples[(i + 1) % n]["completion_ids"] for i in range(n)]
+        pairs = [(e["prompt_ids"], e["completion_ids"]) for e in examples] + [
+            (e["prompt_ids"], completion) for e, completion in zip(examples, mismatched)]
         sequences = [
-            {"input_ids": list(p["prompt_ids"]) + list(c["completion_ids"]),
-             "loss_mask": [False] * len(p["prompt_ids"]) + [True] * len(c["completion_ids"])}
-            for p, c in pairs
+            {"input_ids": list(prompt) + list(completion),
+             "loss_mask": [False] * len(prompt) + [True] * len(completion)}
+            for prompt, completion in pairs
         ]
         batch = LanguageModelingCollator(self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)(sequences)
         batch["label"] = torch.tensor([bool(e["label"]) for e in examples])
+        for key in UNPAIRED_REFERENCE_COLUMNS:
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         return batch
