@@ -321,3 +321,18 @@ def test_precomputed_reference_log_probs_for_a_dict_of_eval_sets(tmp_path, tiny_
         metrics = trainer.evaluate()
         losses[precompute] = (metrics["eval_a_loss"], metrics["eval_b_loss"])
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_a_peft_policy_stays_a_live_reference_after_precomputing(tmp_path, tiny_decoder_dir):
+    # With log-probs precomputed the reference copy is gone, but a PEFT policy with its adapter disabled still
+    # computes as the reference (generate_during_eval's reference samples, new eval sets).
+    from peft import LoraConfig
+
+    args = DPOConfig(output_dir=str(tmp_path / "peft"), precompute_ref_log_probs=True, **COMMON)
+    trainer = DPOTrainer(model=tiny_decoder_dir, args=args, train_dataset=pairs(),
+                         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert trainer.ref_model is None and trainer._live_reference(trainer.model) is not None
+    full = DPOTrainer(model=tiny_decoder_dir, args=DPOConfig(output_dir=str(tmp_path / "full"),
+                                                             precompute_ref_log_probs=True, **COMMON),
+                      train_dataset=pairs())
+    assert full._live_reference(full.model) is None  # a full-weight policy's starting weights are gone

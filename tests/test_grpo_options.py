@@ -283,3 +283,12 @@ def test_adaptive_entropy_moves_the_coefficient(policy, tokenizer, tmp_path):
     assert trainer.entropy_control.coef == pytest.approx(0.07)
     logged = [row["entropy_coef"] for row in trainer.state.log_history if "entropy_coef" in row]
     assert logged[:2] == pytest.approx([0.01, 0.03])  # the coefficient in force during each step
+
+
+def test_missing_reward_source_and_dataset_are_named(policy, tokenizer, tmp_path):
+    # As TRL 1.x: reward_funcs is a keyword with a default, and leaving it (or the dataset) out says what is missing.
+    with pytest.raises(ValueError, match="No reward source provided"):
+        GRPOTrainer(policy, args=config(GRPOConfig, tmp_path), train_dataset=prompts_dataset(),
+                    processing_class=tokenizer)
+    with pytest.raises(ValueError, match="`train_dataset` is required"):
+        GRPOTrainer(policy, reward_funcs=length_reward, args=config(GRPOConfig, tmp_path), processing_class=tokenizer)

@@ -131,7 +131,7 @@ def test_kto_refusals(tmp_path, tiny_decoder_dir):
     with pytest.raises(ValueError, match="per_device_train_batch_size >= 2"):
         config(KTOConfig, tmp_path, per_device_train_batch_size=1)
     with pytest.raises(ValueError, match="cannot be precomputed"):
-        config(KTOConfig, tmp_path, precompute_ref_log_probs=True)
+        config(KTOConfig, tmp_path, precompute_ref_log_probs=True, kl_completions="batch")
     with pytest.raises(DatasetError, match="'label'"):
         KTOTrainer(tiny_decoder_dir, args=config(KTOConfig, tmp_path),
                    train_dataset=Dataset.from_dict({"prompt": ["a"], "completion": [" b"], "label": ["good"]}))

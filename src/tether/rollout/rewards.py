@@ -222,9 +222,10 @@ class RewardFunctions:
     def __init__(self, reward_funcs: Any, reward_weights: Sequence[float] | None = None,
                  reward_processing_classes: Sequence[Any] | None = None,
                  load_kwargs: dict[str, Any] | None = None) -> None:
-        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        funcs = [] if reward_funcs is None else reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
-            raise ValueError("No reward function given: pass a callable, a reward model, or a path to one.")
+            raise ValueError("No reward source provided: pass reward_funcs (a callable, a reward model, a path to "
+                             "one, or a list of them).")
         if reward_processing_classes is None or not isinstance(reward_processing_classes, (list, tuple)):
             # one tokenizer (or none) for every reward model, as TRL takes a single object too
             reward_processing_classes = [reward_processing_classes] * len(funcs)

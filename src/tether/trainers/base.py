@@ -172,7 +172,7 @@ class TetherTrainer(Trainer):
     config_class: type[TetherConfig] = TetherConfig
     config_suffix = "tether"  # default output dir: <model name>-<suffix>
     legacy_renames: dict[str, str] = {}  # old TRL keyword -> config field
-    dataset_description = "a train_dataset"
+    dataset_description = "a dataset"
 
     # Losses are means over the micro-batch unless a trainer normalises by the global token count itself
     # (SFT): Trainer must then divide by the accumulation steps. Left to Trainer, it would not, because our
@@ -207,7 +207,7 @@ class TetherTrainer(Trainer):
         args = as_config(self.config_class, args, "model" if model is None else model, self.config_suffix)
         args = apply_legacy_kwargs(args, legacy_kwargs, self.legacy_renames, name)
         if train_dataset is None:
-            raise ValueError(f"{name} needs {self.dataset_description}.")
+            raise ValueError(f"`train_dataset` is required: {name} trains on {self.dataset_description}.")
         set_seed(args.seed)  # before loading and wrapping: fresh heads and adapters start the same each run
         self.model_init, self._peft_config = model_init, peft_config
         self._quantization_config = quantization_config

@@ -25,7 +25,6 @@ from ..losses.preference import (
     wpo_weights,
 )
 from ..models.dropout import disable_dropout
-from ..models.forward import unwrap_model
 from ..models.loading import is_peft_model, load_language_model
 from ..models.reference import activate_trained_adapter, reference_context, select_reference
 from .preference import PairwiseConfig, PairwiseTrainer, pair_sequence_log_probs
@@ -152,8 +151,8 @@ class DPOTrainer(PairwiseTrainer):
         if self.args.precompute_ref_log_probs:
             eval_sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
             if is_stream(self.train_dataset) or any(is_stream(e) for e in eval_sets.values()):
-                raise ValueError("precompute_ref_log_probs=True needs the whole dataset before training, and a "
-                                 "streaming dataset has no end to read to. Fix: set precompute_ref_log_probs=False "
+                raise ValueError("precompute_ref_log_probs=True is not supported with IterableDataset (streaming): it "
+                                 "needs the whole dataset before training. Fix: set precompute_ref_log_probs=False "
                                  "(the reference model then scores each batch), or load the dataset without "
                                  "streaming.")
             self.train_dataset = self._add_reference_log_probs(self.train_dataset)
@@ -248,7 +247,7 @@ class DPOTrainer(PairwiseTrainer):
         when there is no live reference: reference_free, or log-probs precomputed for a policy that is not PEFT
         (its starting weights are gone)."""
         if self._option("reference_free") or (self.ref_model is None and self._adapters["ref_adapter_name"] is None
-                                              and not is_peft_model(unwrap_model(model))):
+                                              and not is_peft_model(self.accelerator.unwrap_model(model))):
             return None
         return reference_context(model, self.ref_model, **self._adapters)
 

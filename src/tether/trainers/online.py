@@ -102,7 +102,7 @@ class OnlineTrainer(TetherTrainer):
     `compute_advantages` and `policy_loss`; `kl_in_reward` says where beta's KL goes."""
 
     config_class = OnlineConfig
-    dataset_description = "a train_dataset of prompts (a 'prompt' column)"
+    dataset_description = "prompts (a 'prompt' column)"
     loss_is_scaled_for_ga = True  # each micro-batch's loss carries the whole step's normaliser
     kl_in_reward = False
     corrects_sampler_mismatch = False  # whether the vllm_importance_sampling_* fields exist and apply
@@ -112,7 +112,7 @@ class OnlineTrainer(TetherTrainer):
     def __init__(
         self,
         model: nn.Module | str,
-        reward_funcs: Any,
+        reward_funcs: Any = None,
         args: OnlineConfig | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,

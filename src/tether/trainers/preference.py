@@ -86,7 +86,7 @@ class PairwiseTrainer(TetherTrainer):
 
     config_class: type[PairwiseConfig] = PairwiseConfig
     config_suffix = "Pairwise"
-    dataset_description = "a train_dataset of preference pairs (prompt/chosen/rejected)"
+    dataset_description = "preference pairs (prompt/chosen/rejected)"
     _warned_no_predictions = False
 
     def _load(self, model: nn.Module | str, args: Any) -> nn.Module:

@@ -58,7 +58,7 @@ class RewardTrainer(TetherTrainer):
 
     config_class = RewardConfig
     config_suffix = "Reward"
-    dataset_description = "a train_dataset of preference pairs"
+    dataset_description = "preference pairs"
 
     @staticmethod
     def load_model(name_or_path: str, init_kwargs: dict[str, Any]) -> nn.Module:
