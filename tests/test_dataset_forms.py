@@ -288,3 +288,14 @@ def test_kto_config_accepts_pretokenized_rows_in_a_trainer(tmp_path, tiny_decode
     trainer = KTOTrainer(tiny_decoder_dir, args=config(tmp_path, KTOConfig), train_dataset=Dataset.from_list(rows))
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_pretokenized_rows_follow_truncation_mode_and_packing_strategy():
+    rows = Dataset.from_list([{"input_ids": list(range(10, 20))}, {"input_ids": [30, 31, 32]}])
+    kept = prepare_language_modeling(rows, None, max_length=4, truncation_mode="keep_end")
+    assert kept[0]["input_ids"] == [16, 17, 18, 19] and kept[0]["loss_mask"] == [False, True, True, True]
+    # bfd_split keeps every token of a long row (in pieces); plain bfd cuts it to max_length.
+    split = prepare_language_modeling(rows, None, max_length=4, packing=True, packing_strategy="bfd_split")
+    assert sorted(t for row in split["input_ids"] for t in row) == [*range(10, 20), 30, 31, 32]
+    cut = prepare_language_modeling(rows, None, max_length=4, packing=True, packing_strategy="bfd")
+    assert sorted(t for row in cut["input_ids"] for t in row) == [10, 11, 12, 13, 30, 31, 32]

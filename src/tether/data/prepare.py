@@ -147,7 +147,9 @@ def prepare_language_modeling(
         if formatting_func is not None:
             logger.warning("The %s dataset is already tokenized (it has `input_ids`), so formatting_func is not "
                            "used.", what)
-        tokenize = tokenized_rows(sample, completion_only_loss, assistant_only_loss, max_length)
+        # packing: long rows are left whole for `packing_strategy` to cut or split, as for text
+        tokenize = tokenized_rows(sample, completion_only_loss, assistant_only_loss, None if packing else max_length,
+                                  truncation_mode)
     else:
         if formatting_func is not None:
             to_text, batched = formatting_func_to_text(formatting_func, sample)
@@ -171,7 +173,8 @@ def prepare_language_modeling(
 
 
 def tokenized_rows(sample: Any, completion_only_loss: bool | None, assistant_only_loss: bool,
-                   max_length: int | None) -> Callable[[dict[str, Any]], dict[str, list]]:
+                   max_length: int | None, truncation_mode: str = "keep_start"
+                   ) -> Callable[[dict[str, Any]], dict[str, list]]:
     """The function that turns one pre-tokenized row into `input_ids` and `loss_mask`, as TRL's SFT reads
     such rows (its loss mask rules; `sample` gives the columns):
 
@@ -180,7 +183,8 @@ def tokenized_rows(sample: Any, completion_only_loss: bool | None, assistant_onl
     - else `assistant_masks` (1 = assistant token) always applies, and `completion_mask` (1 = completion
       token) applies when completion_only_loss is True, or None with `prompt` and `completion` columns too
       (TRL's default: completion_only_loss=None means False for other rows);
-    - `attention_mask` zeros never count. Rows are cut to their first `max_length` tokens.
+    - `attention_mask` zeros never count. Rows longer than `max_length` keep their first tokens (their last with
+      truncation_mode="keep_end").
     """
     columns = set(sample.column_names)
     completion_only = completion_only_loss is True or (completion_only_loss is None
@@ -217,9 +221,10 @@ def tokenized_rows(sample: Any, completion_only_loss: bool | None, assistant_onl
         if row.get("attention_mask") is not None:
             _same_length(ids, row["attention_mask"], "attention_mask")
             counts = [c and bool(a) for c, a in zip(counts, row["attention_mask"])]
-        if counts:
-            counts[0] = False  # nothing precedes the first token
-        return truncate({"input_ids": ids, "loss_mask": counts}, max_length)
+        out = truncate({"input_ids": ids, "loss_mask": counts}, max_length, truncation_mode)
+        if out["loss_mask"]:
+            out["loss_mask"][0] = False  # nothing precedes the first token
+        return out
 
     return convert
 
