@@ -292,3 +292,20 @@ def test_missing_reward_source_and_dataset_are_named(policy, tokenizer, tmp_path
                     processing_class=tokenizer)
     with pytest.raises(ValueError, match="`train_dataset` is required"):
         GRPOTrainer(policy, reward_funcs=length_reward, args=config(GRPOConfig, tmp_path), processing_class=tokenizer)
+
+
+def test_trl_names_of_the_entropy_and_off_policy_masks(policy, tokenizer, tmp_path):
+    trainer = GRPOTrainer(policy, reward_funcs=length_reward, args=config(GRPOConfig, tmp_path),
+                          train_dataset=prompts_dataset(), processing_class=tokenizer)
+    entropies = torch.tensor([[0.1, 0.9, 0.5, 7.0], [0.3, 0.7, 0.2, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    # The 0.5 quantile of the 7 real entropies (0, .1, .2, .3, .5, .7, .9) is 0.3: tokens >= 0.3 are kept.
+    expected = torch.tensor([[False, True, True, False], [True, True, False, False]])
+    assert torch.equal(trainer.get_high_entropy_mask(entropies, mask, 0.5), expected)
+    assert torch.equal(trainer.get_high_entropy_mask(entropies, mask, 0.0), mask.bool())
+    # Drop a sequence only when its advantage is negative and its mean (sampler - current) log-prob gap > threshold.
+    advantages = torch.tensor([[-1.0], [-1.0], [1.0]])
+    current = torch.zeros(3, 2)
+    sampler = torch.tensor([[0.5, 0.5], [0.1, 0.1], [0.9, 0.9]])
+    keep = GRPOTrainer.get_off_policy_mask(advantages, current, sampler, torch.ones(3, 2), 0.2)
+    assert keep.tolist() == [[0.0], [1.0], [1.0]]

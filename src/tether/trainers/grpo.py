@@ -22,6 +22,7 @@ from ..losses.group import (
     AdaptiveEntropyCoefficient,
     GroupPolicyLossOutput,
     group_policy_loss,
+    off_policy_sequence_mask,
 )
 from .online import OnlineTrainer, PolicyLossExtras
 from .online_config import OnlineConfig
@@ -170,6 +171,21 @@ class GRPOTrainer(OnlineTrainer):
             return normalize_then_sum_advantages(per_function, self.rewards.weights, k)
         scale = SCALE_REWARDS[self.args.scale_rewards]
         return group_relative_advantages(rewards, k, scale_by_std=scale is not None, std_over=scale or "group")
+
+    # ----- TRL's names for two steps of the loss (its tests and subclasses call them) -------------------------
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """[b, t] bool: the real tokens whose entropy is at least the `threshold` quantile of all processes'
+        real tokens' entropies (top_entropy_quantile q gives threshold 1 - q)."""
+        kept = self._entropy_mask(entropies, mask, keep_top=1.0 - threshold)
+        return mask.bool() if kept is None else kept
+
+    @staticmethod
+    def get_off_policy_mask(advantages: torch.Tensor, per_token_logps: torch.Tensor,
+                            sampling_per_token_logps: torch.Tensor, mask: torch.Tensor,
+                            off_policy_threshold: float) -> torch.Tensor:
+        """[b, 1], 1 = keep: losses.group.off_policy_sequence_mask (DeepSeek-V3.2's off-policy masking)."""
+        return off_policy_sequence_mask(advantages, per_token_logps, sampling_per_token_logps, mask,
+                                        off_policy_threshold).to(mask.dtype)
 
     def policy_loss(self, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, ref_logps: torch.Tensor | None, num_tokens: float, num_sequences: float,

@@ -456,17 +456,19 @@ class OnlineTrainer(TetherTrainer):
         })
         return (out.loss, None) if return_outputs else out.loss
 
-    def _entropy_mask(self, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """The tokens in the top `keep_top_entropy` share by entropy, the threshold taken over this micro-batch's
-        tokens on every process (as TRL gathers them); None when every token counts."""
-        if self.keep_top_entropy >= 1.0:
+    def _entropy_mask(self, entropy: torch.Tensor, mask: torch.Tensor, keep_top: float | None = None
+                      ) -> torch.Tensor | None:
+        """The tokens in the top `keep_top` share (default: keep_top_entropy) by entropy, the threshold taken over
+        this micro-batch's tokens on every process (as TRL gathers them); None when every token counts."""
+        keep_top = self.keep_top_entropy if keep_top is None else keep_top
+        if keep_top >= 1.0:
             return None
         values = entropy.detach()[mask.bool()].float()
         if self.args.world_size > 1:  # pad to a common length with a value no entropy takes, gather, drop it
             values = self.accelerator.pad_across_processes(values, dim=0, pad_index=-1.0)
             values = self.accelerator.gather(values)
             values = values[values >= 0]
-        return high_entropy_mask(entropy.detach(), mask, self.keep_top_entropy, population=values)
+        return high_entropy_mask(entropy.detach(), mask, keep_top, population=values)
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, list[Any]], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
