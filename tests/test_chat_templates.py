@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from test_tokenize import spans  # the test folder is on sys.path
 from tether import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 from tether.data.chat_format import clone_chat_template, setup_chat_format
 from tether.data.formats import DatasetError
@@ -21,20 +22,6 @@ from tether.data.tokenize import tokenize_conversation
 
 def conv(*turns):
     return [{"role": r, "content": c} for r, c in zip(turns[::2], turns[1::2], strict=True)]
-
-
-def spans(tokenizer, ids, mask, value=True):
-    """Decoded text of each maximal run of tokens whose mask equals `value`."""
-    runs, current = [], []
-    for token, m in zip(ids, mask, strict=True):
-        if bool(m) == value:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return [tokenizer.decode(r) for r in runs]
 
 
 # A reasoning template: an assistant turn before the last user message loses its "<think>...</think>" part,

@@ -33,7 +33,7 @@ def spans(tokenizer, ids, mask, value=True):
     """Decoded text of each maximal run of tokens whose mask equals `value`."""
     runs, current = [], []
     for token, m in zip(ids, mask, strict=True):
-        if m == value:
+        if bool(m) == value:
             current.append(token)
         elif current:
             runs.append(current)
