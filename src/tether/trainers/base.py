@@ -91,6 +91,23 @@ def as_config(config_class: type[TrainingArguments], args: TrainingArguments | N
     return config_class(**_init_values(args))
 
 
+def check_training_lengths(config: Any) -> None:
+    """The TrainingArguments fields whose bad values would otherwise surface mid-run (a ZeroDivisionError, a
+    run that trains nothing, torch naming its optimizer instead of the field): a ValueError naming the field."""
+    name = type(config).__name__
+    if config.gradient_accumulation_steps < 1:
+        raise ValueError(f"{name}.gradient_accumulation_steps must be at least 1, got "
+                         f"{config.gradient_accumulation_steps}.")
+    if config.learning_rate < 0:
+        raise ValueError(f"{name}.learning_rate must be >= 0, got {config.learning_rate}.")
+    if config.max_steps <= 0 and config.num_train_epochs <= 0:
+        raise ValueError(f"{name}: num_train_epochs={config.num_train_epochs} with no max_steps trains nothing. Fix: "
+                         "set num_train_epochs > 0 or max_steps > 0.")
+    for field_name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(config, field_name) < 1:
+            raise ValueError(f"{name}.{field_name} must be at least 1, got {getattr(config, field_name)}.")
+
+
 _warned_inapplicable: set[tuple[str, str]] = set()
 
 
@@ -144,6 +161,7 @@ class TetherConfig(TrainingArguments):
             self.pad_to_multiple_of = multiple  # "8" from a command line becomes 8
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
+        check_training_lengths(self)
         if self.ddp_backend is None:  # gloo for DeepSpeed on CPU-only machines (see distributed.py)
             self.ddp_backend = default_ddp_backend()
         super().__post_init__()

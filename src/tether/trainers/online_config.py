@@ -123,6 +123,7 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_sampling_and_clipping(self)
         if self.num_generations < 2:
             raise ValueError("num_generations must be at least 2: the group is the baseline.")
         if self.max_completion_length < 1:
@@ -171,3 +172,24 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields):
                 f"process, which is not a multiple of num_generations={self.num_generations}: each process samples "
                 "whole groups. Fix: make per_device_train_batch_size (or steps_per_generation / "
                 "gradient_accumulation_steps) a multiple of num_generations, or lower num_generations.")
+
+
+def check_sampling_and_clipping(config: OnlineConfig) -> None:
+    """Sampling and clipping fields of the online methods. temperature must be > 0: the loss divides the logits
+    by it (0 would mean greedy sampling, whose log-probs are not the ones trained on)."""
+    name = type(config).__name__
+    if config.temperature <= 0:
+        raise ValueError(f"{name}.temperature must be > 0 (the training log-probs divide by it), got "
+                         f"{config.temperature}. Fix: sample with e.g. temperature=1.0 (for near-greedy, top_k=1).")
+    if not 0.0 < config.top_p <= 1.0:
+        raise ValueError(f"{name}.top_p must lie in (0, 1], got {config.top_p}.")
+    if config.top_k < 0:
+        raise ValueError(f"{name}.top_k must be >= 0 (0: off), got {config.top_k}.")
+    if config.min_p is not None and not 0.0 <= config.min_p <= 1.0:
+        raise ValueError(f"{name}.min_p must lie in [0, 1] (or None: off), got {config.min_p}.")
+    if config.beta < 0:
+        raise ValueError(f"{name}.beta (the KL coefficient) must be >= 0, got {config.beta}.")
+    for field_name in ("epsilon", "epsilon_high"):
+        value = getattr(config, field_name)
+        if value is not None and value < 0:
+            raise ValueError(f"{name}.{field_name} (a clip range) must be >= 0, got {value}.")

@@ -196,8 +196,8 @@ class PPOConfig:
                                   "log_with='tensorboard').")
         if self.push_to_hub_if_best_kwargs and "repo_id" not in self.push_to_hub_if_best_kwargs:
             raise ValueError("PPOConfig.push_to_hub_if_best_kwargs needs a 'repo_id' (the hub repository to push to).")
-        if self.total_steps is not None and self.total_steps < 0:
-            raise ValueError(f"PPOConfig.total_steps must be >= 0, got {self.total_steps}.")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"PPOConfig.total_steps must be at least 1 (None: from `steps`), got {self.total_steps}.")
 
     @property
     def total_ppo_epochs(self) -> int:

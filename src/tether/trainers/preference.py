@@ -63,6 +63,9 @@ class PairwiseConfig(TetherConfig):
             raise ValueError(f"max_completion_length must be at least 1 (or None), got {self.max_completion_length}.")
         if self.beta <= 0:
             raise ValueError(f"beta must be positive, got {self.beta}.")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be at least 1 token (or None: no limit), got "
+                             f"{self.max_prompt_length}.")
         if self.max_length is not None and self.max_prompt_length is not None and (
                 self.max_prompt_length >= self.max_length):
             # As in TRL, not an error (e.g. DPOConfig(max_length=512) keeps the default max_prompt_length=512):
