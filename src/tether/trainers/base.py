@@ -47,6 +47,7 @@ from ..reports.callback import WRITE_THEIR_OWN_SAMPLES, RunReportCallback
 from ..reports.page import write_report
 from ..reports.runfiles import SAMPLES_FILE, write_jsonl
 from .checkpoints import atomic_directory, rotate_checkpoints
+from .finite_guard import NonFiniteGuard, check_finite_weights
 from .hub_tags import card_tags, tag_model, trainer_tags
 from .ref_sync import ReferenceSyncCallback, check_sync_config
 
@@ -145,6 +146,9 @@ class TetherConfig(TrainingArguments):
                 "(TRL's 'auto' pads only on AWS Neuron)."})
     activation_offloading: bool = field(default=False, metadata={
         "help": "Keep the activations saved for the backward pass in CPU memory instead of the accelerator's."})
+    max_nonfinite_steps: int = field(default=3, metadata={
+        "help": "Optimizer steps in a row whose loss or gradients are not finite that are skipped (weights "
+                "unchanged, a warning each) before training stops with an error; 0: stop at the first."})
     router_aux_loss_coef: float | None = field(default=None, metadata={
         "help": "Mixture-of-experts models: weight of the router load-balancing loss added to the loss (None: the "
                 "model config's value; 0: off). An error for a model without a router."})
@@ -162,6 +166,8 @@ class TetherConfig(TrainingArguments):
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
         check_training_lengths(self)
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}.")
         if self.ddp_backend is None:  # gloo for DeepSpeed on CPU-only machines (see distributed.py)
             self.ddp_backend = default_ddp_backend()
         super().__post_init__()
@@ -246,6 +252,8 @@ class TetherTrainer(Trainer):
                          callbacks=callbacks, optimizers=optimizers, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, data_collator=data_collator,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        if self.optimizer is not None:  # the user's own optimizer gets the non-finite check too
+            self.nonfinite_guard.attach(self.optimizer)
         # Trainer (transformers 5) takes a model or a model_init, not both; with model_init, its train() builds a
         # fresh model at each call (hyperparameter search), which `call_model_init` prepares as this one.
         self.model_init = model_init
@@ -396,6 +404,23 @@ class TetherTrainer(Trainer):
         self._sample_keeper.started = True
 
     # ----- one training step: activation offloading, the MoE router loss -----------------------------
+    @property
+    def nonfinite_guard(self) -> NonFiniteGuard:
+        if getattr(self, "_nonfinite_guard", None) is None:
+            self._nonfinite_guard = NonFiniteGuard(getattr(self.args, "max_nonfinite_steps", 3),
+                                                   lambda: self.state.global_step)
+        return self._nonfinite_guard
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, with the check that skips steps whose gradients are not finite."""
+        optimizer = super().create_optimizer() if model is None else super().create_optimizer(model)
+        self.nonfinite_guard.attach(optimizer)
+        return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        check_finite_weights(self.model, output_dir or self.args.output_dir)  # before anything is written
+        super()._save(output_dir, state_dict)
+
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                       ) -> torch.Tensor:
         """Trainer's step (forward, loss, backward). With activation_offloading, the tensors autograd saves for
