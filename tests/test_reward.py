@@ -196,6 +196,15 @@ def test_reward_function_validation():
     assert call_reward_function(good, prompts, completions, bonus=[0, 2.5]).tolist() == [1.0, 2.5]
     assert call_reward_function(lambda prompts, completions: torch.tensor([1.0, 2.0]), prompts,
                                 completions).tolist() == [1.0, 2.0]
+    # Any real scalar is a number (issue 13): numpy scalars and 0-d tensors/arrays, in a plain list.
+    import numpy as np
+
+    assert call_reward_function(lambda prompts, completions: [np.float32(0.5), torch.tensor(1.5)], prompts,
+                                completions).tolist() == [0.5, 1.5]
+    assert call_reward_function(lambda prompts, completions: [np.array(2.0), np.int64(3)], prompts,
+                                completions).tolist() == [2.0, 3.0]
+    with pytest.raises(RewardFunctionError, match="completion 0"):  # a bool is not a reward, whatever its type
+        call_reward_function(lambda prompts, completions: [np.bool_(True), 1.0], prompts, completions)
 
     def short(prompts, completions):
         return [1.0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import numbers
 import threading
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
@@ -80,6 +81,18 @@ def _invoke(func: RewardFunction, prompts: list[Any], completions: list[Any], co
         return error
 
 
+def _as_real(value: Any) -> Any:
+    """A real scalar of any kind (numpy scalar, 0-d tensor or array) as a Python number; anything else as it is."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # 0-d torch tensor / numpy array
+        item = value.item()
+        return float(item) if isinstance(item, numbers.Real) and not isinstance(item, bool) else value
+    return value
+
+
 def _check_values(func: RewardFunction, values: Any, n: int) -> torch.Tensor:
     """One function's output as [n] float32: finite numbers, and NaN where it returned None."""
     name = reward_function_name(func)
@@ -97,6 +110,7 @@ def _check_values(func: RewardFunction, values: Any, n: int) -> torch.Tensor:
             f"Reward function {name!r} returned {len(values)} values for {n} completions. "
             "Fix: return exactly one float per completion, in order."
         )
+    values = [_as_real(v) for v in values]  # numpy scalars and 0-d tensors are numbers too
     for i, value in enumerate(values):
         if value is None:
             continue
