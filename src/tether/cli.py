@@ -20,7 +20,6 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -214,6 +213,8 @@ def build_parser(command: str) -> Any:
     """The `HfArgumentParser` of a training subcommand: script arguments + the method's config + `--config`."""
     from transformers import HfArgumentParser
 
+    from tether.scripts.parser import json_dict_flags
+
     spec = TRAIN_COMMANDS[command]
     parser = HfArgumentParser((_import(spec.script_args), _import(spec.config)), prog=f"tether {command}",
                               description=spec.help)
@@ -228,11 +229,7 @@ def build_parser(command: str) -> Any:
         "accelerate YAML file of yours."))
     launching.add_argument(NUM_PROCESSES_FLAG, metavar="N", type=int, default=None, help=(
         f"Processes to launch with {ACCELERATE_CONFIG_FLAG} (default: one per GPU; required without GPUs)."))
-    for action in parser._actions:
-        # Dict-typed fields (e.g. model_init_kwargs) take JSON on the command line; argparse would call
-        # dict("...") on the string and fail.
-        if action.type is dict or getattr(action.type, "__origin__", None) is dict:
-            action.type = json.loads
+    json_dict_flags(parser)
     return parser
 
 

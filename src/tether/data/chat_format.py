@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -127,6 +127,23 @@ def clone_chat_template(model: Any, tokenizer: Any, source_tokenizer_path: str,
         raise RuntimeError(f"clone_chat_template: the tokenizer has {len(tokenizer)} tokens but the model "
                            f"{_embedding_rows(model)} embedding rows after resizing.")
     return model, tokenizer, tokenizer.convert_tokens_to_ids([token.content for token in added])
+
+
+@dataclass
+class TokenizerOptionFields:
+    """Config fields that change the tokenizer before training (SFTConfig, RewardConfig), named as in TRL;
+    the trainer applies them with `apply_tokenizer_options`."""
+
+    chat_template_path: str | None = field(default=None, metadata={
+        "help": "Chat template to train with: a Jinja file (its tokens must be in the vocabulary), or a tokenizer "
+                "directory whose template, special tokens and EOS are copied (clone_chat_template; the embeddings "
+                "grow to hold new tokens)."})
+    eos_token: str | None = field(default=None, metadata={
+        "help": "A token of the vocabulary to use as EOS: it ends plain-text sequences and stops generation "
+                "(default: the tokenizer's)."})
+    pad_token: str | None = field(default=None, metadata={
+        "help": "A token of the vocabulary to pad with (default: the tokenizer's pad token, else its EOS); the "
+                "model config's pad_token_id follows (a reward model reads its score by it)."})
 
 
 def _require_in_vocab(tokenizer: Any, token: str, field: str) -> None:

@@ -29,7 +29,6 @@ from .formats import (
 )
 from .tokenize import (
     formatting_func_to_text,
-    render_chat,
     require_chat_template,
     tokenize_conversation,
     tokenize_prompt,
@@ -398,11 +397,7 @@ def prepare_prompts(
     detect_format(dataset, expected=(DatasetType.PROMPT_ONLY,))
 
     def tokenize(row: dict[str, Any]) -> dict[str, list[int]]:
-        prompt = row["prompt"]
-        if chat_template_kwargs and isinstance(prompt, list):
-            text = render_chat(tokenizer, prompt, add_generation_prompt=True, **chat_template_kwargs)
-            return {"prompt_input_ids": tokenizer(text, add_special_tokens=False)["input_ids"]}
-        return {"prompt_input_ids": tokenize_prompt(tokenizer, prompt)}
+        return {"prompt_input_ids": tokenize_prompt(tokenizer, row["prompt"], **(chat_template_kwargs or {}))}
 
     if is_stream(dataset):
         sample = sample_of(dataset, what).map(tokenize)

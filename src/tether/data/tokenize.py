@@ -64,10 +64,11 @@ def with_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
     return ids
 
 
-def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) -> list[int]:
-    """Ids of a prompt as generation sees it (chat template with the generation prompt)."""
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, **template_kwargs: Any) -> list[int]:
+    """Ids of a prompt as generation sees it (chat template with the generation prompt; `template_kwargs` go to
+    the template of a conversational prompt, e.g. enable_thinking=False)."""
     if isinstance(prompt, list):
-        return _ids(tokenizer, render_chat(tokenizer, prompt, add_generation_prompt=True), False)
+        return _ids(tokenizer, render_chat(tokenizer, prompt, add_generation_prompt=True, **template_kwargs), False)
     return _ids(tokenizer, prompt, True)
 
 

@@ -315,8 +315,11 @@ def group_policy_loss(
     mask = mask.bool()
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     advantages = torch.where(torch.isfinite(advantages), advantages, 0.0).to(logps.dtype)[:, None]  # [n, 1]
-    log_ratio_tokens = torch.where(mask, logps - old_logps.detach(), 0.0)  # [n, t]
-    log_w = log_importance_weights(logps, old_logps, mask, importance_sampling_level)  # [n, t] or [n, 1]
+    log_ratio_tokens = log_importance_weights(logps, old_logps, mask, "token")  # [n, t]
+    if importance_sampling_level == "token":
+        log_w = log_ratio_tokens
+    else:  # [n, 1] (or the level's ValueError)
+        log_w = log_importance_weights(logps, old_logps, mask, importance_sampling_level)
     ratio = torch.exp(log_w)
     inputs = ObjectiveInputs(ratio, log_w, advantages, logps, log_ratio_tokens, mask, sampler_weights, epsilon_low,
                              eps_high, delta, **objective_options)

@@ -592,6 +592,12 @@ def _options_of(loss: PairwiseLoss) -> frozenset[str]:
     return frozenset(name for name, p in inspect.signature(loss).parameters.items() if p.kind is p.KEYWORD_ONLY)
 
 
+@functools.cache
+def _all_options() -> frozenset[str]:
+    """Every keyword-only option some DPO_LOSSES loss declares."""
+    return frozenset().union(*(_options_of(fn) for fn in DPO_LOSSES.values()))
+
+
 def loss_type_list(loss_type: str | Sequence[str]) -> list[str]:
     """loss_type as a list (TRL 1.16 takes one name or a list), each name checked against DPO_LOSSES."""
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -631,7 +637,7 @@ def dpo_loss(
     if len(weights) != len(types):
         raise ValueError(f"loss_weights has {len(weights)} weights for {len(types)} loss types {types}; give one "
                          "weight per loss type (or None for weight 1 each).")
-    known = frozenset().union(*(_options_of(fn) for fn in DPO_LOSSES.values()))
+    known = _all_options()
     unknown = set(options) - known
     if unknown:
         raise TypeError(f"dpo_loss got unknown options {sorted(unknown)}; the losses take {sorted(known)}.")

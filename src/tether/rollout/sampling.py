@@ -392,9 +392,7 @@ def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max
         # The cache cannot be gathered by rows: encode each completion's prompt (same numbers, k times the
         # prefill work) and never drop finished rows from it. A model that keeps no cache at all re-reads
         # the whole sequence at every step (sequence below).
-        logits, cache = fwd.prefill(input_ids, attention_mask)
-        if cache is None:
-            logits, _ = fwd.prefill(input_ids, attention_mask, use_cache=False)
+        logits, cache = fwd.prefill(input_ids, attention_mask)  # [n, v]; cache None if the model keeps none
     sequence = input_ids if cache is None else None  # [r, q + step]: only without a cache
     if cache is not None:
         _preallocate(cache, max_new_tokens)

@@ -55,6 +55,14 @@ def _settable_to_none(annotation: Any) -> bool:
     return True
 
 
+def json_dict_flags(parser: argparse.ArgumentParser) -> None:
+    """Make dict-typed flags (e.g. --model_init_kwargs) parse their text as JSON; argparse would call
+    dict("...") on it and fail."""
+    for action in parser._actions:
+        if action.type is dict or typing.get_origin(action.type) is dict:
+            action.type = json.loads
+
+
 class _SharedFieldsNamespace(argparse.Namespace):
     """argparse's namespace for dataclasses that share field names. HfArgumentParser hands each dataclass
     the namespace entries named like its fields and then deletes them; a shared entry is deleted only
@@ -96,11 +104,7 @@ class TrlParser(HfArgumentParser):
                 uses[name] = uses.get(name, 0) + 1
         self._shared_fields = {name: n for name, n in uses.items() if n > 1}
         super().__init__(dataclass_types=dataclass_types, **kwargs)
-        for action in self._actions:
-            # Dict-typed fields (e.g. model_init_kwargs) take JSON on the command line; argparse would call
-            # dict("...") on the text and fail.
-            if action.type is dict or typing.get_origin(action.type) is dict:
-                action.type = json.loads
+        json_dict_flags(self)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[Any, list[str]]:
         if namespace is None and getattr(self, "_shared_fields", None):

@@ -53,7 +53,7 @@ class DPOConfig(PairwiseConfig, ReferenceSyncFields):
                 "exceeds the shorter (None or 1: plain sums; 0: both cut to the shorter length)."})
     use_weighting: bool = field(default=False, metadata={
         "help": "WPO: weight each pair's loss by the product of its two completions' length-normalised, "
-                "aligned probabilities under the policy (costs a second forward pass without gradients)."})
+                "aligned probabilities under the policy (their normaliser comes from the same forward pass)."})
     discopop_tau: float = field(default=0.05, metadata={
         "help": "Temperature tau of loss_type='discopop' (how sharply it swaps logistic for exponential)."})
     pad_token: str | None = field(default=None, metadata={
@@ -88,11 +88,8 @@ class DPOConfig(PairwiseConfig, ReferenceSyncFields):
 
     def __post_init__(self) -> None:
         self.loss_type = loss_type_list(self.loss_type)  # as TRL 1.16: a name becomes a one-element list
-        if self.loss_weights is not None:
+        if self.loss_weights is not None:  # their count is checked by the dpo_loss call below
             self.loss_weights = [float(w) for w in self.loss_weights]
-            if len(self.loss_weights) != len(self.loss_type):
-                raise ValueError(f"loss_weights has {len(self.loss_weights)} weights for loss_type {self.loss_type}; "
-                                 "give one weight per loss type, or None for 1 each.")
         if self.f_divergence_type not in F_DIVERGENCES:
             raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got "
                              f"{self.f_divergence_type!r}.")

@@ -42,7 +42,9 @@ class NonFiniteGuard:
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if all(torch.isfinite(p.grad).all() for p in params):
+        # One device sync per step: each gradient reduced to a flag on its device, the flags combined, read once.
+        flags = [torch.isfinite(p.grad).all() for p in params]
+        if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
             self.in_a_row = 0
             return
         for p in params:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.chat_format import apply_tokenizer_options
+from ..data.chat_format import TokenizerOptionFields, apply_tokenizer_options
 from ..data.preference import PreferenceCollator, prepare_preference
 from ..losses.reward import bradley_terry_loss
 from ..models.loading import load_reward_model
@@ -21,23 +21,13 @@ from .base import TetherConfig, TetherTrainer
 
 
 @dataclass
-class RewardConfig(TetherConfig):
+class RewardConfig(TetherConfig, TokenizerOptionFields):
     """Configuration of `RewardTrainer`; every `TrainingArguments` field applies too."""
 
     center_rewards_coefficient: float | None = field(
         default=None, metadata={"help": "Weight of the mean squared reward added to the loss, pulling rewards "
                                         "toward zero (e.g. 0.01)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the model."})
-    chat_template_path: str | None = field(default=None, metadata={
-        "help": "Chat template for conversational pairs: a Jinja file (its tokens must be in the vocabulary), or a "
-                "tokenizer directory whose template, special tokens and EOS are copied (clone_chat_template; the "
-                "embeddings grow to hold new tokens)."})
-    eos_token: str | None = field(default=None, metadata={
-        "help": "A token of the vocabulary to use as EOS, ending each plain-text sequence (default: the "
-                "tokenizer's)."})
-    pad_token: str | None = field(default=None, metadata={
-        "help": "A token of the vocabulary to pad with (default: the tokenizer's pad token, else its EOS); the "
-                "model config's pad_token_id follows, which the score is read by."})
     padding_free: bool | None = field(default=None, metadata={
         "help": "Pack each batch's sequences into rows of max_length (position_ids, no padding) instead of "
                 "padding them; None: on for transformers' own decoder models."})

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from ..data import LanguageModelingCollator, Seq2SeqCollator
-from ..data.chat_format import apply_tokenizer_options, peft_config_training_new_tokens
+from ..data.chat_format import TokenizerOptionFields, apply_tokenizer_options, peft_config_training_new_tokens
 from ..data.collate import (
     IGNORE_INDEX,
     PACKING_STRATEGIES,
@@ -33,21 +33,12 @@ DATASET_KWARGS = ("add_special_tokens", "append_concat_token", "skip_prepare_dat
 
 
 @dataclass
-class SFTConfig(TetherConfig):
+class SFTConfig(TetherConfig, TokenizerOptionFields):
     """Configuration of `SFTTrainer`; every `TrainingArguments` field applies too (NEFTune's
     `neftune_noise_alpha` among them: uniform noise on the input embeddings while training)."""
 
     dataset_text_field: str = field(default="text", metadata={"help": "Column holding the text of language "
                                                                         "modeling data."})
-    chat_template_path: str | None = field(default=None, metadata={
-        "help": "Chat template to train with: a Jinja file (its tokens must be in the vocabulary), or a tokenizer "
-                "directory whose template, special tokens and EOS are copied (clone_chat_template; the embeddings "
-                "grow to hold new tokens)."})
-    eos_token: str | None = field(default=None, metadata={
-        "help": "A token of the vocabulary to use as EOS: it ends plain-text examples and stops generation "
-                "(default: the tokenizer's)."})
-    pad_token: str | None = field(default=None, metadata={
-        "help": "A token of the vocabulary to pad with (default: the tokenizer's pad token, else its EOS)."})
     max_length: int | None = field(default=1024, metadata={"help": "Truncate tokenized examples to this many "
                                                                      "tokens; the row length when packing."})
     truncation_mode: str = field(default="keep_start", metadata={
