@@ -57,6 +57,8 @@ def test_a_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, tiny_decoder
     assert not all(torch.equal(snapshots[0][n], snapshots[1][n]) for n in final)  # step 1 trained
     assert not all(torch.equal(snapshots[2][n], final[n]) for n in final)  # and step 3 too
     assert trainer.nonfinite_guard.skipped == 1
+    logged = {h["step"]: h.get("nonfinite/skipped_steps") for h in trainer.state.log_history if "loss" in h}
+    assert logged == {1: None, 2: 1, 3: 1}  # counted in the logs from the skipped step on
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_training(tmp_path, tiny_decoder_dir):

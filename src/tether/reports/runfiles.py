@@ -32,11 +32,18 @@ def _json_value(value: Any) -> Any:
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]], append: bool = True) -> None:
-    """Write `rows` as JSON lines, appended to `path` or replacing it; creates the folder."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, default=_json_value) + "\n")
+    """Write `rows` as JSON lines, appended to `path` or replacing it; creates the folder. A failing write (a full
+    disk, a read-only folder) is an OutputWriteError saying so and naming the run's last complete checkpoint."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a" if append else "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_json_value) + "\n")
+    except OSError as error:
+        from ..trainers.checkpoints import OutputWriteError, latest_checkpoint, write_failure_message
+
+        raise OutputWriteError(write_failure_message(str(path), error, latest_checkpoint(str(Path(path).parent)))
+                               ) from error
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -46,10 +46,18 @@ from ..models.loading import (
 from ..reports.callback import WRITE_THEIR_OWN_SAMPLES, RunReportCallback
 from ..reports.page import write_report
 from ..reports.runfiles import SAMPLES_FILE, write_jsonl
-from .checkpoints import atomic_directory, rotate_checkpoints
+from .checkpoints import (
+    OutputWriteError,
+    atomic_directory,
+    is_write_failure,
+    latest_checkpoint,
+    rotate_checkpoints,
+    write_failure_message,
+)
 from .finite_guard import NonFiniteGuard, check_finite_weights
 from .hub_tags import card_tags, tag_model, trainer_tags
 from .ref_sync import ReferenceSyncCallback, check_sync_config
+from .run_identity import check_fresh_output_dir, check_resume, describe_run, new_run_id, write_run_file
 
 
 def _init_values(args: TrainingArguments) -> dict[str, Any]:
@@ -149,6 +157,9 @@ class TetherConfig(TrainingArguments):
     max_nonfinite_steps: int = field(default=3, metadata={
         "help": "Optimizer steps in a row whose loss or gradients are not finite that are skipped (weights "
                 "unchanged, a warning each) before training stops with an error; 0: stop at the first."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "A fresh run into an output_dir that holds checkpoints of an earlier run deletes them first "
+                "(otherwise it stops before training: resuming would pick the latest checkpoint, maybe the old run's)."})
     router_aux_loss_coef: float | None = field(default=None, metadata={
         "help": "Mixture-of-experts models: weight of the router load-balancing loss added to the loss (None: the "
                 "model config's value; 0: off). An error for a model without a router."})
@@ -419,7 +430,13 @@ class TetherTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         check_finite_weights(self.model, output_dir or self.args.output_dir)  # before anything is written
-        super()._save(output_dir, state_dict)
+        try:
+            super()._save(output_dir, state_dict)
+        except Exception as error:  # a checkpoint's own failure is reported by atomic_directory, with its name
+            if self._checkpoint_staging is not None or not is_write_failure(error):
+                raise
+            raise OutputWriteError(write_failure_message(output_dir or self.args.output_dir, error,
+                                                             latest_checkpoint(self.args.output_dir))) from error
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                       ) -> torch.Tensor:
@@ -498,6 +515,8 @@ class TetherTrainer(Trainer):
             if measured:
                 logs[prefix + name] = sum(measured) / len(measured)
         self._metrics[mode].clear()
+        if mode == "train" and self.nonfinite_guard.skipped:  # from the first skipped step on: how many so far
+            logs["nonfinite/skipped_steps"] = self.nonfinite_guard.skipped
         super().log(logs, start_time)
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -515,6 +534,28 @@ class TetherTrainer(Trainer):
 
     # ----- checkpoints ------------------------------------------------------------------------------
     _checkpoint_staging: str | None = None  # set while Trainer writes a checkpoint (see _save_checkpoint)
+    _run_id: str | None = None  # this run's id, recorded in its checkpoints (see run_identity.py)
+
+    def run_description(self) -> dict[str, dict[str, Any]]:
+        """What a checkpoint records of this run and a resumption must match (see run_identity.py)."""
+        rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
+        return describe_run(self.args, train_rows=rows, peft_config=self._peft_config)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any) -> Any:
+        """Trainer's train(), after checking that the output folder and checkpoint belong to this run: a fresh
+        run refuses a folder holding an earlier run's checkpoints (unless overwrite_output_dir), and a resumed run
+        refuses a checkpoint whose configuration differs in what changes the math."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = latest_checkpoint(self.args.output_dir)  # None: Trainer's own error follows
+        if isinstance(checkpoint, str):
+            self._run_id = check_resume(checkpoint, self.run_description())
+        elif self._run_id is None:  # a second fresh train() of this trainer continues its own run
+            check_fresh_output_dir(self.args.output_dir, self.args.overwrite_output_dir,
+                                   main_process=self.args.should_save)
+            self.accelerator.wait_for_everyone()
+            self._run_id = new_run_id()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._checkpoint_staging or super()._get_output_dir(trial)
@@ -557,6 +598,8 @@ class TetherTrainer(Trainer):
                 super()._save_checkpoint(model, trial)  # -> partial/checkpoint-N
             finally:
                 self._checkpoint_staging = None
+            if self.args.should_save:
+                write_run_file(os.path.join(partial, name), self._run_id or new_run_id(), self.run_description())
             for filename, owner in self.checkpoint_state().items():
                 if self.args.should_save:
                     with open(os.path.join(partial, name, filename), "w", encoding="utf-8") as f:

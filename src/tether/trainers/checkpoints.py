@@ -9,6 +9,7 @@ finished writing, so a run killed mid-save leaves the previous checkpoint as the
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import re
@@ -22,6 +23,42 @@ import torch
 
 PARTIAL_SUFFIX = ".partial"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class OutputWriteError(OSError):
+    """A run's checkpoint, model or log could not be written (a full disk, a read-only folder...); the message
+    says what happened, and which complete checkpoint the run can resume from."""
+
+
+_WHY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+        errno.EFBIG: "a file size limit was reached", errno.EROFS: "the file system is read-only",
+        errno.EACCES: "the folder is not writable", errno.EPERM: "the folder is not writable"}
+
+
+_TORCH_WRITE_FAILURES = ("basic_ios", "unexpected pos", "file write failed", "PytorchStreamWriter")
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether `error` is a file system write failing: an OSError, or how torch and safetensors report one."""
+    return (isinstance(error, OSError) or type(error).__name__ == "SafetensorError"
+            or isinstance(error, RuntimeError) and any(s in str(error) for s in _TORCH_WRITE_FAILURES))
+
+
+def write_failure_message(path: str, error: BaseException, resume_from: str | None) -> str:
+    """What went wrong writing `path`, in words (torch reports a full disk as "basic_ios::clear" or "unexpected
+    pos"), the free space left, and how the run continues."""
+    code = getattr(error, "errno", None)
+    why = _WHY.get(code) or ("a write failed, most often because the disk is full"
+                             if not isinstance(error, OSError) else None)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        space = f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free there"
+    except OSError:
+        space = "free space unknown"
+    return (f"Could not write {path}: {why + ' (' if why else ''}{type(error).__name__}: {error}{')' if why else ''}; "
+            f"{space}. " + (f"The last complete checkpoint is {resume_from}: once there is room (or the folder is "
+                            "writable again), resume from it with resume_from_checkpoint=True (--resume)."
+                            if resume_from else "No complete checkpoint of this run exists yet."))
 
 
 @contextlib.contextmanager
@@ -38,22 +75,30 @@ def atomic_directory(path: str, *, writer: bool = True, barrier: Callable[[], No
     """
     wait = barrier or (lambda: None)
     partial = path + PARTIAL_SUFFIX
-    if writer:
-        shutil.rmtree(partial, ignore_errors=True)  # a leftover of an earlier crash at this same step
-        os.makedirs(partial)
-    wait()  # the folder exists (and is empty) before anyone writes into it
-    yield partial
-    wait()  # every process has finished writing
-    if writer:
-        staged = os.path.join(partial, subfolder) if subfolder else partial
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(staged, path)
-        if subfolder:
-            shutil.rmtree(partial)
+    previous = latest_checkpoint(os.path.dirname(path) or ".")
+    try:
+        if writer:
+            shutil.rmtree(partial, ignore_errors=True)  # a leftover of an earlier crash at this same step
+            os.makedirs(partial)
+        wait()  # the folder exists (and is empty) before anyone writes into it
+        yield partial
+        wait()  # every process has finished writing
+        if writer:
+            staged = os.path.join(partial, subfolder) if subfolder else partial
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(staged, path)
+            if subfolder:
+                shutil.rmtree(partial)
+    except Exception as error:  # not a kill (KeyboardInterrupt...): that leaves the partial folder, harmlessly
+        if writer:
+            shutil.rmtree(partial, ignore_errors=True)  # gives back the space a full disk needs
+        if isinstance(error, OutputWriteError) or not is_write_failure(error):
+            raise
+        raise OutputWriteError(write_failure_message(path, error, previous)) from error
     wait()  # nobody reads `path` before it is complete
 
 
-def _checkpoint_steps(output_dir: str) -> list[int]:
+def checkpoint_steps(output_dir: str) -> list[int]:
     """The N of every complete `checkpoint-N` folder of `output_dir`, ascending."""
     if not os.path.isdir(output_dir):
         return []
@@ -63,7 +108,7 @@ def _checkpoint_steps(output_dir: str) -> list[int]:
 
 def latest_checkpoint(output_dir: str) -> str | None:
     """The `checkpoint-N` folder of `output_dir` with the largest N, or None; partial folders are skipped."""
-    steps = _checkpoint_steps(output_dir)
+    steps = checkpoint_steps(output_dir)
     return os.path.join(output_dir, f"checkpoint-{steps[-1]}") if steps else None
 
 
@@ -73,7 +118,7 @@ def rotate_checkpoints(output_dir: str, limit: int | None, keep: Sequence[str | 
     transformers' rotation, which globs `checkpoint-*`."""
     if not limit or limit <= 0:
         return
-    paths = [os.path.join(output_dir, f"checkpoint-{step}") for step in _checkpoint_steps(output_dir)]
+    paths = [os.path.join(output_dir, f"checkpoint-{step}") for step in checkpoint_steps(output_dir)]
     protected = {os.path.normpath(p) for p in keep if p is not None}
     excess = len(paths) - max(limit, len(protected))
     for path in paths:

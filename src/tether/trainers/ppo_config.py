@@ -136,6 +136,9 @@ class PPOConfig:
         "each update (needs ptx_dataset)."))
     logging_steps: int = field(default=1, metadata=_help("Print and sample every this many steps in `train()`."))
     save_steps: int = field(default=0, metadata=_help("Checkpoint every this many steps (0: only at the end)."))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "A fresh `train()` into an output_dir holding checkpoints of an earlier run deletes them first (otherwise "
+        "it stops before training: resuming would pick the latest checkpoint, maybe the old run's)."))
     report_to: str = field(default="none", metadata=_help(
         "'none', 'tensorboard' or 'wandb': the tracker of `train()` (same as log_with)."))
 

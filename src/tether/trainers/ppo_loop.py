@@ -36,10 +36,18 @@ from .checkpoints import (
     rng_file,
     save_rng_state,
 )
+from .run_identity import check_fresh_output_dir, check_resume, describe_run, new_run_id, write_run_file
 
 
 class PPOTrainLoop:
     """The `train()` half of PPOTrainer (the `step()` half is in ppo.py)."""
+
+    _run_id: str | None = None  # this run's id, recorded in its checkpoints (see run_identity.py)
+
+    def run_description(self) -> dict[str, dict[str, Any]]:
+        """What a checkpoint records of this run and a resumption must match (see run_identity.py)."""
+        rows = len(self.dataset) if hasattr(self.dataset, "__len__") else None
+        return describe_run(self.config, train_rows=rows, peft=self.is_peft_model)
 
     def _ptx_iterator(self, dataset: Any) -> ShuffledBatches:
         """Endless shuffled batches of pretraining text for the PPO-ptx term (one per PPO mini-batch)."""
@@ -73,6 +81,11 @@ class PPOTrainLoop:
         if self.rewards is None:
             raise ValueError("train() needs reward_funcs=: a function f(prompts, completions, **columns), a "
                              "reward model, or a path to one (or a list of them).")
+        if not resume_from_checkpoint and self._run_id is None:  # a fresh run: the folder must hold no other run
+            check_fresh_output_dir(config.output_dir, config.overwrite_output_dir,
+                                   main_process=self.accelerator.is_main_process)
+            self.accelerator.wait_for_everyone()
+            self._run_id = new_run_id()
         os.makedirs(config.output_dir, exist_ok=True)
         self._prompts, history = self._prompt_batches(), []
         if resume_from_checkpoint:
@@ -135,6 +148,7 @@ class PPOTrainLoop:
         with atomic_directory(path, writer=main, barrier=self.accelerator.wait_for_everyone) as partial:
             save_rng_state(rng_file(partial, self.accelerator.process_index))  # every process its own
             if main:
+                write_run_file(partial, self._run_id or new_run_id(), self.run_description())
                 self.save_pretrained(partial)
                 state = {"optimizer": self.optimizer.state_dict()}
                 if self.lr_scheduler is not None:
@@ -158,6 +172,7 @@ class PPOTrainLoop:
                              "from a complete checkpoint-N folder (resume_from_checkpoint=True picks the latest).")
         if not os.path.isfile(os.path.join(checkpoint, "ppo_state.json")):
             raise ValueError(f"{checkpoint} is not a PPOTrainer.train() checkpoint (no ppo_state.json in it).")
+        self._run_id = check_resume(checkpoint, self.run_description())  # before anything is loaded
         model = self.accelerator.unwrap_model(self.model)
         restored = type(model).from_pretrained(checkpoint) if not self.is_peft_model else None
         if restored is not None:
