@@ -19,6 +19,7 @@ _EXPORTS = {
     "RewardTrainer": "tether.trainers.reward",
     "RewardModelScorer": "tether.rollout.rewards",
     "RewardFunctionError": "tether.rollout.rewards",
+    "RewardFunctionTimeout": "tether.rollout.rewards",
     "DPOConfig": "tether.trainers.dpo",
     "DPOTrainer": "tether.trainers.dpo",
     "ORPOConfig": "tether.trainers.orpo",

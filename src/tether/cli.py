@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import difflib
 import importlib
-import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from tether.launch import (
     launch,
     shipped_accelerate_configs,
 )
+from tether.scripts.strict import make_strict, unknown_flags_message
 
 CONFIG_FLAG = "--config"
 # Written next to the trained model; it is a valid `--config` file, so a run can be repeated from it.
@@ -123,42 +123,37 @@ class ReferenceScriptArguments(ScriptArguments):
         return {**super().trainer_kwargs(peft_task_type), "ref_model": self.ref_model_name_or_path}
 
 
+REWARD_FUNCS_HELP = (
+    "Rewards, one or more (weights: --reward_weights, same order). A reward function f(prompts, completions, "
+    "**columns) -> list[float]: `path/to/file.py:function`, `package.module:function` (the working directory "
+    "is searched first) or TRL's `package.module.function`. A reward model: a local folder or a hub id "
+    "`namespace/name`. A bare name is an error, never a hub lookup. Reward functions are code: the file or "
+    "module is imported and RUN inside the training process, with your permissions, so name only code you "
+    "trust. See also --reward_timeout (GRPO/RLOO).")
+
+
 @dataclass
 class OnlineScriptArguments(ScriptArguments):
     """Script arguments of the online methods: where the rewards come from."""
 
-    reward_funcs: list[str] = field(default_factory=list, metadata={
-        "help": "Rewards, one or more: `module:function` (a function f(prompts, completions, **columns) -> "
-                "list[float], importable from the working directory), `path/to/file.py:function`, or a reward "
-                "model's folder or hub id. Weights: --reward_weights (same order)."})
+    reward_funcs: list[str] = field(default_factory=list, metadata={"help": REWARD_FUNCS_HELP})
 
     def trainer_kwargs(self, peft_task_type: str) -> dict[str, Any]:
         if not self.reward_funcs:
-            raise SystemExit("error: --reward_funcs is required: module:function, file.py:function, or a reward "
-                             "model path (several allowed).")
+            raise SystemExit("error: --reward_funcs is required: file.py:function, module:function, or a reward "
+                             "model's folder or hub id namespace/name (several allowed).")
         return {**super().trainer_kwargs(peft_task_type), "reward_funcs": [resolve_reward(r) for r in self.reward_funcs]}
 
 
 def resolve_reward(spec: str) -> Any:
-    """`module:function` or `file.py:function` -> the function; anything else is a reward model's path or id."""
-    target, sep, attribute = spec.rpartition(":")
-    if not sep or not target or not attribute.isidentifier():
-        return spec
-    if target.endswith(".py"):
-        if not os.path.isfile(target):
-            raise SystemExit(f"error: --reward_funcs {spec}: no file {target}.")
-        module_spec = importlib.util.spec_from_file_location(os.path.basename(target)[:-3], target)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's own modules next to their data
-        try:
-            module = importlib.import_module(target)
-        except ImportError as error:
-            raise SystemExit(f"error: --reward_funcs {spec}: cannot import {target!r} ({error}).") from error
-    if not callable(getattr(module, attribute, None)):
-        raise SystemExit(f"error: --reward_funcs {spec}: {target} has no function {attribute!r}.")
-    return getattr(module, attribute)
+    """The function or reward model a `--reward_funcs` string names (forms: tether.rollout.reward_specs);
+    a string that names neither exits with an error that lists the forms."""
+    from tether.rollout.reward_specs import resolve_reward_spec
+
+    try:
+        return resolve_reward_spec(spec)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: --reward_funcs {spec}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -217,7 +212,7 @@ def build_parser(command: str) -> Any:
 
     spec = TRAIN_COMMANDS[command]
     parser = HfArgumentParser((_import(spec.script_args), _import(spec.config)), prog=f"tether {command}",
-                              description=spec.help)
+                              description=spec.help, allow_abbrev=False)
     # argparse's generated usage lists all ~150 options and buries error messages under it.
     parser.usage = f"tether {command} --model_name_or_path M --dataset_name D [--config YAML] [OPTIONS]"
     parser.add_argument(CONFIG_FLAG, metavar="YAML", default=None,
@@ -230,7 +225,7 @@ def build_parser(command: str) -> Any:
     launching.add_argument(NUM_PROCESSES_FLAG, metavar="N", type=int, default=None, help=(
         f"Processes to launch with {ACCELERATE_CONFIG_FLAG} (default: one per GPU; required without GPUs)."))
     json_dict_flags(parser)
-    return parser
+    return make_strict(parser)
 
 
 def _yaml_defaults(path: str, parser: Any) -> dict[str, Any]:
@@ -252,17 +247,25 @@ def _yaml_defaults(path: str, parser: Any) -> dict[str, Any]:
     return values
 
 
+def _config_flag(argv: Sequence[str]) -> argparse.Namespace:
+    """Just `--config PATH` out of argv (None when absent), read before the full parse."""
+    pre = make_strict(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
+    pre.add_argument(CONFIG_FLAG, default=None)
+    return pre.parse_known_args(list(argv))[0]
+
+
 def parse_command_args(command: str, argv: Sequence[str]) -> tuple[Any, Any]:
     """(script arguments, config) for a training subcommand, from flags and an optional `--config` YAML."""
     parser = build_parser(command)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument(CONFIG_FLAG, default=None)
-    known, _ = pre.parse_known_args(argv)
+    known = _config_flag(argv)
     if known.config:
         defaults = _yaml_defaults(known.config, parser)
         # argparse keeps a flag given on the command line over its default, which is exactly the precedence
         # we want; string defaults still go through the field's type (YAML reads `1e-4` as a string).
         parser.set_defaults(**defaults)
+    _, unknown = parser.parse_known_args(list(argv))  # before the configs are built: a typo is named first
+    if unknown:
+        parser.error(unknown_flags_message(parser, unknown))
     script_args, config, _extra = parser.parse_args_into_dataclasses(args=list(argv))
     missing = [name for name in getattr(script_args, "required", ()) if getattr(script_args, name) is None]
     if missing:
@@ -294,10 +297,22 @@ def _write_resolved_config(script_args: Any, config: Any, path: str) -> None:
         yaml.safe_dump(values, f, sort_keys=False)
 
 
+def check_model_paths(script_args: Any) -> None:
+    """Before anything loads: every `--*_name_or_path` that can only be a local path must exist (a
+    FileNotFoundError naming the flag otherwise); hub ids are left to the loaders."""
+    from tether.models.loading import resolve_model_source
+
+    for name, value in dataclasses.asdict(script_args).items():
+        if name.endswith("_name_or_path") and isinstance(value, str):
+            resolve_model_source(value, f"--{name}")
+
+
 def train(command: str, argv: Sequence[str]) -> int:
     """Run a training subcommand: load, train, save model + tokenizer (and the resolved config) to output_dir."""
     script_args, config = parse_command_args(command, argv)
     spec = TRAIN_COMMANDS[command]
+    check_model_paths(script_args)
+    trainer_kwargs = script_args.trainer_kwargs(spec.peft_task_type)  # reward functions loaded before the data
     from tether.data import load_any_dataset
     from tether.models.loading import load_tokenizer
 
@@ -314,7 +329,7 @@ def train(command: str, argv: Sequence[str]) -> int:
             config.ref_model_init_kwargs = {**(config.ref_model_init_kwargs or {}), **quantization}
     trainer = _import(spec.trainer)(
         script_args.model_name_or_path, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, **script_args.trainer_kwargs(spec.peft_task_type),
+        processing_class=tokenizer, **trainer_kwargs,
     )
     # True: the trainer resumes from the last complete checkpoint-N of output_dir (checked to exist above).
     trainer.train(resume_from_checkpoint=True if script_args.resume else config.resume_from_checkpoint)
@@ -342,7 +357,7 @@ def demo(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="Seed for the corpus, the model and sampling.")
     parser.add_argument("--method", choices=["ppo", "grpo", "rloo"], default="ppo",
                         help="RL stage after SFT and the reward model: PPO then DPO (default), or GRPO / RLOO.")
-    args = parser.parse_args(argv)
+    args = make_strict(parser).parse_args(argv)
     from tether.demo.pipeline import GROUP_RL_STAGES, run_demo
 
     run_demo(args.output_dir, quick=args.quick, seed=args.seed, stages=GROUP_RL_STAGES.get(args.method))
@@ -357,7 +372,7 @@ def report(argv: Sequence[str]) -> int:
                                           "Given a folder of runs (e.g. the demo's), one page with a section per run.")
     parser.add_argument("directory", help="A run's output_dir, or a folder of them.")
     parser.add_argument("--title", default=None, help="Title of the page (default: the run's name).")
-    args = parser.parse_args(argv)
+    args = make_strict(parser).parse_args(argv)
     if not os.path.isdir(args.directory):
         parser.error(f"{args.directory}: no such folder.")
     from tether.reports import write_report
@@ -377,15 +392,14 @@ def vllm_serve(argv: Sequence[str]) -> int:
 
     from tether.rollout.vllm_server import ServeArguments, serve
 
-    parser = HfArgumentParser(ServeArguments, prog="tether vllm-serve", description=(
+    parser = HfArgumentParser(ServeArguments, prog="tether vllm-serve", allow_abbrev=False, description=(
         "Serve a model for GRPO/RLOO with use_vllm=True, vllm_mode='server': generation and weight updates over "
         "HTTP, on a vLLM engine or on tether's own sampler (--backend transformers, no GPU needed)."))
     parser.usage = "tether vllm-serve --model M [--backend vllm|transformers] [--host H] [--port P] [OPTIONS]"
     parser.add_argument(CONFIG_FLAG, metavar="YAML", default=None,
                         help="YAML file of option: value pairs; they set the defaults, explicit flags override.")
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument(CONFIG_FLAG, default=None)
-    known, _ = pre.parse_known_args(argv)
+    make_strict(parser)
+    known = _config_flag(argv)
     if known.config:
         parser.set_defaults(**_yaml_defaults(known.config, parser))
     try:
@@ -420,7 +434,7 @@ def _top_parser() -> argparse.ArgumentParser:
         commands.add_parser(name, help=spec.help, add_help=False)
     for name, (help_text, _) in TOOLS.items():
         commands.add_parser(name, help=help_text, add_help=False)
-    return parser
+    return make_strict(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.cli import RESOLVED_CONFIG_NAME, OnlineScriptArguments, parse_command_args
+from tether.cli import RESOLVED_CONFIG_NAME, OnlineScriptArguments, check_model_paths, parse_command_args
 
 
 @dataclass
@@ -38,6 +38,7 @@ class PPOScriptArguments(OnlineScriptArguments):
 def train_ppo(argv: Sequence[str]) -> int:
     """Load the policy (with a value head), the prompts and the rewards; run PPOTrainer.train(); save."""
     script_args, config = parse_command_args("ppo", argv)
+    check_model_paths(script_args)
     from tether.data import load_any_dataset
     from tether.models.loading import load_tokenizer
     from tether.models.value_head import AutoModelForCausalLMWithValueHead

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import inspect
 import json
 import logging
@@ -220,8 +221,71 @@ def is_encoder_decoder(model_or_config: Any) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
+# ----- a model given by name: a local folder, or a hub id -------------------------------------------------
+def _why_a_local_path(path: str) -> str | None:
+    """Why `path`, which does not exist, can only have meant a local path and never a hub id ('name' or
+    'namespace/name'), or None when it may be a hub id. A path starts like one (./ ../ / ~ or a drive), has
+    more than one separator, or its first part is an existing folder of the working directory (e.g.
+    'outputs/sft-modle' next to outputs/) while no hub model of that name is in the local hub cache."""
+    seps = [os.sep] + ([os.altsep] if os.altsep else [])
+    if os.path.isabs(path) or path.startswith("~") or path in (".", "..") or any(
+            path.startswith(dots + sep) for dots in (".", "..") for sep in seps):
+        return "it starts like a path (./, ../, / or ~)"
+    parts = path.replace(os.altsep, os.sep).split(os.sep) if os.altsep else path.split(os.sep)
+    if len(parts) > 2:
+        return f"it has {len(parts) - 1} '{os.sep}' (a hub id has at most one)"
+    if len(parts) == 2 and os.path.isdir(parts[0]):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        if not os.path.isdir(os.path.join(HF_HUB_CACHE, f"models--{parts[0]}--{parts[1]}")):
+            return f"its first part {parts[0]!r} is a folder of the working directory"
+    return None
+
+
+def _nearest_existing_folder(path: str) -> str | None:
+    folder = os.path.dirname(os.path.abspath(path))
+    while folder and not os.path.isdir(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    return folder or None
+
+
+def resolve_model_source(name_or_path: Any, what: str = "model") -> Any:
+    """`name_or_path` as from_pretrained should get it: an existing local path (with ~ expanded), or a hub id,
+    unchanged. A string that can only be a local path (see `_meant_as_local_path`) but does not exist raises a
+    FileNotFoundError naming it, where transformers would say "Repo id must be in the form 'repo_name' or
+    'namespace/repo_name'". Anything else (a hub id, a model object) comes back as it is. `what` names the
+    thing in the message ("model", "tokenizer", "reward model", ...)."""
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if not isinstance(name_or_path, str) or not name_or_path:
+        return name_or_path
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.exists(expanded):
+        return expanded
+    reason = _why_a_local_path(name_or_path)
+    if reason is None:
+        return name_or_path  # a hub id: transformers fetches it (or says why it cannot)
+    where = os.path.abspath(expanded)
+    detail = f" ({where})" if where != name_or_path else ""
+    folder = _nearest_existing_folder(expanded)
+    if folder is not None:
+        missing = os.path.relpath(where, folder).split(os.sep)[0]
+        entries = sorted(os.listdir(folder)) if os.access(folder, os.R_OK) else []
+        close = difflib.get_close_matches(missing, entries, n=3)
+        detail += (f"; the nearest existing folder, {folder}, has no {missing!r}"
+                   + (f" (similar names there: {', '.join(close)})" if close else ""))
+    raise FileNotFoundError(
+        f"{what[:1].upper()}{what[1:]} {name_or_path!r}: no such local folder{detail}. It was read as a local path "
+        f"because {reason}; a hub model id must look like 'name' or 'namespace/name'. Fix: correct the path "
+        f"(relative paths start at the working directory, {os.getcwd()}), or give a hub id.")
+
+
 def load_language_model(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
     """A causal or seq2seq LM from a hub id or a local path, chosen from its config."""
+    name_or_path = resolve_model_source(name_or_path, "model")
     kwargs = model_init_kwargs(kwargs)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=kwargs["trust_remote_code"])
     auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
@@ -229,6 +293,7 @@ def load_language_model(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    name_or_path = resolve_model_source(name_or_path, "tokenizer")
     return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
@@ -293,12 +358,14 @@ def load_reward_model(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
     """A sequence-classification model with one output, the scalar reward."""
     from transformers import AutoModelForSequenceClassification
 
+    name_or_path = resolve_model_source(name_or_path, "reward model")
     return AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **model_init_kwargs(kwargs))
 
 
 def load_critic(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
     """A value model initialised from a trained reward model's checkpoint (InstructGPT style), whether
     that checkpoint is a full model or a LoRA adapter (then merged into its base)."""
+    name_or_path = resolve_model_source(name_or_path, "critic (value model)")
     if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
         from peft import PeftConfig, PeftModel
 
@@ -331,6 +398,7 @@ def merge_adapter_and_save(adapter: Any, output_dir: str, base_model_name_or_pat
     if any(key in load_kwargs for key in (*QUANTIZATION_KEYS, "quantization_config")):
         raise ValueError("merge_adapter_and_save merges into full-precision weights; drop the quantization "
                          "options from its keyword arguments.")
+    adapter = resolve_model_source(adapter, "adapter")
     adapter_dir = adapter if isinstance(adapter, str) else None
     if adapter_dir is not None:
         peft_config = PeftConfig.from_pretrained(adapter_dir)
@@ -426,6 +494,7 @@ def load_peft_adapter(model: PreTrainedModel, source: str, is_trainable: bool = 
     a saved adapter computes like the run that saved it."""
     from peft import PeftModel, prepare_model_for_kbit_training
 
+    source = resolve_model_source(source, "adapter")
     if is_trainable and is_quantized(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         _keep_4bit_layers_differentiable(model)

@@ -32,6 +32,7 @@ from .loading import (
     load_reward_adapter,
     model_init_kwargs,
     read_weights,
+    resolve_model_source,
 )
 from .scoring import adapter_token_scores
 
@@ -228,8 +229,8 @@ class PreTrainedModelWrapper(nn.Module):
         if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
             raise ValueError("reward_adapter must be the folder or hub id of a PEFT reward adapter, got "
                              f"{type(reward_adapter).__name__}.")
-        source = pretrained_model_name_or_path
-        source = os.fspath(source) if isinstance(source, os.PathLike) else source
+        # A missing local folder is named as such here, not as a malformed hub id by transformers.
+        source = resolve_model_source(pretrained_model_name_or_path, "model")
         token, revision = kwargs.get("token"), kwargs.get("revision")
         hub_kwargs = {k: v for k, v in (("token", token), ("revision", revision)) if v is not None}
         if isinstance(source, nn.Module):

@@ -6,15 +6,21 @@ return None for a completion it does not score (that function then counts for no
 `async def` (several run concurrently), and receives `trainer_state` when it takes that keyword or
 **kwargs. A trained reward model becomes one through `RewardModelScorer`, which re-tokenizes text with its
 own tokenizer, so it may differ from the policy's.
+
+Reward functions are user code, and may be slow or hang (a stuck request, a sandbox that never returns). A call
+still running after `warn_after` seconds (default 10) logs a warning naming the function and the time so far;
+with a `timeout`, a call running longer is abandoned and training stops with `RewardFunctionTimeout`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 import numbers
 import threading
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -29,14 +35,28 @@ from ..models.loading import (
     load_tokenizer,
     model_init_kwargs,
     model_name,
+    resolve_model_source,
 )
 from ..models.scoring import sequence_scores
 
 RewardFunction = Callable[..., Sequence[float]]
 
+logger = logging.getLogger(__name__)
+
+# Seconds a reward call may run before a warning says it is still running (a hang should not look like a
+# silent stall); GRPOConfig/RLOOConfig.reward_warn_after set it per run.
+DEFAULT_WARN_AFTER = 10.0
+# When a timeout ends a call of several concurrent async functions whose event loop no longer answers: the
+# extra seconds granted, past the timeout, to the per-function timers that name the one that hangs.
+_ASYNC_GRACE = 1.0
+
 
 class RewardFunctionError(ValueError):
     """A reward function raised, or returned something other than one finite number per completion."""
+
+
+class RewardFunctionTimeout(RewardFunctionError, TimeoutError):
+    """A reward function did not return within the timeout; training stops (its rewards are not made up)."""
 
 
 def reward_function_name(func: Any) -> str:
@@ -52,15 +72,104 @@ def _accepts(func: Any, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def _await_all(awaitables: list[Awaitable]) -> list[Any]:
+def _timeout_error(names: Sequence[str], timeout: float, n: int) -> RewardFunctionTimeout:
+    which = f"Reward function {names[0]!r}" if len(names) == 1 else f"Async reward functions {list(names)}"
+    return RewardFunctionTimeout(
+        f"{which} did not return within reward_timeout={timeout:g} s (one call on {n} completions). Training "
+        "stops here rather than go on without its rewards. The call was abandoned, but Python cannot stop a "
+        "thread, so it may still be running in the background until this process exits. Fix: make the function "
+        "faster or find where it hangs (a network call without a timeout?), or raise reward_timeout (None: no "
+        "limit).")
+
+
+def _warn_slow(names: Sequence[str], started: float, n: int) -> None:
+    which = f"Reward function {names[0]!r}" if len(names) == 1 else f"Reward functions {list(names)}"
+    logger.warning("%s has been running for %.1f s on %d completions and has not returned yet; still waiting "
+                   "(reward_timeout stops a call that hangs; reward_warn_after sets when this warning comes).",
+                   which, time.monotonic() - started, n)
+
+
+def _watched(call: Callable[[], Any], names: Sequence[str], n: int, timeout: float | None,
+             warn_after: float | None) -> Any:
+    """call()'s result, with a warning once it has run `warn_after` seconds and, with a `timeout`,
+    RewardFunctionTimeout once it has run that long. Without a timeout the call runs in this thread (a timer
+    thread only warns); with one it runs in a daemon worker thread, which is abandoned on timeout (Python
+    cannot kill a thread). The worker keeps this thread's grad mode, as the call would have here."""
+    started = time.monotonic()
+    if timeout is None:
+        timer = None
+        if warn_after is not None:
+            timer = threading.Timer(warn_after, _warn_slow, args=(names, started, n))
+            timer.daemon = True
+            timer.start()
+        try:
+            return call()
+        finally:
+            if timer is not None:
+                timer.cancel()
+    outcome: dict[str, Any] = {}
+    grad_enabled = torch.is_grad_enabled()
+
+    def run() -> None:
+        try:
+            with torch.set_grad_enabled(grad_enabled):
+                outcome["value"] = call()
+        except BaseException as error:  # noqa: BLE001 (handed to the waiting thread, which re-raises it)
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name=f"reward:{names[0]}", daemon=True)
+    worker.start()
+    if warn_after is not None and warn_after < timeout:
+        worker.join(warn_after)
+        if worker.is_alive():
+            _warn_slow(names, started, n)
+    worker.join(max(0.0, timeout - (time.monotonic() - started)))
+    if worker.is_alive():
+        raise _timeout_error(names, timeout, n)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+async def _watched_async(awaitable: Awaitable, name: str, n: int, timeout: float | None,
+                         warn_after: float | None) -> Any:
+    """The awaitable's result, or a RewardFunctionTimeout after `timeout` seconds (the coroutine is then
+    cancelled); a warning once it has run `warn_after` seconds."""
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    warning = loop.call_later(warn_after, _warn_slow, [name], started, n) if warn_after is not None else None
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        return _timeout_error([name], timeout, n)
+    finally:
+        if warning is not None:
+            warning.cancel()
+
+
+def _await_all(awaitables: list[Awaitable], names: Sequence[str] = (), n: int = 0, timeout: float | None = None,
+               warn_after: float | None = None) -> list[Any]:
     """Results of the awaitables, run concurrently on an event loop (a fresh thread's when this thread
-    already runs one, e.g. in a notebook); exceptions are returned in place of their results."""
+    already runs one, e.g. in a notebook); exceptions are returned in place of their results. Each gets the
+    slow warning and the timeout of `_watched_async`; a coroutine that blocks the loop itself (a sync sleep
+    inside `async def`) is caught by a timeout on the whole gather."""
+    names = list(names) or [f"async#{i}" for i in range(len(awaitables))]
+
     async def gather() -> list[Any]:
-        return await asyncio.gather(*awaitables, return_exceptions=True)
+        watched = [_watched_async(a, name, n, timeout, warn_after) for a, name in zip(awaitables, names)]
+        return await asyncio.gather(*watched, return_exceptions=True)
 
     try:
         asyncio.get_running_loop()
+        in_loop = True
     except RuntimeError:
+        in_loop = False
+    if timeout is not None:  # in a worker thread, so that a blocked event loop cannot block training
+        try:
+            return _watched(lambda: asyncio.run(gather()), names, n, timeout + _ASYNC_GRACE, None)
+        except RewardFunctionTimeout:
+            raise _timeout_error(names, timeout, n) from None
+    if not in_loop:
         return asyncio.run(gather())
     results: list[Any] = []
     worker = threading.Thread(target=lambda: results.extend(asyncio.run(gather())))
@@ -125,16 +234,37 @@ def _check_values(func: RewardFunction, values: Any, n: int) -> torch.Tensor:
 
 def call_reward_functions(funcs: Sequence[RewardFunction], prompts: list[Any], completions: list[Any],
                           trainer_state: Any = None, log_extra: Callable[[str, list], None] | None = None,
-                          log_metric: Callable[[str, float], None] | None = None, **columns: list[Any]) -> torch.Tensor:
+                          log_metric: Callable[[str, float], None] | None = None,
+                          reward_timeout: float | None = None, reward_warn_after: float | None = DEFAULT_WARN_AFTER,
+                          **columns: list[Any]) -> torch.Tensor:
     """Call every function (async ones concurrently) and check their outputs: [k, n] float32, NaN where a
     function returned None. log_extra(column, values) adds a column to the logged completions, log_metric(name,
-    value) a scalar to the logged metrics (TRL 1.x's reward-function hooks)."""
+    value) a scalar to the logged metrics (TRL 1.x's reward-function hooks).
+
+    A call still running after `reward_warn_after` seconds logs a warning naming the function (None: never);
+    one running past `reward_timeout` seconds raises RewardFunctionTimeout (None: wait for ever). Sync functions
+    run one after the other, each with its own limits."""
     context = {"trainer_state": trainer_state, "log_extra": log_extra, "log_metric": log_metric}
-    outputs = [_invoke(f, prompts, completions, columns, context) for f in funcs]
+    n = len(completions)
+    outputs: list[Any] = []
+    try:
+        for func in funcs:  # an async function returns its coroutine at once: awaited, concurrently, below
+            outputs.append(_watched(lambda f=func: _invoke(f, prompts, completions, columns, context),
+                                    [reward_function_name(func)], n, reward_timeout, reward_warn_after))
+    except RewardFunctionTimeout:
+        for out in outputs:  # coroutines that will never run now: closed, so Python does not warn about them
+            if inspect.iscoroutine(out):
+                out.close()
+        raise
     pending = [i for i, out in enumerate(outputs) if inspect.isawaitable(out)]
-    for i, result in zip(pending, _await_all([outputs[i] for i in pending])):
-        outputs[i] = result
-    return torch.stack([_check_values(f, out, len(completions)) for f, out in zip(funcs, outputs)])
+    if pending:
+        names = [reward_function_name(funcs[i]) for i in pending]
+        results = _await_all([outputs[i] for i in pending], names, n, reward_timeout, reward_warn_after)
+        for i, result in zip(pending, results):
+            if isinstance(result, RewardFunctionTimeout):
+                raise result
+            outputs[i] = result
+    return torch.stack([_check_values(f, out, n) for f, out in zip(funcs, outputs)])
 
 
 def call_reward_function(func: RewardFunction, prompts: list[Any], completions: list[Any],
@@ -201,6 +331,7 @@ def _load_classifier(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
     """A sequence classifier with all of its labels (a reward model is loaded with one)."""
     from transformers import AutoModelForSequenceClassification
 
+    name_or_path = resolve_model_source(name_or_path, "reward model")
     return AutoModelForSequenceClassification.from_pretrained(name_or_path, **model_init_kwargs(kwargs))
 
 
@@ -266,11 +397,13 @@ class RewardFunctions:
 
     def score(self, prompts: list[Any], completions: list[Any], trainer_state: Any = None,
               log_extra: Callable[[str, list], None] | None = None,
-              log_metric: Callable[[str, float], None] | None = None, **columns: list[Any]) -> tuple[torch.Tensor, dict]:
+              log_metric: Callable[[str, float], None] | None = None, reward_timeout: float | None = None,
+              reward_warn_after: float | None = DEFAULT_WARN_AFTER, **columns: list[Any]) -> tuple[torch.Tensor, dict]:
         """(weighted sum [n], {name: values [n]}); a function's None (NaN) counts for nothing in the sum, as in
-        TRL; a completion no function scored gets 0, with a warning naming it."""
+        TRL; a completion no function scored gets 0, with a warning naming it. reward_timeout / reward_warn_after:
+        see `call_reward_functions`."""
         values = call_reward_functions(self.funcs, prompts, completions, trainer_state, log_extra, log_metric,
-                                       **columns)  # [k, n]
+                                       reward_timeout, reward_warn_after, **columns)  # [k, n]
         unscored = torch.isnan(values).all(0).nonzero().flatten().tolist()
         if unscored:
             warnings.warn(f"No reward function scored completion(s) {unscored[:10]} (all returned None); their "

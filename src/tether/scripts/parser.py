@@ -24,6 +24,8 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
+from .strict import make_strict, unknown_flags_message
+
 CONFIG_FLAG = "--config"
 ENV_SECTION = "env"
 
@@ -86,6 +88,9 @@ class TrlParser(HfArgumentParser):
     A field name several dataclasses have (e.g. `trust_remote_code`, on tether's training configs as in TRL
     1.x and on ModelConfig as in TRL 0.7) is one flag, which sets it on each of them; its type, help and
     default are the first dataclass's.
+
+    Unlike argparse's default, flags are never abbreviated (pass allow_abbrev=True to allow it), and a negative
+    number in any notation (`--learning_rate -1e-2`) is a value, which the config then judges.
     """
 
     def __init__(self, dataclass_types: Any = None, **kwargs: Any) -> None:
@@ -103,7 +108,10 @@ class TrlParser(HfArgumentParser):
             for name in names:
                 uses[name] = uses.get(name, 0) + 1
         self._shared_fields = {name: n for name, n in uses.items() if n > 1}
-        super().__init__(dataclass_types=dataclass_types, **kwargs)
+        # No abbreviated flags unless asked for: `--learning_rat` must be an error, not --learning_rate.
+        allow_abbrev = kwargs.pop("allow_abbrev", False)
+        super().__init__(dataclass_types=dataclass_types, allow_abbrev=allow_abbrev, **kwargs)
+        make_strict(self, allow_abbrev)  # and `--learning_rate -1e-2` is a value, for the config to judge
         json_dict_flags(self)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[Any, list[str]]:
@@ -138,7 +146,9 @@ class TrlParser(HfArgumentParser):
         with `return_remaining_strings`, they come back as `["--key", "value", ...]` in the last element of
         the tuple, before the unparsed command-line strings (or as their own element before those when
         `separate_remaining_strings`); otherwise a ValueError unless `fail_with_unknown_args=False`. Unknown
-        command-line flags are an argparse error unless `return_remaining_strings`.
+        command-line flags are a ValueError naming them (and the closest real flag) unless
+        `return_remaining_strings`. Flags are never abbreviated, and a negative number in any notation
+        (`-1e-2`) is a value.
         """
         args = list(sys.argv[1:] if args is None else args)
         config_path = _pop_config_path(args)
@@ -149,13 +159,15 @@ class TrlParser(HfArgumentParser):
                 config = _read_yaml_mapping(config_path)
                 _apply_env(config.pop(ENV_SECTION, None), config_path)
                 config_remaining = self.set_defaults_with_config(**config)
-            output = self.parse_args_into_dataclasses(args=args, return_remaining_strings=return_remaining_strings)
+            output = self.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
         finally:
             # The file's values were defaults for this parse only: a later parse without it gets the fields'.
             for action, (default, required) in saved.items():
                 action.default, action.required = default, required
+        *parsed, args_remaining = output
+        if not return_remaining_strings and args_remaining:
+            raise ValueError(f"{self.prog}: {unknown_flags_message(self, args_remaining)}")
         if return_remaining_strings:
-            *parsed, args_remaining = output
             if separate_remaining_strings:
                 return (*parsed, config_remaining, args_remaining)
             return (*parsed, config_remaining + args_remaining)
@@ -163,7 +175,7 @@ class TrlParser(HfArgumentParser):
             unknown = config_remaining[::2]
             raise ValueError(f"Unknown arguments from config file {config_path}: {unknown}. Remove them, add them to "
                              "a dataclass, or call parse_args_and_config(fail_with_unknown_args=False).")
-        return tuple(output)
+        return tuple(parsed)
 
     def set_defaults_with_config(self, **kwargs: Any) -> list[str]:
         """Make each value the default of the arguments whose destination is its key, in this parser and its
