@@ -433,3 +433,10 @@ def test_vllm_backend_calls_the_engine_as_documented(monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_transformers_backend_names_a_missing_local_model(tmp_path):
+    from tether.rollout.vllm_server import TransformersBackend
+
+    with pytest.raises(FileNotFoundError, match="no such local folder"):
+        TransformersBackend(str(tmp_path / "no-such-model"))

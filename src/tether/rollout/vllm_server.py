@@ -198,8 +198,10 @@ class TransformersBackend:
                  revision: str | None = None, seed: int = 0, max_model_len: int | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..models.loading import resolve_model_source
         from .generation import eos_token_ids
 
+        model = resolve_model_source(model, "model")  # a missing local folder named as such, not as a bad repo id
         kwargs: dict[str, Any] = {"dtype": dtype if dtype in ("auto", None) else _torch_dtype(dtype),
                                   "trust_remote_code": trust_remote_code, "revision": revision}
         self.model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
