@@ -80,12 +80,17 @@ def test_expected_types_accept():
     assert detect_format(ds, expected=LANGUAGE_MODELING_TYPES).type is DatasetType.PROMPT_COMPLETION
 
 
-def test_only_the_first_rows_are_type_checked_one_by_one():
-    # 1001 rows: the check must still see row 999 (the last of those checked) ...
-    texts = ["ok"] * 1001
-    texts[999] = None
-    with pytest.raises(DatasetError, match="Row 999 of column 'text'"):
-        detect_format(Dataset.from_dict({"text": texts}))
+def test_detect_format_reads_and_checks_only_the_first_rows(tokenizer):
+    # A bad value among the first rows is refused by detect_format itself ...
+    with pytest.raises(DatasetError, match="Row 1 of the dataset, column 'text'"):
+        detect_format(Dataset.from_dict({"text": ["ok", None, "ok"]}))
+    # ... one further down is not read by it (no pass over the whole dataset), but by the map that tokenizes it.
+    texts = ["ok"] * 1300
+    texts[1200] = None
+    data = Dataset.from_dict({"text": texts})
+    assert detect_format(data).type is DatasetType.LANGUAGE_MODELING
+    with pytest.raises(DatasetError, match="Row 1200 of the train dataset, column 'text'"):
+        prepare_language_modeling(data, tokenizer)
 
 
 # ------------------------------------------------------------------------------------- bad datasets
@@ -136,17 +141,22 @@ def test_misspelt_custom_text_field_is_suggested():
     assert "'bodyy' looks like a misspelling of 'body'" in msg
 
 
-@pytest.mark.parametrize("column, values, row, shown", [
-    ("text", [7, 8], 0, "int 7"),  # Arrow gives a column one type: a whole int column
-    ("text", ["fine", None], 1, "NoneType None"),
-    ("completion", [[{"from": "human", "value": "x"}], [{"from": "gpt", "value": "y"}]], 0, "list [{'from'"),
-    ("completion", [[], []], 0, "list []"),
+@pytest.mark.parametrize("data, row, column, problem", [
+    ({"text": [7, 8]}, 0, "text", "it holds int 7, but this dataset's 'text' values are strings"),
+    ({"text": ["fine", None]}, 1, "text", "the value is missing (None)"),
+    ({"messages": [conv("user", "hi"), []]}, 1, "messages", "it is an empty list of messages"),
+    ({"messages": [conv("user", "hi"), [{"from": "human", "value": "x"}]]}, 1, "messages", "message 0 has no 'role'"),
 ])
-def test_wrong_value_type_names_row_and_column(column, values, row, shown):
-    data = {"text": values} if column == "text" else {"prompt": ["p"] * len(values), "completion": values}
+def test_wrong_value_names_row_and_column(data, row, column, problem):
     msg = _error(Dataset.from_dict(data))
-    assert f"Row {row} of column {column!r} holds {shown}" in msg
-    assert "string or a list of {'role'" in msg and "Fix:" in msg
+    assert msg.startswith(f"Row {row} of the dataset, column {column!r}: {problem}")
+    assert "Fix:" in msg
+
+
+@pytest.mark.parametrize("completion", [[{"from": "human", "value": "x"}], []])
+def test_message_lists_beside_plain_strings_are_refused(completion):
+    msg = _error(Dataset.from_dict({"prompt": ["p"], "completion": [completion]}))
+    assert "mix plain strings and message lists" in msg and "Fix:" in msg
 
 
 def test_mixed_plain_and_conversational():
@@ -157,8 +167,8 @@ def test_mixed_plain_and_conversational():
 @pytest.mark.parametrize("labels", [["good", "bad"], [2, 0], [0.5, 1.0]])
 def test_unpaired_labels_must_be_bool(labels):
     msg = _error(Dataset.from_dict({**PLAIN["unpaired"], "label": labels}))
-    assert "of column 'label' is" in msg and "booleans" in msg and "Fix: map the column to bool" in msg
-    assert msg.startswith(f"Row {0 if labels[0] not in (0, 1) else 1} ")
+    assert "booleans" in msg and "Fix: map the column to bool" in msg
+    assert msg.startswith(f"Row {0 if labels[0] not in (0, 1) else 1} of the dataset, column 'label': it is ")
 
 
 @pytest.mark.parametrize("name", ["prompt-completion", "preference", "unpaired"])

@@ -121,10 +121,13 @@ def test_sharegpt_conversations_are_messages(tokenizer):
         a = prepare_language_modeling(sharegpt, tokenizer, assistant_only_loss=assistant_only)
         b = prepare_language_modeling(messages, tokenizer, assistant_only_loss=assistant_only)
         assert_same_batch(batch_of(a), batch_of(b))
-    # As TRL's maybe_convert_to_chatml: keys renamed, role names kept.
-    row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], "id": 3}
-    assert sharegpt_to_messages(row) == {"messages": [{"role": "human", "content": "hi"},
-                                                      {"role": "gpt", "content": "yo"}], "id": 3}
+    # Keys renamed as TRL's maybe_convert_to_chatml renames them; ShareGPT's speaker names become chat roles (TRL
+    # keeps "human"/"gpt", which chat templates render as unknown roles), other role names are kept.
+    row = {"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
+                             {"from": "gpt", "value": "yo"}], "id": 3}
+    assert sharegpt_to_messages(row) == {"messages": [{"role": "system", "content": "be brief"},
+                                                      {"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": "yo"}], "id": 3}
 
 
 def test_sft_trains_on_a_sharegpt_stream(tmp_path, tiny_decoder_dir):

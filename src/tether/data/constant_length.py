@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .formats import DatasetError
 from .tokenize import example_formatter
+from .validate import RowCheck
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class ConstantLengthDataset(IterableDataset):
     seq_length * num_of_sequences * chars_per_token characters of text. eos_token_id: the separator when the
     tokenizer has no EOS token. shuffle: shuffle the rows of each buffer. append_concat_token: put the
     separator after each text. add_special_tokens: let the tokenizer add its special tokens to each text.
+    what: the split named by the error a text that is not a string raises (its row is its position in the data).
 
     The tokens left over after the last full row of a buffer start the next buffer, so only the final,
     partial row of the dataset is dropped. `len()` is the number of examples of `dataset` (TRL's
@@ -56,6 +58,7 @@ class ConstantLengthDataset(IterableDataset):
         shuffle: bool = True,
         append_concat_token: bool = True,
         add_special_tokens: bool = True,
+        what: str | None = None,
     ) -> None:
         if formatting_func is None and dataset_text_field is None:
             raise ValueError("ConstantLengthDataset needs dataset_text_field (the text column) or formatting_func "
@@ -79,6 +82,7 @@ class ConstantLengthDataset(IterableDataset):
         self.shuffle = shuffle
         self.append_concat_token = append_concat_token
         self.add_special_tokens = add_special_tokens
+        self.what = what
         self.current_size = 0  # rows yielded so far, over all iterations
 
     def __len__(self) -> int:
@@ -89,11 +93,15 @@ class ConstantLengthDataset(IterableDataset):
         to_text: Callable[[dict[str, Any]], str] | None = None
         while True:
             count = 0
+            check = RowCheck(self.what, stream=not hasattr(self.dataset, "__len__"))
             for example in self.dataset:
                 if to_text is None:
                     to_text = self._formatter(example)
+                text = to_text(example)
+                if not isinstance(text, str):  # a None would otherwise end the data early, silently
+                    check.text(example, count, self.dataset_text_field, conversational=False)
                 count += 1
-                yield to_text(example)
+                yield text
             if not self.infinite:
                 return
             if count == 0:

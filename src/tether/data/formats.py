@@ -20,8 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-# How many rows are type-checked one by one; Arrow already gives every row of a column one type.
-_ROWS_CHECKED = 1000
 # Rows of a stream read ahead to detect and validate its format.
 STREAM_SAMPLE_ROWS = 8
 
@@ -74,8 +72,21 @@ def stream_sample(dataset: Any, rows: int = STREAM_SAMPLE_ROWS) -> Any:
     `take` starts a fresh iteration of the source, so the stream a trainer later reads still begins at
     its first row; a generator-backed stream calls its generator again."""
     import datasets
+    import pyarrow
 
-    return datasets.Dataset.from_list([dict(row) for row in dataset.take(rows)])
+    head = [dict(row) for row in dataset.take(rows)]
+    try:
+        return datasets.Dataset.from_list(head)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:
+        # Arrow gives a column one type; name the column whose first rows mix them, and the rows.
+        for column in dict.fromkeys(key for row in head for key in row):
+            kinds = [type(row.get(column)).__name__ for row in head]
+            if len(set(kinds) - {"NoneType"}) > 1:
+                raise DatasetError(
+                    f"The first {len(head)} rows of the stream hold values of different types in column {column!r} "
+                    f"(row by row: {', '.join(kinds)}). Fix: give every row of a column one type (a string, or a "
+                    "list of messages), or drop the others.") from error
+        raise
 
 
 def _column_names(dataset: Any) -> list[str]:
@@ -83,10 +94,6 @@ def _column_names(dataset: Any) -> list[str]:
     if names is None:
         raise DatasetError(f"Expected a datasets.Dataset (or a dict of columns), got {type(dataset).__name__}.")
     return list(names)
-
-
-def _rows(dataset: Any, column: str) -> Iterable[tuple[int, Any]]:
-    return enumerate(dataset[column][:_ROWS_CHECKED] if len(dataset) > _ROWS_CHECKED else dataset[column])
 
 
 def is_conversation(value: Any) -> bool:
@@ -118,12 +125,15 @@ def _column_hint(columns: list[str], signatures: list[tuple[DatasetType, tuple[s
 
 
 def detect_format(dataset: Any, text_field: str = "text", expected: Iterable[DatasetType] | None = None,
-                  ) -> DatasetFormat:
-    """Detect and validate the dataset's type; raise DatasetError naming the problem and the fix.
+                  what: str | None = None, check: Any = None) -> DatasetFormat:
+    """Detect the dataset's type from its columns and first rows; raise DatasetError naming the problem and the fix.
 
     `expected` lists the types the calling trainer accepts. A trainer that accepts prompt-only data
     takes any dataset with a `prompt` column (the other columns are extra data, e.g. for reward
-    functions), as TRL's online trainers do.
+    functions), as TRL's online trainers do. Plain or conversational is read from the first rows
+    (STREAM_SAMPLE_ROWS of them), which are also checked here by `check` (a `validate.RowCheck`; default: one
+    naming the split `what` and accepting any role name); every other row is checked by the map that tokenizes
+    it, so this never reads the whole dataset.
     """
     if is_stream(dataset):
         dataset = stream_sample(dataset)
@@ -141,51 +151,44 @@ def detect_format(dataset: Any, text_field: str = "text", expected: Iterable[Dat
         described = "; ".join(
             f"{t.value}: {', '.join(repr(c) for c in cols)}" for t, cols in signatures if t in wanted
         )
-        what = f"It looks like a {found[0].value} dataset. " if found else ""
+        what_it_is = f"It looks like a {found[0].value} dataset. " if found else ""
         hint = _column_hint(columns, [(t, cols) for t, cols in signatures if t in wanted])
         raise DatasetError(
-            f"The dataset's columns {columns} do not match a format this trainer accepts. {what}"
+            f"The dataset's columns {columns} do not match a format this trainer accepts. {what_it_is}"
             f"Accepted formats and their columns: {described}.{hint} "
             "Fix: rename the columns (dataset.rename_column(old, new)) or set the text field option."
         )
     dataset_type, text_columns = found
     text_columns = tuple(c for c in text_columns if c != "label")
-    conversational = _check_column_types(dataset, text_columns)
-    if dataset_type is DatasetType.UNPAIRED_PREFERENCE:
-        _check_labels(dataset)
-    return DatasetFormat(dataset_type, conversational, text_columns)
+    what = what if check is None else check.what
+    head = dataset[:STREAM_SAMPLE_ROWS]  # a dict of columns: the first rows only
+    rows = [dict(zip(head, values)) for values in zip(*head.values())]
+    fmt = DatasetFormat(dataset_type, _conversational(rows, text_columns, what), text_columns)
+    if check is None:
+        from .validate import RowCheck  # validate imports this module
+
+        check = RowCheck(what)
+    for index, row in enumerate(rows):
+        check.format_row(fmt, row, index)
+    return fmt
 
 
-def _check_column_types(dataset: Any, text_columns: tuple[str, ...]) -> bool:
-    kinds = set()
+def _conversational(rows: list[dict[str, Any]], text_columns: tuple[str, ...], what: str | None) -> bool:
+    """Whether the text columns hold message lists (else strings), read from the first value of each column that
+    is a string or a list; a column whose first rows hold neither is left to the row check."""
+    kinds = {}
     for column in text_columns:
-        for row, value in _rows(dataset, column):
-            if isinstance(value, str):
-                kinds.add("plain")
-            elif is_conversation(value):
-                kinds.add("conversational")
-            else:
-                shown = repr(value)[:80]
-                raise DatasetError(
-                    f"Row {row} of column {column!r} holds {type(value).__name__} {shown}, but each value must be "
-                    "a string or a list of {'role': ..., 'content': ...} messages. "
-                    "Fix: clean or filter that row (dataset.filter(...))."
-                )
-    if len(kinds) > 1:
+        value = next((row[column] for row in rows if isinstance(row[column], (str, list))), None)
+        if value is not None:
+            kinds[column] = "conversational" if isinstance(value, list) else "plain"
+    if len(set(kinds.values())) > 1:
+        split = f" of the {what} dataset" if what else ""
         raise DatasetError(
-            f"Columns {list(text_columns)} mix plain strings and message lists. "
+            f"Columns {list(text_columns)}{split} mix plain strings and message lists "
+            f"({', '.join(f'{c!r}: {k}' for c, k in kinds.items())}). "
             "Fix: use one representation for every text column."
         )
-    return kinds == {"conversational"}
-
-
-def _check_labels(dataset: Any) -> None:
-    for row, value in _rows(dataset, "label"):
-        if not isinstance(value, bool) and value not in (0, 1):
-            raise DatasetError(
-                f"Row {row} of column 'label' is {value!r}; unpaired preference labels must be booleans "
-                "(True = desirable; 0/1 are read as False/True). Fix: map the column to bool."
-            )
+    return set(kinds.values()) == {"conversational"}
 
 
 # ----- other row forms TRL accepts ------------------------------------------------------------------------
@@ -201,16 +204,26 @@ def is_sharegpt(dataset: Any) -> bool:
 def sharegpt_to_messages(row: dict[str, Any]) -> dict[str, Any]:
     """One row with ShareGPT messages -> role/content messages, `conversations` renamed `messages` (TRL's
     `maybe_convert_to_chatml`). Keys are renamed in every message list of the row (prompt, completion, chosen,
-    rejected, messages, conversations); role names are kept as they are (e.g. "human", "gpt")."""
+    rejected, messages, conversations). ShareGPT's own speaker names become chat roles ("human" -> "user",
+    "gpt" -> "assistant"; TRL keeps them, which chat templates then render as unknown roles or refuse); other
+    role names are kept as they are."""
     out = {}
     for key, value in row.items():
         if key in _MESSAGE_COLUMNS and isinstance(value, list):
-            value = [{_SHAREGPT_KEYS.get(k, k): v for k, v in m.items()} if isinstance(m, dict) else m for m in value]
+            value = [_chatml_message(m) if isinstance(m, dict) else m for m in value]
         out["messages" if key == "conversations" else key] = value
     return out
 
 
+def _chatml_message(message: dict[str, Any]) -> dict[str, Any]:
+    out = {_SHAREGPT_KEYS.get(k, k): v for k, v in message.items()}
+    if isinstance(out.get("role"), str):
+        out["role"] = SHAREGPT_ROLES.get(out["role"], out["role"])
+    return out
+
+
 _SHAREGPT_KEYS = {"from": "role", "value": "content"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's speaker names -> chat roles
 _MESSAGE_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations")
 
 # Pre-tokenized rows: id columns that replace text columns, per kind of data.

@@ -23,6 +23,17 @@ from .formats import (
 )
 from .prepare import drop_untrainable, map_rows, sample_of
 from .tokenize import tokenize_conversation, tokenize_prompt_completion, tokenize_text
+from .validate import (
+    IDENTICAL,
+    PAIR_FLAGS_COLUMN,
+    RowCheck,
+    StreamPairWarnings,
+    chat_roles,
+    finish_pair_flags,
+    pair_flags,
+    warn_if_no_eos,
+    warn_pair_flags,
+)
 
 _SIDES = ("chosen", "rejected")
 # Scalar columns carried into batches as [b] tensors: the reward margin, precomputed reference log-probs.
@@ -65,13 +76,14 @@ def _tokenize_side(tokenizer: PreTrainedTokenizerBase, prompt: Any, completion: 
     return tokenize_prompt_completion(tokenizer, prompt, completion, completion_only_loss=True)
 
 
-def _tokenized_side(prompt_ids: list[int], completion_ids: list[int], column: str) -> dict[str, list]:
+def _tokenized_side(prompt_ids: list[int], completion_ids: list[int], column: str, check: RowCheck,
+                    index: int) -> dict[str, list]:
     """A pre-tokenized side: prompt ids then completion ids, the completion counting; with no prompt ids the
     whole sequence counts (but its first token, which nothing precedes)."""
-    ids = [int(t) for t in prompt_ids] + [int(t) for t in completion_ids]
+    ids = prompt_ids + completion_ids
     if not completion_ids:
-        raise DatasetError(f"A pre-tokenized row has an empty {column!r}; each side needs at least one token. "
-                           "Fix: filter those rows.")
+        check.fail(index, column, "it is empty; each side of a pair needs at least one token",
+                   f"drop such rows: dataset.filter(lambda row: len(row[{column!r}]) > 0)")
     if not prompt_ids:
         return {"input_ids": ids, "loss_mask": [False] + [True] * (len(ids) - 1), "prompt_length": 1}
     return {"input_ids": ids, "loss_mask": [False] * len(prompt_ids) + [True] * len(completion_ids),
@@ -111,6 +123,10 @@ def prepare_preference(
     they are completions, as in TRL's tokenized DPO rows); ids are used as they are. A stream is tokenized
     lazily, its format read from its first rows.
 
+    Every row is checked as it is tokenized (a DatasetError names `what`, the row and the column); pairs whose
+    chosen and rejected are the same, or whose chosen or rejected completion is empty, are kept and counted in
+    one warning per kind (a stream's: its first such row).
+
     A prompt longer than `max_prompt_length` keeps its last that many tokens (`truncation_mode="keep_end"`)
     or its first ones ("keep_start"); each completion keeps its first `max_completion_length`, each whole
     sequence its first `max_length`.
@@ -125,22 +141,33 @@ def prepare_preference(
     if has_columns(sample, [f"{side}_loss_mask" for side in _SIDES]):
         return dataset  # already prepared by this function
     id_columns = _tokenized_pair_columns(sample, what)
-    fmt = None if id_columns is not None else detect_format(sample, expected=(DatasetType.PREFERENCE,))
+    stream = is_stream(dataset)
+    check = RowCheck(what, stream=stream, roles=chat_roles(tokenizer))
+    fmt = None if id_columns is not None else detect_format(sample, expected=(DatasetType.PREFERENCE,), check=check)
     has_margin = "margin" in sample.column_names
+    stream_warnings = StreamPairWarnings(what) if stream else None
+    if fmt is not None and not fmt.conversational:
+        warn_if_no_eos(tokenizer, "the plain chosen and rejected completions")
 
-    def sides(row: dict[str, Any]) -> list[dict[str, list]]:
+    def sides(row: dict[str, Any], index: int) -> tuple[list[dict[str, list]], int]:
+        """Both sides tokenized, and the pair's warning flags."""
         if id_columns is not None:
-            prompt_ids = row.get("prompt_ids") or []
-            return [_tokenized_side(prompt_ids, row[column], column) for column in id_columns]
+            prompt_ids = check.token_ids(row, index, "prompt_ids", optional=True) or []
+            chosen, rejected = (check.token_ids(row, index, column) for column in id_columns)
+            return ([_tokenized_side(prompt_ids, ids, column, check, index)
+                     for ids, column in zip((chosen, rejected), id_columns)], IDENTICAL if chosen == rejected else 0)
+        check.format_row(fmt, row, index)
         if fmt.implicit_prompt:
             prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
         else:
             prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-        return [_tokenize_side(tokenizer, prompt, completion) for completion in (chosen, rejected)]
+        flags = pair_flags(row["chosen"], row["rejected"], chosen, rejected)
+        return [_tokenize_side(tokenizer, prompt, completion) for completion in (chosen, rejected)], flags
 
-    def tokenize(row: dict[str, Any]) -> dict[str, Any]:
+    def tokenize(row: dict[str, Any], index: int = 0) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for side, tokens in zip(_SIDES, sides(row)):
+        tokenized, flags = sides(row, index)
+        for side, tokens in zip(_SIDES, tokenized):
             ids, mask, prompt_length = tokens["input_ids"], tokens["loss_mask"], tokens["prompt_length"]
             if max_prompt_length is not None and prompt_length > max_prompt_length:
                 if truncation_mode == "keep_end":
@@ -163,17 +190,20 @@ def prepare_preference(
             out["prompt_input_ids"] = out["chosen_input_ids"][:prompt_length]
             out["prompt_attention_mask"] = [1] * len(out["prompt_input_ids"])
         if has_margin:
-            out["margin"] = float(row["margin"])
-            if not torch.isfinite(torch.tensor(out["margin"])):
-                raise DatasetError(f"Column 'margin' holds {row['margin']!r}; margins must be finite numbers. "
-                                   "Fix: fill or drop those rows.")
+            out["margin"] = check.number(row, index, "margin")
+        if stream_warnings is not None:
+            stream_warnings(flags, index)
+        else:  # counted over the whole dataset once it is mapped (finish_pair_flags)
+            out[PAIR_FLAGS_COLUMN] = flags
         return out
 
-    if is_stream(dataset):
-        for row in sample:  # a bad row among the first ones fails here, before training
-            tokenize(row)
+    if stream:
+        for index, row in enumerate(sample):  # a bad row among the first ones fails here, before training
+            tokenize(row, index)
     dataset = map_rows(dataset, tokenize, columns=sample.column_names, num_proc=num_proc,
-                       desc=f"Tokenizing {what} preference pairs")
+                       desc=f"Tokenizing {what} preference pairs", with_indices=True)
+    if not stream:
+        dataset = finish_pair_flags(dataset, what)
     for side in _SIDES:
         dataset = drop_untrainable(dataset, max_length, f"{what} ({side})", mask_column=f"{side}_loss_mask")
     return dataset
@@ -277,27 +307,50 @@ class PairBatch:
 
 
 # ----- unpaired preference (KTO) ---------------------------------------------------------------------
-def unpair_preference(dataset: Any, sample: Any = None) -> Any:
+def unpair_preference(dataset: Any, sample: Any = None, what: str = "train", tokenizer: Any = None,
+                      warn: bool = True) -> Any:
     """Paired rows (prompt, chosen, rejected) -> unpaired rows (prompt, completion, label): the chosen
     completion labelled desirable (True), the rejected one undesirable (False). `sample`: a stream's first
-    rows, read for its format (default: read here)."""
+    rows, read for its format (default: read here). Every pair is checked as it is split (errors name its row
+    in the paired dataset `what`; `tokenizer` gives the accepted chat roles), and pairs with chosen == rejected
+    are counted in one warning (`warn`)."""
     sample = sample_of(dataset) if sample is None else sample
-    fmt = detect_format(sample, expected=(DatasetType.PREFERENCE,))
+    stream = is_stream(dataset)
+    check = RowCheck(what, stream=stream, roles=chat_roles(tokenizer))
+    fmt = detect_format(sample, expected=(DatasetType.PREFERENCE,), check=check)
+    stream_warnings = StreamPairWarnings(what) if stream and warn else None
 
-    def split(batch: dict[str, list]) -> dict[str, list]:
+    def split(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
-        for i in range(len(batch["chosen"])):
+        if not stream:
+            out[PAIR_FLAGS_COLUMN] = []
+        for i, index in enumerate(indices):
+            row = {column: batch[column][i] for column in fmt.text_columns}
+            check.format_row(fmt, row, index)
             if fmt.implicit_prompt:
-                prompt, chosen, rejected = split_implicit_prompt(batch["chosen"][i], batch["rejected"][i])
+                prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
             else:
-                prompt, chosen, rejected = batch["prompt"][i], batch["chosen"][i], batch["rejected"][i]
+                prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+            # Only ties matter here: an empty completion is an ordinary (short) unpaired example.
+            flags = IDENTICAL if row["chosen"] == row["rejected"] else 0
             for completion, label in ((chosen, True), (rejected, False)):
                 out["prompt"].append(prompt)
                 out["completion"].append(completion)
                 out["label"].append(label)
+                if not stream:
+                    out[PAIR_FLAGS_COLUMN].append(flags)
+            if stream_warnings is not None:
+                stream_warnings(flags, index)
         return out
 
-    return map_rows(dataset, split, columns=sample.column_names, batched=True)
+    unpaired = map_rows(dataset, split, columns=sample.column_names, batched=True, with_indices=True)
+    if stream:
+        return unpaired
+    if not warn:
+        return unpaired.remove_columns(PAIR_FLAGS_COLUMN)
+    # Each pair gave two rows with its flags: count the pairs (the even rows), as rows of the paired dataset.
+    warn_pair_flags(unpaired[PAIR_FLAGS_COLUMN][::2], what)
+    return unpaired.remove_columns(PAIR_FLAGS_COLUMN)
 
 
 _TOKENIZED_UNPAIRED = ("prompt_ids", "completion_ids", "label")  # TRL's tokenized KTO rows
@@ -325,27 +378,36 @@ def prepare_unpaired(
     if has_columns(sample, (*_TOKENIZED_UNPAIRED, "ref_logps")):
         return dataset
     tokenized = has_columns(sample, _TOKENIZED_UNPAIRED)
+    fmt = None
+    check = RowCheck(what, stream=is_stream(dataset), roles=chat_roles(tokenizer))
     if not tokenized:
-        fmt = detect_format(sample, expected=(DatasetType.UNPAIRED_PREFERENCE, DatasetType.PREFERENCE))
-        if fmt.type is DatasetType.PREFERENCE:
-            dataset = unpair_preference(dataset, sample)
-            sample = unpair_preference(sample, sample) if is_stream(dataset) else dataset
+        fmt = detect_format(sample, expected=(DatasetType.UNPAIRED_PREFERENCE, DatasetType.PREFERENCE), check=check)
+        if not fmt.conversational:
+            warn_if_no_eos(tokenizer, "the plain completions")
+        if fmt.type is DatasetType.PREFERENCE:  # checked pair by pair as it is unpaired
+            dataset = unpair_preference(dataset, sample, what, tokenizer)
+            sample = unpair_preference(sample, sample, what, tokenizer, warn=False) if is_stream(dataset) else dataset
+            fmt = None
 
-    def tokenize(row: dict[str, Any]) -> dict[str, Any]:
+    def tokenize(row: dict[str, Any], index: int = 0) -> dict[str, Any]:
         if tokenized:
-            prompt_ids, completion_ids = [int(t) for t in row["prompt_ids"]], [int(t) for t in row["completion_ids"]]
+            prompt_ids = check.token_ids(row, index, "prompt_ids")
+            completion_ids = check.token_ids(row, index, "completion_ids")
         else:
+            if fmt is not None:
+                check.format_row(fmt, row, index)
             tokens = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
             split_at = tokens["prompt_length"]
             prompt_ids, completion_ids = tokens["input_ids"][:split_at], tokens["input_ids"][split_at:]
+        label = check.label(row, index)
         if max_prompt_length is not None:
             prompt_ids = prompt_ids[-max_prompt_length:]
         if max_length is not None:
             completion_ids = completion_ids[: max(max_length - len(prompt_ids), 0)]
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(row["label"])}
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": label}
 
     dataset = map_rows(dataset, tokenize, columns=sample.column_names, num_proc=num_proc,
-                       desc=f"Tokenizing {what} unpaired examples")
+                       desc=f"Tokenizing {what} unpaired examples", with_indices=True)
     if is_stream(dataset):
         dataset = dataset.filter(lambda row: len(row["completion_ids"]) > 0)
     else:

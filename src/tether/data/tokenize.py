@@ -258,7 +258,7 @@ def truncate(example: dict[str, list], max_length: int | None, mode: str = "keep
     return out
 
 
-def formatting_func_to_text(func: Callable, dataset: Any) -> tuple[Callable[[dict], dict], bool]:
+def formatting_func_to_text(func: Callable, dataset: Any, check: Any = None) -> tuple[Callable[..., dict], bool]:
     """Adapt a user `formatting_func` into a map function producing a `text` column.
 
     The function may format one example (returning a string) or a batch (returning a list of
@@ -266,20 +266,22 @@ def formatting_func_to_text(func: Callable, dataset: Any) -> tuple[Callable[[dic
     string, on a one-row batch. (Probing with the batch first misreads per-example functions whose
     expressions also work on lists, e.g. `ex["question"] + ex["answer"]`.)
 
-    Returns (map function, batched).
+    Returns (map function, batched). The map function also takes the row's index (the batch's indices), which
+    an error for a non-string result names, with the split of `check` (a `validate.RowCheck`).
     """
     try:
         single, single_error = func(dataset[0]), None
     except Exception as error:  # a batched function may fail on a single example
         single, single_error = None, error
     if isinstance(single, str):
-        return (lambda example: {"text": _checked_str(func(example))}), False
+        return (lambda example, index=None: {"text": _checked_str(func(example), index, check)}), False
     try:
         batch = func(dataset[:1])
     except Exception:
         batch = None
     if isinstance(batch, list) and len(batch) == 1 and isinstance(batch[0], str):
-        return (lambda rows: {"text": _checked_strs(func(rows), len(next(iter(rows.values()))))}), True
+        return (lambda rows, indices=None: {"text": _checked_strs(func(rows), len(next(iter(rows.values()))),
+                                                                  indices, check)}), True
     if single_error is not None:
         raise single_error
     raise DatasetError(
@@ -301,16 +303,33 @@ def example_formatter(func: Callable, first_example: dict[str, Any]) -> Callable
     return lambda example: to_text(example)["text"]
 
 
-def _checked_strs(values: Any, expected: int) -> list[str]:
+def _rows_named(indices: Any, check: Any) -> str:
+    """' for rows 3-5 of the train dataset' (what an error says of the rows a formatting_func was given)."""
+    if indices is None:
+        return ""
+    indices = [indices] if isinstance(indices, int) else list(indices)
+    numbers = [check.row_number(i) if check is not None else int(i) for i in indices]
+    split = f"the {check.what} dataset" if check is not None and check.what else "the dataset"
+    stream = " (stream positions)" if check is not None and check.stream else ""
+    rows = f"row {numbers[0]}" if len(numbers) == 1 else f"rows {numbers[0]}-{numbers[-1]}"
+    return f" for {rows}{stream} of {split}"
+
+
+def _checked_strs(values: Any, expected: int, indices: Any = None, check: Any = None) -> list[str]:
     if not isinstance(values, list) or len(values) != expected or not all(isinstance(v, str) for v in values):
+        shown = type(values).__name__
+        if isinstance(values, list) and len(values) == expected:
+            wrong = next(j for j, v in enumerate(values) if not isinstance(v, str))
+            shown += f" (item {wrong} is {type(values[wrong]).__name__})"
         raise DatasetError(
-            f"formatting_func (batched) returned {type(values).__name__} for a batch of {expected} examples; "
-            f"it must return a list of {expected} strings."
+            f"formatting_func (batched) returned {shown}{_rows_named(indices, check)}, a batch of {expected} "
+            f"examples; it must return a list of {expected} strings. Fix: return one string per example."
         )
     return values
 
 
-def _checked_str(value: Any) -> str:
+def _checked_str(value: Any, index: int | None = None, check: Any = None) -> str:
     if not isinstance(value, str):
-        raise DatasetError(f"formatting_func returned {type(value).__name__}; it must return a string.")
+        raise DatasetError(f"formatting_func returned {type(value).__name__}{_rows_named(index, check)}; it must "
+                           "return a string. Fix: return the example's text (handle missing fields in it).")
     return value

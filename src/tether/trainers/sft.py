@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
@@ -180,6 +181,7 @@ class SFTTrainer(TetherTrainer):
         packing = args.packing if what == "train" or args.eval_packing is None else args.eval_packing
         # shuffle_dataset, as TRL: the examples are shuffled before packing (so rows mix the whole dataset) and the
         # prepared rows after it. Shuffling the raw rows orders the tokenized ones the same way.
+        row_numbers = self._shuffle_order(dataset)  # errors about a row name the user's index of it
         dataset = self._shuffled(dataset)
         prepared = prepare_sft_dataset(
             dataset, self.processing_class, seq2seq=self._seq2seq, packing=packing,
@@ -191,8 +193,18 @@ class SFTTrainer(TetherTrainer):
             infinite=self._infinite if self._infinite is not None else what == "train" and args.max_steps > 0,
             model_rows=self._hf_collator, num_proc=args.dataset_num_proc, batch_size=args.dataset_batch_size,
             what=what, truncation_mode=args.truncation_mode, packing_strategy=args.packing_strategy,
+            row_numbers=row_numbers,
         )
         return self._shuffled(prepared) if packing else prepared
+
+    def _shuffle_order(self, dataset: Any) -> Any:
+        """The original row index of each position of `_shuffled(dataset)` (datasets' shuffle(seed) selects the
+        rows in numpy's default_rng(seed).permutation order), or None when it does not reorder a Dataset."""
+        import datasets
+
+        if not self.args.shuffle_dataset or not isinstance(dataset, datasets.Dataset):
+            return None
+        return np.random.default_rng(self.args.seed).permutation(len(dataset))
 
     def _shuffled(self, dataset: Any) -> Any:
         """`dataset` shuffled with the run's seed when shuffle_dataset is set (a stream through a buffer); torch
