@@ -252,3 +252,13 @@ def test_sft_lora_with_cloned_template_trains_the_new_token_rows_and_head(tmp_pa
     trainer.train()
     assert not torch.equal(embed(torch.tensor([im_end])).detach(), before)  # the new token's row learned
     assert not torch.equal(trainer.model.get_output_embeddings().weight.detach(), head_before)
+
+
+def test_clone_chat_template_names_a_missing_local_tokenizer(tmp_path, tiny_decoder_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from tether import clone_chat_template
+
+    with pytest.raises(FileNotFoundError, match="Tokenizer .*no such local folder"):
+        clone_chat_template(AutoModelForCausalLM.from_pretrained(tiny_decoder_dir), tokenizer,
+                            str(tmp_path / "no-such-tokenizer"))

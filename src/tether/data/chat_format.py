@@ -103,7 +103,9 @@ def clone_chat_template(model: Any, tokenizer: Any, source_tokenizer_path: str,
     if resize_to_multiple_of is not None and resize_to_multiple_of < 1:
         raise ValueError(f"clone_chat_template: resize_to_multiple_of={resize_to_multiple_of}; use a positive "
                          "int or None.")
-    source = AutoTokenizer.from_pretrained(source_tokenizer_path)
+    from ..models.loading import resolve_model_source  # lazily: data/ does not need the loaders otherwise
+
+    source = AutoTokenizer.from_pretrained(resolve_model_source(source_tokenizer_path, "tokenizer"))
     if not source.chat_template:
         raise ValueError(f"clone_chat_template: the tokenizer at {source_tokenizer_path!r} has no chat template to "
                          "copy. Fix: point source_tokenizer_path at a tokenizer that has one.")
