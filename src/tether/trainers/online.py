@@ -29,12 +29,14 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import set_seed
 
 from ..data import collate_columns, prepare_prompts
 from ..data.collate import LanguageModelingCollator
@@ -59,6 +61,8 @@ from .base import TetherTrainer, as_config
 from .completion_log import completions_table
 from .online_config import OnlineConfig
 from .online_metrics import round_metrics, sampler_mismatch_metrics
+
+ROUND_FILE = "rollout_round_{}.pt"  # in a checkpoint inside a round of generation: process {}'s round
 
 
 @dataclass
@@ -127,6 +131,9 @@ class OnlineTrainer(TetherTrainer):
         args = as_config(self.config_class, args, model, self.config_suffix)
         if args.use_vllm and args.vllm_mode == "colocate":
             require_vllm()
+        # A reward model loaded here may get a fresh score head: drawn from the run's seed, not from whatever the
+        # script drew before (the base constructor seeds again before the policy is loaded).
+        set_seed(args.seed)
         self.rewards = RewardFunctions(reward_funcs, args.reward_weights, reward_processing_classes,
                                        load_kwargs=from_pretrained_kwargs(args, args.model_init_kwargs))
         eval_sets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
@@ -330,6 +337,8 @@ class OnlineTrainer(TetherTrainer):
         self._extra_columns = collections.defaultdict(list)  # this round's log_extra columns
         rewards, per_function = self.rewards.score(prompts, completions, trainer_state=self.state,
                                                    log_extra=self._log_extra, log_metric=self._log_reward_metric,
+                                                   reward_timeout=self.args.reward_timeout,
+                                                   reward_warn_after=self.args.reward_warn_after,
                                                    completion_ids=completion_ids, **columns)
         return prompts, completions, rewards, per_function
 
@@ -413,6 +422,11 @@ class OnlineTrainer(TetherTrainer):
         position = self._micro_step % (args.steps_per_generation * args.num_iterations)
         self._micro_step += 1
         if position == 0 or self._round is None:
+            if position:  # resumed inside a round from a checkpoint that does not hold it (see _save_rng_state)
+                warnings.warn(f"Resuming at optimizer step {self.state.global_step}, inside a round of generation, "
+                              f"from a checkpoint without that round's completions ({ROUND_FILE.format('<rank>')}): "
+                              "the rest of the round is sampled anew by the current policy, so the resumed run "
+                              "does not repeat the interrupted one exactly.", UserWarning, stacklevel=2)
             model.train()  # Trainer does so next anyway; the round's metrics must be filed as training ones
             self._round = self._generate_round(inputs)
         started = time.perf_counter()
@@ -423,6 +437,30 @@ class OnlineTrainer(TetherTrainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self._micro_step, self._round = None, None
         return super().train(*args, **kwargs)
+
+    # ----- checkpoints inside a round --------------------------------------------------------------------------
+    def _round_position(self) -> int:
+        """Micro-steps of the current round trained so far at the current optimizer step (0: at a round's start).
+        Rounds span several optimizer steps with num_iterations > 1 or steps_per_generation >
+        gradient_accumulation_steps."""
+        args = self.args
+        return self.state.global_step * args.gradient_accumulation_steps % (
+            args.steps_per_generation * args.num_iterations)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Trainer's random state and, for a checkpoint inside a round, this process's round (its completions,
+        rewards, advantages and log-probs): a resumed run trains the rest of the round on them, as the
+        uninterrupted run does, instead of sampling a new round from the updated policy."""
+        super()._save_rng_state(output_dir)
+        if self._round is not None and self._round_position():
+            state = {f.name: getattr(self._round, f.name) for f in fields(Round)}
+            torch.save(state, os.path.join(output_dir, ROUND_FILE.format(self.args.process_index)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)  # called once, when training resumes from `checkpoint`
+        path = os.path.join(checkpoint, ROUND_FILE.format(self.args.process_index)) if checkpoint else ""
+        if self._round_position() and os.path.isfile(path):
+            self._round = Round(**torch.load(path, map_location="cpu", weights_only=True))
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return inputs  # a slice index into the current round; tensors are built in compute_loss

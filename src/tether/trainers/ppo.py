@@ -68,6 +68,7 @@ from ..ops.stats import RunningMoments, masked_mean, masked_whiten
 from ..reports.trackers import log_to_trackers
 from ..rollout.generation import generate_responses
 from ..rollout.rewards import RewardFunctions
+from .finite_guard import NonFiniteGuard, check_finite_weights
 from .hub_tags import tag_model, trainer_tags
 from .ppo_config import PPOConfig
 from .ppo_loop import PPOTrainLoop
@@ -177,6 +178,11 @@ class PPOTrainer(PPOTrainLoop):
         if zero_stage(self.accelerator) is not None:
             self._configure_deepspeed(critic)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        # An optimizer step whose gradients are not finite is skipped (weights and optimizer state unchanged) and
+        # counted; max_nonfinite_steps in a row stop training. One optimizer trains the policy and the critic.
+        self._optimizer_steps = 0  # taken in this run (resumed from a checkpoint), skipped ones included
+        self.nonfinite_guard = NonFiniteGuard(config.max_nonfinite_steps, lambda: self._optimizer_steps)
+        self.nonfinite_guard.attach(self.optimizer)
         self.critic = self.accelerator.prepare_model(critic) if critic is not None else None
         if self.dataloader is not None:
             self.dataloader = self.accelerator.prepare_data_loader(self.dataloader)
@@ -416,6 +422,7 @@ class PPOTrainer(PPOTrainLoop):
         timing["time/ppo/calc_stats"] = time.perf_counter() - t
         timing["time/ppo/total"] = time.perf_counter() - start
         stats.update(timing)
+        stats["nonfinite/skipped_steps"] = self.nonfinite_guard.skipped  # optimizer steps skipped so far
         if config.optimize_device_cache:
             empty_device_cache()
         return stats
@@ -463,8 +470,9 @@ class PPOTrainer(PPOTrainLoop):
                         policykl = self._train_mini_batch(batch, rollout, mini, num_tokens, collected, last)
                 if config.max_grad_norm is not None:
                     self.accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                self.optimizer.step()
+                self.optimizer.step()  # skipped by the non-finite guard when a gradient is NaN or inf
                 self.optimizer.zero_grad()
+                self._optimizer_steps += 1
             # Decided on the mean over processes of the epoch's last mini-batch: all of them stop together.
             if config.early_stopping and mean_across_processes(policykl, self.accelerator) > 1.5 * config.target_kl:
                 break
@@ -532,10 +540,20 @@ class PPOTrainer(PPOTrainLoop):
             log_to_trackers(self.accelerator, logs, table, self.current_step)
         return logs
 
+    def _check_finite_weights(self, where: str, policy: nn.Module | None = None) -> None:
+        """NonFiniteTrainingError, naming the parameter, if a weight of the policy (or critic) is NaN or inf:
+        such weights are never saved. `policy`: the unwrapped policy, gathered by the caller under ZeRO-3
+        (whose partitioned parameters are otherwise empty placeholders, which the check skips)."""
+        check_finite_weights(policy if policy is not None else self.accelerator.unwrap_model(self.model), where)
+        if self.critic is not None:
+            check_finite_weights(self.accelerator.unwrap_model(self.critic), f"{where} (the critic)")
+
     def save_pretrained(self, save_directory: str) -> None:
         """Model (adapter for PEFT) + value head + tokenizer, as safetensors, from the main process. Under
-        ZeRO-3 every process must call it: they gather the partitioned weights together."""
+        ZeRO-3 every process must call it: they gather the partitioned weights together. Non-finite weights
+        are refused (NonFiniteTrainingError) before anything is written."""
         with unwrap_model_for_generation(self.model, self.accelerator) as model:
+            self._check_finite_weights(save_directory, model)  # on every process: all raise alike
             if self.accelerator.is_main_process:
                 os.makedirs(save_directory, exist_ok=True)
                 model.save_pretrained(save_directory)

@@ -103,6 +103,10 @@ class PPOConfig:
         "Steps between comparisons of the mean score with the best so far (push_to_hub_if_best_kwargs)."))
     ratio_threshold: float = field(default=10.0, metadata=_help(
         "Skip (zero the loss of) a mini-batch whose mean probability ratio exceeds this: it would spike."))
+    max_nonfinite_steps: int = field(default=3, metadata=_help(
+        "Optimizer steps in a row whose gradients are not finite that are skipped (weights and optimizer state "
+        "unchanged, a warning each) before training stops with NonFiniteTrainingError; 0: stop at the first. Each "
+        "step() takes ppo_epochs * batch_size / backward_batch_size optimizer steps."))
     use_score_scaling: bool = field(default=False, metadata=_help(
         "Divide scores by the running standard deviation of all scores seen."))
     use_score_norm: bool = field(default=False, metadata=_help(
@@ -182,6 +186,8 @@ class PPOConfig:
                 raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if self.ratio_threshold <= 0:
             raise ValueError(f"PPOConfig.ratio_threshold must be > 0, got {self.ratio_threshold}.")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"PPOConfig.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}.")
         if self.use_score_norm and not self.use_score_scaling:
             warnings.warn("PPOConfig.use_score_norm only applies with use_score_scaling=True; it is ignored.",
                           UserWarning, stacklevel=3)

@@ -6,9 +6,10 @@ the dataset's other columns) -> `step()` -> log to output_dir/metrics.jsonl -> c
 text into each update.
 
 Resuming repeats the uninterrupted run exactly: a checkpoint holds the weights (critic included), the
-optimizer (and scheduler), the KL controller, the step, every process's random state (generation
-sampling, mini-batch shuffling, dropout, and whatever reward functions draw) and the position of the
-prompt and PPO-ptx batch streams, whose order depends on (seed, epoch) alone.
+optimizer (and scheduler), the KL controller, the running score statistics (use_score_scaling), the step,
+every process's random state (generation sampling, mini-batch shuffling, dropout, and whatever reward
+functions draw) and the position of the prompt and PPO-ptx batch streams, whose order depends on (seed,
+epoch) alone. Non-finite weights are never saved: a checkpoint or final save refuses them.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ class PPOTrainLoop:
     # ----- checkpoints: written to a temporary folder, then renamed, so none is ever half-written -------
     def _save_checkpoint(self) -> str:
         path = os.path.join(self.config.output_dir, f"checkpoint-{self.current_step}")
+        self._check_finite_weights(path)  # NaN or inf weights are never saved: refused before anything is written
         main = self.accelerator.is_main_process
         with atomic_directory(path, writer=main, barrier=self.accelerator.wait_for_everyone) as partial:
             save_rng_state(rng_file(partial, self.accelerator.process_index))  # every process its own
@@ -157,8 +159,14 @@ class PPOTrainLoop:
                 data = {"prompts": self._prompts.state_dict()}
                 if self._ptx_batches is not None:
                     data["ptx"] = self._ptx_batches.state_dict()
+                guard, moments = self.nonfinite_guard, self.running
                 with open(os.path.join(partial, "ppo_state.json"), "w", encoding="utf-8") as f:
-                    json.dump({"step": self.current_step, "kl_ctl": self.kl_ctl.state_dict(), "data": data}, f)
+                    json.dump({"step": self.current_step, "kl_ctl": self.kl_ctl.state_dict(), "data": data,
+                               # use_score_scaling's running statistics (floats: exact through JSON)
+                               "score_moments": {k: getattr(moments, k) for k in ("mean", "var", "std", "count")},
+                               "highest_reward": self.highest_reward,
+                               "nonfinite": {"skipped": guard.skipped, "in_a_row": guard.in_a_row,
+                                             "optimizer_steps": self._optimizer_steps}}, f)
         return path
 
     def _load_checkpoint(self, checkpoint: str | bool) -> None:
@@ -197,6 +205,13 @@ class PPOTrainLoop:
             ppo_state = json.load(f)
         self.current_step = ppo_state["step"]
         self.kl_ctl.load_state_dict(ppo_state["kl_ctl"])
+        for key, value in ppo_state.get("score_moments", {}).items():
+            setattr(self.running, key, value)
+        self.highest_reward = ppo_state.get("highest_reward", self.highest_reward)
+        nonfinite = ppo_state.get("nonfinite", {})
+        self.nonfinite_guard.skipped = nonfinite.get("skipped", 0)
+        self.nonfinite_guard.in_a_row = nonfinite.get("in_a_row", 0)
+        self._optimizer_steps = nonfinite.get("optimizer_steps", 0)
         self._prompts.load_state_dict(ppo_state["data"]["prompts"], "prompt dataset")
         if self._ptx_batches is not None and "ptx" in ppo_state["data"]:
             self._ptx_batches.load_state_dict(ppo_state["data"]["ptx"], "ptx_dataset")
