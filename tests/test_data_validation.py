@@ -327,3 +327,15 @@ def test_missing_eos_token_warns_where_one_is_appended(tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_language_modeling(Dataset.from_dict({"messages": [conv("user", "a", "assistant", "b")]}), tokenizer)
+
+
+def test_iterative_sft_texts_warn_without_an_eos_token(tokenizer, tiny_decoder_dir, tmp_path):
+    from transformers import TrainingArguments
+
+    from tether import IterativeSFTTrainer
+
+    tokenizer.eos_token = None
+    trainer = IterativeSFTTrainer(tiny_decoder_dir, processing_class=tokenizer,
+                                  args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    with pytest.warns(UserWarning, match="has no EOS token, so the texts end without one"):
+        trainer.step(texts=["the film was good", "a plot with holes"])

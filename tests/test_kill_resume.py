@@ -163,11 +163,7 @@ def assert_resumed_like_uninterrupted(resumed, full) -> None:
 
 KILL_RUNS = ["reward", "kto", "orpo", "cpo", "grpo", "rloo", *ROUND_VARIANTS]
 # The reference a sync changed is not in the checkpoint yet: the resumed run restarts from the original reference.
-UNSAVED_REFERENCE = pytest.mark.xfail(strict=True, reason="a synced reference (sync_ref_model) is not checkpointed")
-
-
-@pytest.mark.parametrize("run", [*KILL_RUNS, *(pytest.param(r, marks=UNSAVED_REFERENCE)
-                                               for r in ("dpo-ref-sync", "grpo-ref-sync"))])
+@pytest.mark.parametrize("run", [*KILL_RUNS, "dpo-ref-sync", "grpo-ref-sync"])
 def test_killed_between_checkpoints_resumes_to_the_uninterrupted_weights(run, uninterrupted, tiny_decoder_dir,
                                                                          tokenizer, tmp_path):
     out, step = str(tmp_path / "run"), kill_step(run)

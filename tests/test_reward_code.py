@@ -144,3 +144,23 @@ def test_timeout_fields_validated_and_set_from_the_command_line(tmp_path):
     _, config = parse_command_args("grpo", ["--model_name_or_path", "m", "--dataset_name", "d.jsonl", "--output_dir",
                                             str(tmp_path), "--reward_timeout", "30", "--reward_warn_after", "2.5"])
     assert config.reward_timeout == 30.0 and config.reward_warn_after == 2.5
+
+
+def test_ppo_train_stops_at_a_hung_reward_too(tiny_decoder_dir, tokenizer, tmp_path):
+    from tether import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+    for bad in (0, float("nan")):
+        with pytest.raises(ValueError, match="^PPOConfig.reward_timeout must be a finite number of seconds > 0"):
+            PPOConfig(reward_timeout=bad)
+    out = tmp_path / "ppo"
+    config = PPOConfig(batch_size=2, mini_batch_size=1, total_steps=2, max_new_tokens=4, save_steps=1,
+                       output_dir=str(out), reward_timeout=0.1)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_decoder_dir)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = PPOTrainer(config, model, None, tokenizer, dataset=Dataset.from_dict({"prompt": ["a", "b", "c", "d"]}),
+                         reward_funcs=sleeps_half_a_second)
+    with pytest.raises(RewardFunctionTimeout, match="^Reward function 'sleeps_half_a_second' did not return"):
+        trainer.train()
+    assert all(torch.equal(p, before[name]) for name, p in trainer.accelerator.unwrap_model(trainer.model)
+               .named_parameters())
+    assert not list(out.glob("checkpoint-*"))

@@ -130,3 +130,14 @@ def test_a_failed_checkpoint_write_removes_its_staging_folder_and_keeps_the_prev
     with pytest.raises(KeyError):  # not a write failure: passed through as it is
         with atomic_directory(str(tmp_path / "checkpoint-6")):
             raise KeyError("a bug, not a disk")
+
+
+def test_a_failed_ppo_save_says_what_happened(tiny_decoder_dir, tokenizer, tmp_path):
+    from tether import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+    (tmp_path / "taken").write_text("a file where the model folder should go")
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_decoder_dir)
+    trainer = PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=1, output_dir=str(tmp_path / "run")), model, None,
+                         tokenizer)
+    with pytest.raises(OutputWriteError, match="Could not write .*taken.*FileExistsError"):
+        trainer.save_pretrained(str(tmp_path / "taken"))

@@ -38,14 +38,12 @@ from ..models.loading import (
     resolve_model_source,
 )
 from ..models.scoring import sequence_scores
+from .reward_limits import DEFAULT_WARN_AFTER
 
 RewardFunction = Callable[..., Sequence[float]]
 
 logger = logging.getLogger(__name__)
 
-# Seconds a reward call may run before a warning says it is still running (a hang should not look like a
-# silent stall); GRPOConfig/RLOOConfig.reward_warn_after set it per run.
-DEFAULT_WARN_AFTER = 10.0
 # When a timeout ends a call of several concurrent async functions whose event loop no longer answers: the
 # extra seconds granted, past the timeout, to the per-function timers that name the one that hangs.
 _ASYNC_GRACE = 1.0

@@ -46,17 +46,10 @@ from ..models.loading import (
 from ..reports.callback import WRITE_THEIR_OWN_SAMPLES, RunReportCallback
 from ..reports.page import write_report
 from ..reports.runfiles import SAMPLES_FILE, write_jsonl
-from .checkpoints import (
-    OutputWriteError,
-    atomic_directory,
-    is_write_failure,
-    latest_checkpoint,
-    rotate_checkpoints,
-    write_failure_message,
-)
+from .checkpoints import atomic_directory, latest_checkpoint, reporting_write_failures, rotate_checkpoints
 from .finite_guard import NonFiniteGuard, check_finite_weights
 from .hub_tags import card_tags, tag_model, trainer_tags
-from .ref_sync import ReferenceSyncCallback, check_sync_config
+from .ref_sync import ReferenceSyncCallback, check_sync_config, load_synced_reference, save_synced_reference
 from .run_identity import check_fresh_output_dir, check_resume, describe_run, new_run_id, write_run_file
 
 
@@ -430,13 +423,10 @@ class TetherTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         check_finite_weights(self.model, output_dir or self.args.output_dir)  # before anything is written
-        try:
+        if self._checkpoint_staging is not None:  # a checkpoint: atomic_directory reports a failure, with its name
+            return super()._save(output_dir, state_dict)
+        with reporting_write_failures(output_dir or self.args.output_dir, self.args.output_dir):
             super()._save(output_dir, state_dict)
-        except Exception as error:  # a checkpoint's own failure is reported by atomic_directory, with its name
-            if self._checkpoint_staging is not None or not is_write_failure(error):
-                raise
-            raise OutputWriteError(write_failure_message(output_dir or self.args.output_dir, error,
-                                                             latest_checkpoint(self.args.output_dir))) from error
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                       ) -> torch.Tensor:
@@ -582,6 +572,7 @@ class TetherTrainer(Trainer):
                 continue
             with open(path, encoding="utf-8") as f:
                 owner.load_state_dict(json.load(f))
+        load_synced_reference(self, checkpoint)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Trainer's checkpoint, written atomically. transformers 5 writes straight into checkpoint-N, so a
@@ -600,6 +591,7 @@ class TetherTrainer(Trainer):
                 self._checkpoint_staging = None
             if self.args.should_save:
                 write_run_file(os.path.join(partial, name), self._run_id or new_run_id(), self.run_description())
+            save_synced_reference(self, os.path.join(partial, name))
             for filename, owner in self.checkpoint_state().items():
                 if self.args.should_save:
                     with open(os.path.join(partial, name, filename), "w", encoding="utf-8") as f:

@@ -62,6 +62,18 @@ def write_failure_message(path: str, error: BaseException, resume_from: str | No
 
 
 @contextlib.contextmanager
+def reporting_write_failures(path: str, run_dir: str) -> Iterator[None]:
+    """Within the block, a failing write (see `is_write_failure`) becomes an OutputWriteError about `path` that
+    names the last complete checkpoint of `run_dir`; other errors pass through."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, OutputWriteError) or not is_write_failure(error):
+            raise
+        raise OutputWriteError(write_failure_message(path, error, latest_checkpoint(run_dir))) from error
+
+
+@contextlib.contextmanager
 def atomic_directory(path: str, *, writer: bool = True, barrier: Callable[[], None] | None = None,
                      subfolder: str | None = None) -> Iterator[str]:
     """Yield the folder `path + ".partial"` to fill; once the block ends without error, it (or its

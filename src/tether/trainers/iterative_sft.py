@@ -25,6 +25,7 @@ from transformers.trainer_utils import IntervalStrategy
 from ..data import LanguageModelingCollator, Seq2SeqCollator
 from ..data.collate import IGNORE_INDEX, LabelsToLossMask, loss_mask_from_labels
 from ..data.tokenize import tokenize_prompt, tokenize_prompt_completion, tokenize_text, with_eos
+from ..data.validate import warn_if_no_eos
 from ..distributed import empty_device_cache
 from ..models.loading import ensure_pad_token, load_tokenizer, model_name
 from .base import as_config
@@ -155,6 +156,7 @@ class IterativeSFTTrainer(SFTTrainer):
                 texts_labels = _checked_list("texts_labels", texts_labels, str, len(texts))
             elif self._seq2seq:
                 raise ValueError("An encoder-decoder model needs targets: pass texts_labels with texts.")
+            warn_if_no_eos(self.processing_class, "the texts")  # once per call site (Python's warning filter)
             rows = [self._text_row(t, texts_labels[i] if texts_labels else None) for i, t in enumerate(texts)]
         else:
             if texts_labels is not None:

@@ -4,17 +4,17 @@ logging) and their validation. The trainer that reads them is trainers/online.py
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..rollout.reward_limits import RewardCallFields, check_reward_call_fields
 from ..rollout.sampling import sampling_settings
 from .base import TetherConfig
 from .ref_sync import ReferenceSyncFields
 
 
 @dataclass
-class OnlineConfig(TetherConfig, ReferenceSyncFields):
+class OnlineConfig(TetherConfig, ReferenceSyncFields, RewardCallFields):
     """Fields shared by the online methods (GRPOConfig, RLOOConfig); every TrainingArguments field applies.
 
     per_device_train_batch_size counts completions, as in TRL: a round of steps_per_generation micro-batches
@@ -60,13 +60,6 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields):
         "help": "Upper clip range (default: epsilon; DAPO's clip-higher uses e.g. 0.28)."})
     reward_weights: list[float] | None = field(default=None, metadata={
         "help": "Weight of each reward function in the summed reward (default: all 1)."})
-    reward_timeout: float | None = field(default=None, metadata={
-        "help": "Seconds one call of a reward function may take; a call still running then is abandoned and "
-                "training stops with RewardFunctionTimeout naming the function (None: no limit). With a limit, "
-                "each call runs in a worker thread, where signal-based timeouts (signal.alarm) cannot be used."})
-    reward_warn_after: float | None = field(default=10.0, metadata={
-        "help": "Seconds after which a reward-function call still running logs a warning naming the function "
-                "and the time so far, so a hang does not look like a silent stall (None: never)."})
     mask_truncated_completions: bool = field(default=False, metadata={
         "help": "Leave completions that hit max_completion_length without EOS out of the loss (DAPO)."})
     disable_dropout: bool = field(default=False, metadata={"help": "Turn dropout off in the policy."})
@@ -138,11 +131,7 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields):
             raise ValueError("max_completion_length must be at least 1.")
         if self.num_iterations < 1:
             raise ValueError("num_iterations must be at least 1.")
-        for name in ("reward_timeout", "reward_warn_after"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{type(self).__name__}.{name} must be a finite number of seconds > 0, or None "
-                                 f"(none), got {value}.")
+        check_reward_call_fields(self)
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1.0: off), got {self.repetition_penalty}.")
         if self.num_generations_eval is not None and self.num_generations_eval < 1:

@@ -68,6 +68,7 @@ from ..ops.stats import RunningMoments, masked_mean, masked_whiten
 from ..reports.trackers import log_to_trackers
 from ..rollout.generation import generate_responses
 from ..rollout.rewards import RewardFunctions
+from .checkpoints import reporting_write_failures
 from .finite_guard import NonFiniteGuard, check_finite_weights
 from .hub_tags import tag_model, trainer_tags
 from .ppo_config import PPOConfig
@@ -552,12 +553,12 @@ class PPOTrainer(PPOTrainLoop):
         """Model (adapter for PEFT) + value head + tokenizer, as safetensors, from the main process. Under
         ZeRO-3 every process must call it: they gather the partitioned weights together. Non-finite weights
         are refused (NonFiniteTrainingError) before anything is written."""
-        with unwrap_model_for_generation(self.model, self.accelerator) as model:
+        writing = reporting_write_failures(save_directory, self.config.output_dir)  # a full disk, said as such
+        with unwrap_model_for_generation(self.model, self.accelerator) as model, writing:
             self._check_finite_weights(save_directory, model)  # on every process: all raise alike
             if self.accelerator.is_main_process:
                 os.makedirs(save_directory, exist_ok=True)
                 model.save_pretrained(save_directory)
-        if self.accelerator.is_main_process:
-            self.tokenizer.save_pretrained(save_directory)
-            if self.critic is not None:
-                self.accelerator.unwrap_model(self.critic).save_pretrained(os.path.join(save_directory, "critic"))
+                self.tokenizer.save_pretrained(save_directory)
+                if self.critic is not None:
+                    self.accelerator.unwrap_model(self.critic).save_pretrained(os.path.join(save_directory, "critic"))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..ops.dicts import flatten_dict
+from ..rollout.reward_limits import RewardCallFields, check_reward_call_fields
 
 # The per-token estimates of losses/kl.py that TRL's classic PPO offered.
 KL_PENALTIES = ("kl", "abs", "mse", "full")
@@ -38,7 +39,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(RewardCallFields):
     """Configuration of `PPOTrainer`. Each field has a help string; validation runs in __post_init__."""
 
     # ----- experiment and tracking -----------------------------------------------------------------------
@@ -188,6 +189,7 @@ class PPOConfig:
             raise ValueError(f"PPOConfig.ratio_threshold must be > 0, got {self.ratio_threshold}.")
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"PPOConfig.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}.")
+        check_reward_call_fields(self)
         if self.use_score_norm and not self.use_score_scaling:
             warnings.warn("PPOConfig.use_score_norm only applies with use_score_scaling=True; it is ignored.",
                           UserWarning, stacklevel=3)

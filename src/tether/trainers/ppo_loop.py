@@ -107,7 +107,9 @@ class PPOTrainLoop:
             columns = {k: v for k, v in rows.items() if k not in ("prompt", "prompt_input_ids")}
             # TRL's reward-function contract: functions may read the run's progress from trainer_state.
             state = TrainerState(global_step=self.current_step, max_steps=config.train_steps)
-            scores, per_function = self.rewards.score(rows["prompt"], completions, trainer_state=state, **columns)
+            scores, per_function = self.rewards.score(rows["prompt"], completions, trainer_state=state,
+                                                      reward_timeout=config.reward_timeout,
+                                                      reward_warn_after=config.reward_warn_after, **columns)
             if config.missing_eos_penalty is not None:
                 ended = torch.tensor([r[-1].item() == self.tokenizer.eos_token_id for r in responses])
                 scores = scores - config.missing_eos_penalty * (~ended).float()

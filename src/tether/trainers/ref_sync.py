@@ -11,6 +11,8 @@ update; `TetherTrainer` adds the callback when `sync_ref_model=True`.
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..models.loading import is_peft_model
+
+REFERENCE_FILE = "ref_model.safetensors"  # in a checkpoint of a sync_ref_model run: the reference as it was
 
 
 @dataclass
@@ -121,3 +125,30 @@ class ReferenceSyncCallback(TrainerCallback):
         policy = accelerator.unwrap_model(model if model is not None else self.trainer.model)
         reference = accelerator.unwrap_model(self._reference())
         mix_into_reference(policy, reference, args.ref_model_mixup_alpha)
+
+
+def save_synced_reference(trainer: Any, folder: str) -> None:
+    """Into a checkpoint being written: the reference of a sync_ref_model run, which has moved away from the model
+    it was loaded from, so that a resumed run continues from it (not from the original reference)."""
+    reference = getattr(trainer, "ref_model", None)
+    if not getattr(trainer.args, "sync_ref_model", False) or reference is None or not trainer.args.should_save:
+        return
+    from safetensors.torch import save_model
+
+    save_model(trainer.accelerator.unwrap_model(reference), os.path.join(folder, REFERENCE_FILE))  # tied weights ok
+
+
+def load_synced_reference(trainer: Any, checkpoint: str) -> None:
+    """On resume: the reference `save_synced_reference` kept, or a warning when the checkpoint has none."""
+    reference = getattr(trainer, "ref_model", None)
+    if not getattr(trainer.args, "sync_ref_model", False) or reference is None:
+        return
+    path = os.path.join(checkpoint, REFERENCE_FILE)
+    if not os.path.isfile(path):
+        warnings.warn(f"Resuming a sync_ref_model run from {checkpoint}, which holds no {REFERENCE_FILE}: the "
+                      "reference restarts from the model it was loaded from, so the resumed run differs from the "
+                      "interrupted one.", UserWarning, stacklevel=3)
+        return
+    from safetensors.torch import load_model
+
+    load_model(trainer.accelerator.unwrap_model(reference), path, device=str(trainer.accelerator.device))
