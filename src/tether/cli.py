@@ -4,6 +4,7 @@
     tether sft --config run.yaml --learning_rate 1e-4      # YAML sets defaults, flags override them
     tether ppo --model_name_or_path SFT --dataset_name prompts.jsonl --reward_funcs REWARD_MODEL
     tether demo [--output_dir ./tether-demo] [--quick]
+    tether pipeline run.yaml [--stages sft,reward]         # sft -> reward -> ppo (or dpo...) from one YAML file
     tether report OUTPUT_DIR                               # rebuild a run's report.html and plots
     tether vllm-serve --model DIR [--backend transformers] # generation server for vllm_mode="server"
 
@@ -191,10 +192,22 @@ TRAIN_COMMANDS: dict[str, TrainCommand] = {
     "rloo": TrainCommand("RLOO (REINFORCE with a leave-one-out baseline) on prompts with reward functions or "
                          "reward models.", "tether.trainers.rloo:RLOOConfig", "tether.trainers.rloo:RLOOTrainer",
                          script_args="tether.cli:OnlineScriptArguments"),
+    "online-dpo": TrainCommand("Online DPO: two completions per prompt sampled from the policy, ranked by reward "
+                               "functions, reward models (--reward_funcs, or --reward_model_path) or a pairwise "
+                               "judge (--judge); DPO or IPO loss (--loss_type) against the reference.",
+                               "tether.trainers.online_dpo:OnlineDPOConfig",
+                               "tether.trainers.online_dpo:OnlineDPOTrainer",
+                               script_args="tether.cli_online_dpo:OnlineDPOScriptArguments"),
     "ppo": TrainCommand("PPO with a value head (or a separate critic) against reward functions or reward models; "
                         "PPO-ptx, LoRA, resume.", "tether.trainers.ppo_config:PPOConfig",
                         "tether.trainers.ppo:PPOTrainer", script_args="tether.cli_ppo:PPOScriptArguments",
                         runner="tether.cli_ppo:train_ppo"),
+    "gkd": TrainCommand("GKD: distill a teacher (--teacher_model_name_or_path) into the model on prompt-completion "
+                        "or chat data, mixing dataset and self-generated completions (--lmbda, --seq_kd, --beta).",
+                        "tether.trainers.gkd:GKDConfig", "tether.trainers.gkd:GKDTrainer"),
+    "distillation": TrainCommand("On-policy distillation of a teacher (--teacher_model_name_or_path) into the model "
+                                 "on prompts: every completion sampled by the student (--beta, --temperature).",
+                                 "tether.trainers.gkd:DistillationConfig", "tether.trainers.gkd:DistillationTrainer"),
 }
 
 
@@ -413,9 +426,19 @@ def vllm_serve(argv: Sequence[str]) -> int:
     return 0
 
 
+def pipeline(argv: Sequence[str]) -> int:
+    """`tether pipeline RUN.yaml`: the stages of a YAML file, each a training command fed by the ones before it
+    (see tether.pipeline)."""
+    from tether.pipeline.command import main as pipeline_main
+
+    return pipeline_main(argv)
+
+
 # Subcommands that are not a trainer: name -> (help, function of the remaining argv returning an exit code).
 TOOLS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "demo": ("Run the offline demo: corpus -> tokenizer -> tiny model -> SFT, with samples.", demo),
+    "pipeline": ("Run a pipeline from one YAML file (e.g. sft -> reward -> ppo): each stage's output feeds the next; "
+                 "unchanged stages are skipped, stopped ones resumed; one report.", pipeline),
     "report": ("Rebuild a run's report (plots + HTML page) from its output dir.", report),
     "vllm-serve": ("Serve a model for GRPO/RLOO's vllm_mode='server' (generation + weight updates over HTTP).",
                    vllm_serve),
