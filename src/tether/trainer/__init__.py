@@ -34,6 +34,13 @@ _EXPORTS = {
     "RichProgressCallback": "tether.callbacks",
     "SyncRefModelCallback": "tether.callbacks",
     "WeaveCallback": "tether.callbacks",
+    "OnlineDPOConfig": "tether.trainers.online_dpo",
+    "OnlineDPOTrainer": "tether.trainers.online_dpo",
+    "BaseJudge": "tether.rollout.judges",
+    "BaseBinaryJudge": "tether.rollout.judges",
+    "BasePairwiseJudge": "tether.rollout.judges",
+    "BaseRankJudge": "tether.rollout.judges",
+    "AllTrueJudge": "tether.rollout.judges",
 }
 
 __all__ = sorted(_EXPORTS)

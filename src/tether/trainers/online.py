@@ -11,10 +11,11 @@ One optimizer step, per process:
                   columns, weighted and summed
     3. advantages per group of completions of one prompt (the groups never span processes, so no
                   gather is needed); reference log-probs once per round when beta > 0
-    4. update     the round is cut into `steps_per_generation` micro-batches of per_device_train_batch_size
-                  completions, replayed `num_iterations` times; the loss of each is normalised by the
-                  whole optimizer step's count (tokens or sequences, all-reduced over processes), so
-                  gradient accumulation and data parallelism do not change the update
+    4. update     the round is cut into `steps_per_generation` micro-batches of `completions_per_micro_batch`
+                  completions (per_device_train_batch_size for GRPO/RLOO), replayed `num_iterations` times;
+                  the loss of each is normalised by the whole optimizer step's count (tokens or sequences,
+                  all-reduced over processes), so gradient accumulation and data parallelism do not change
+                  the update
 
 The config (OnlineConfig, re-exported here) is in online_config.py; the round's metrics in online_metrics.py.
 
@@ -112,6 +113,7 @@ class OnlineTrainer(TetherTrainer):
     corrects_sampler_mismatch = False  # whether the vllm_importance_sampling_* fields exist and apply
     needs_entropy_gradient = False  # whether policy_loss differentiates the token entropy (an entropy bonus)
     keep_top_entropy = 1.0  # share of tokens, by entropy, the policy term trains on
+    given_reference: Any = None  # a ref_model a subclass's constructor takes (Online DPO); None: the default rule
 
     def __init__(
         self,
@@ -155,7 +157,7 @@ class OnlineTrainer(TetherTrainer):
         # Reward and reference models are evaluated, never trained: placed for the engine, not wrapped for it.
         prepare_reward_models(self.rewards, self.accelerator)
         # No reference when beta = 0; under PEFT the adapter-disabled policy; else a frozen copy.
-        reference = select_reference(self.model, None, source=model if isinstance(model, str) else None,
+        reference = select_reference(self.model, self.given_reference, source=model if isinstance(model, str) else None,
                                      load=lambda source: load_language_model(
                                          source, **self.model_loading_kwargs(args.model_init_kwargs)),
                                      copy_needed=args.beta != 0.0)
@@ -164,7 +166,7 @@ class OnlineTrainer(TetherTrainer):
         self._eos_ids = sorted({self.processing_class.eos_token_id, *eos_token_ids(self.model)} - {None})
         self._samples_logged_at = -1
         self._completion_log: collections.deque = collections.deque(
-            maxlen=args.per_device_train_batch_size * args.steps_per_generation * args.world_size)
+            maxlen=args.completions_per_micro_batch * args.steps_per_generation * args.world_size)
         if getattr(args, "cast_lm_head_to_fp32", False):
             cast_lm_head_to_fp32(self.model)
             if self.ref_model is not None:
@@ -193,6 +195,12 @@ class OnlineTrainer(TetherTrainer):
                                 structured_outputs_regex=args.vllm_structured_outputs_regex,
                                 trust_remote_code=args.trust_remote_code)
 
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of the log-probs the loss uses: the sampling temperature (GRPO, RLOO, as TRL); Online
+        DPO takes the policy's own distribution (1.0), as DPO does."""
+        return self.args.temperature
+
     def _group_size(self, training: bool) -> int:
         """Completions per prompt: num_generations in training, num_generations_eval (if set) at evaluation."""
         if training or self.args.num_generations_eval is None:
@@ -211,7 +219,7 @@ class OnlineTrainer(TetherTrainer):
     @property
     def _prompts_per_round(self) -> int:
         args = self.args
-        return args.per_device_train_batch_size * args.steps_per_generation // args.num_generations
+        return args.completions_per_micro_batch * args.steps_per_generation // args.num_generations
 
     def _get_train_sampler(self, train_dataset: Any = None) -> PromptRoundSampler | None:
         args = self.args
@@ -320,7 +328,7 @@ class OnlineTrainer(TetherTrainer):
         settings = sampling_settings(args.generation_kwargs, **named, max_new_tokens=args.max_completion_length,
                                      eos_token_ids=self._eos_ids)
         # Log-probs at the training temperature, as the loss computes them, whatever temperature samples.
-        return sample_groups(policy, prompt_ids, k, pad_token_id=pad_id, logprob_temperature=args.temperature,
+        return sample_groups(policy, prompt_ids, k, pad_token_id=pad_id, logprob_temperature=self.logprob_temperature,
                              **settings)
 
     def _score(self, batch: dict[str, list[Any]], sampled: Any, k: int
@@ -359,7 +367,7 @@ class OnlineTrainer(TetherTrainer):
         belongs to, and the step's global completion count, each divided by the number of processes (DDP
         averages gradients over them). bnpo-style local normalisation is the subclass's business."""
         args = self.args
-        b, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        b, ga = args.completions_per_micro_batch, args.gradient_accumulation_steps
         tokens = loss_mask.sum(-1).float().view(args.steps_per_generation, b).sum(-1)  # [slices]
         per_step = tokens.view(-1, ga).sum(-1)  # [steps in round]
         if args.world_size > 1:
@@ -373,7 +381,7 @@ class OnlineTrainer(TetherTrainer):
         """Log-probs of the sampled tokens without gradients, [n, c], in micro-batch-sized chunks: under the
         reference model (a frozen copy, or the policy with its adapter disabled), or under the policy as
         it sampled (for samplers that do not report them)."""
-        ids, mask, size = sampled.completion_ids, sampled.completion_mask, self.args.per_device_train_batch_size
+        ids, mask, size = sampled.completion_ids, sampled.completion_mask, self.args.completions_per_micro_batch
         chunks = []
         for start in range(0, len(prompt_ids), size):
             rows = slice(start, start + size)
@@ -402,7 +410,7 @@ class OnlineTrainer(TetherTrainer):
                                          pad_to_multiple_of=self.args.pad_to_multiple_of,
                                          pack_to=longest if pack else None)(rows)
         batch = {key: value.to(device) for key, value in batch.items()}
-        token_logps = causal_token_log_probs(model, batch, self.args.temperature, self.args.logprob_chunk_size,
+        token_logps = causal_token_log_probs(model, batch, self.logprob_temperature, self.args.logprob_chunk_size,
                                              entropy_gradient=entropy_gradient)
         token_entropy = token_logps.entropy if entropy_gradient else token_logps.stats.entropy
         r, p, owner = token_logps.rows, token_logps.positions, token_logps.sequences  # [tokens] each
@@ -468,7 +476,7 @@ class OnlineTrainer(TetherTrainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor:
         round_, s = self._round, inputs["slice"]
-        b = self.args.per_device_train_batch_size
+        b = self.args.completions_per_micro_batch
         rows = slice(s * b, (s + 1) * b)
         device = self.accelerator.device
         mask = round_.completion_mask[rows].to(device)

@@ -122,6 +122,15 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields, RewardCallFields):
                                      "with per-layer gathering is not implemented).",
     }
 
+    # Completions per unit of per_device_train_batch_size: 1 where it counts completions (GRPO, RLOO, as TRL);
+    # Online DPO's counts prompts, each answered by a pair (as TRL's OnlineDPOConfig), so 2 there.
+    completions_per_batch_row: ClassVar[int] = 1
+
+    @property
+    def completions_per_micro_batch(self) -> int:
+        """Completions in one micro-batch of the update (one slice of a round) on one process."""
+        return self.per_device_train_batch_size * self.completions_per_batch_row
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_sampling_and_clipping(self)
@@ -151,7 +160,7 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields, RewardCallFields):
         if not self.use_vllm:  # fail at construction on a key our sampler cannot honour, not mid-training
             sampling_settings(self.generation_kwargs)
         if self.generation_batch_size is not None:
-            per_round = self.per_device_train_batch_size * self.world_size
+            per_round = self.completions_per_micro_batch * self.world_size
             if self.generation_batch_size % per_round:
                 raise ValueError(f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
                                  f"per_device_train_batch_size x processes ({per_round}).")
@@ -167,7 +176,7 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields, RewardCallFields):
         if self.steps_per_generation % self.gradient_accumulation_steps:
             raise ValueError(f"steps_per_generation ({self.steps_per_generation}) must be a multiple of "
                              f"gradient_accumulation_steps ({self.gradient_accumulation_steps}).")
-        completions = self.per_device_train_batch_size * self.steps_per_generation
+        completions = self.completions_per_micro_batch * self.steps_per_generation
         if completions % self.num_generations:
             raise ValueError(
                 f"A round holds per_device_train_batch_size x steps_per_generation = {completions} completions per "

@@ -1,0 +1,13 @@
+"""TRL 0.x's `trl.trainer.online_dpo_trainer` module path."""
+
+from __future__ import annotations
+
+from tether._lazy import lazy_exports
+
+_EXPORTS = {
+    "OnlineDPOTrainer": "tether.trainers.online_dpo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
