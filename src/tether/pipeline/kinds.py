@@ -63,4 +63,8 @@ KINDS: dict[str, StageKind] = {
     "ppo": StageKind("ppo", POLICY, {"model": MODEL, "ref": REFERENCE, "reward": REWARD_MODELS, "critic": CRITIC}),
     "grpo": StageKind("grpo", POLICY, {"model": MODEL, "reward": REWARD_MODELS}),
     "rloo": StageKind("rloo", POLICY, {"model": MODEL, "reward": REWARD_MODELS}),
+    # Rewarded by the latest reward stage when there is one; else the stage's own --judge or --reward_funcs.
+    "online-dpo": StageKind("online-dpo", POLICY, {
+        "model": MODEL, "ref": REFERENCE,
+        "reward": Input("reward_funcs", default=REWARD, many=True, accepts=REWARD, what="reward model")}),
 }
