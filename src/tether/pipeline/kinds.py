@@ -67,4 +67,9 @@ KINDS: dict[str, StageKind] = {
     "online-dpo": StageKind("online-dpo", POLICY, {
         "model": MODEL, "ref": REFERENCE,
         "reward": Input("reward_funcs", default=REWARD, many=True, accepts=REWARD, what="reward model")}),
+    # The teacher is named by `from: {teacher: STAGE}` or the stage's own teacher_model_name_or_path.
+    "gkd": StageKind("gkd", POLICY, {"model": MODEL, "teacher": Input("teacher_model_name_or_path", accepts=POLICY,
+                                                                      what="teacher model")}),
+    "distillation": StageKind("distillation", POLICY, {
+        "model": MODEL, "teacher": Input("teacher_model_name_or_path", accepts=POLICY, what="teacher model")}),
 }

@@ -41,6 +41,8 @@ _EXPORTS = {
     "BasePairwiseJudge": "tether.rollout.judges",
     "BaseRankJudge": "tether.rollout.judges",
     "AllTrueJudge": "tether.rollout.judges",
+    "DistillationConfig": "tether.trainers.gkd_config",
+    "DistillationTrainer": "tether.trainers.gkd",
 }
 
 __all__ = sorted(_EXPORTS)
