@@ -1,18 +1,27 @@
 """Tests for the synthetic demo corpus in tether.demo.corpus."""
 
+import random
 import re
 from collections import Counter
 
 import pytest
 
 from tether.demo.corpus import (
+    CONTRADICTED,
+    RANKED_PAIRS,
     SENTIMENTS,
+    TOWARDS_POSITIVE,
+    TRUNCATED,
+    check_sentences,
+    contradict,
     generate_reviews,
     positivity_score,
     preference_pairs,
     review_prompts,
     sentiment_lexicon,
     split_prompt,
+    truncate,
+    unknown_words,
 )
 
 N = 3000
@@ -159,3 +168,103 @@ def test_negative_n_rejected():
         generate_reviews(-1)
     with pytest.raises(ValueError):
         preference_pairs(-1)
+
+
+# ----- ranked pairs, damaged reviews, the check set ----------------------------------------------------------
+def _sentiment(continuation: str) -> str:
+    score = positivity_score(continuation)
+    return "positive" if score > 0 else "negative" if score < 0 else "neutral"
+
+
+def test_ranked_pairs_cover_each_ranking_and_order_it():
+    """Each ranking is drawn about equally often, and the chosen side is the better one: by the lexicon for the
+    three classes, the same review whole rather than cut short or contradicting itself for the damaged ones."""
+    pairs = preference_pairs(2000, seed=4, rankings=RANKED_PAIRS)
+    counts = Counter()
+    for p in pairs:
+        assert p["prompt"] in review_prompts() and p["chosen"] != p["rejected"]
+        assert not unknown_words(p["chosen"]) and not unknown_words(p["rejected"])
+        chosen = _sentiment(p["chosen"])
+        if p["rejected"].rstrip(".") in p["chosen"]:  # a prefix: cut short
+            kind = (chosen, TRUNCATED)
+        elif len(p["chosen"].split()) == len(p["rejected"].split()) and chosen == "positive" and (
+                sum(a != b for a, b in zip(p["chosen"].split(), p["rejected"].split())) == 1):
+            kind = (chosen, CONTRADICTED)  # one word swapped for a worse one
+        else:
+            kind = (chosen, _sentiment(p["rejected"]))
+        counts[kind] += 1
+    assert set(counts) <= set(RANKED_PAIRS) | {("positive", "positive"), ("neutral", "neutral")}, counts
+    # the lexicon misreads a few reviews (test_positivity_score_accuracy); every ranking still shows up often
+    for ranking in RANKED_PAIRS:
+        assert counts[ranking] > 0.8 * len(pairs) / len(RANKED_PAIRS), (ranking, counts)
+
+
+def test_policy_pairs_always_prefer_a_positive_review():
+    pairs = preference_pairs(600, seed=1, rankings=TOWARDS_POSITIVE)
+    chosen = Counter(_sentiment(p["chosen"]) for p in pairs)
+    rejected = Counter(_sentiment(p["rejected"]) for p in pairs)
+    assert chosen["positive"] > 0.95 * len(pairs), chosen  # as often as the lexicon reads reviews right
+    assert rejected["positive"] < 0.05 * len(pairs) and min(rejected["negative"], rejected["neutral"]) > 0.4 * len(
+        pairs), rejected
+
+
+def test_pairs_keep_to_the_given_openings():
+    openings = review_prompts()[:3]
+    assert {p["prompt"] for p in preference_pairs(200, seed=0, openings=openings)} == set(openings)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"rankings": [("positive", "positive")]}, "rankings"),
+    ({"rankings": [("great", "negative")]}, "rankings"),
+    ({"rankings": [(TRUNCATED, "positive")]}, "rankings"),
+    ({"rankings": []}, "rankings"),
+    ({"openings": ["a new opening"]}, "openings"),
+    ({"openings": []}, "openings"),
+])
+def test_pair_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        preference_pairs(10, **kwargs)
+
+
+def test_truncate_cuts_inside_a_clause():
+    rng = random.Random(0)
+    for r in generate_reviews(300, seed=6):
+        opening, rest = split_prompt(r["text"])
+        cut = truncate(rng, rest)
+        assert cut.startswith(" ") and cut.endswith(".") and not cut.endswith(",.")
+        words, kept = rest.strip().rstrip(".").split(), cut.strip().rstrip(".").split()
+        assert 0 < len(kept) < len(words) and words[: len(kept)] == kept
+        assert not words[len(kept) - 1].endswith(","), (rest, cut)  # never a whole clause
+
+
+def test_contradict_turns_one_positive_word_negative():
+    rng = random.Random(0)
+    positive, negative = sentiment_lexicon()
+    for r in [r for r in generate_reviews(300, seed=7) if r["sentiment"] == "positive"]:
+        out = contradict(rng, r["text"])
+        before, after = r["text"].split(), out.split()
+        if len(before) != len(after):  # no positive adjective to turn: cut short instead
+            assert r["text"].startswith(out.rstrip("."))
+            continue
+        changed = [(a, b) for a, b in zip(before, after) if a != b]
+        assert len(changed) == 1, (r["text"], out)
+        old, new = (w.strip(",.") for w in changed[0])
+        assert old in positive and new in negative, changed
+
+
+def test_check_set_is_labelled_as_the_lexicon_reads_it_and_is_not_in_the_corpus():
+    """The hand-written check set: every class as the hand-written lexicon reads it (an independent judge of
+    the labels), in the corpus' words, and none of its sentences a review the templates can write."""
+    sentences = check_sentences()
+    assert set(sentences) == set(SENTIMENTS) and all(len(v) >= 15 for v in sentences.values())
+    corpus = {r["text"] for r in generate_reviews(20000, seed=11)}
+    for label, texts in sentences.items():
+        for text in texts:
+            assert _sentiment(text) == label, (label, text)
+            assert text not in corpus
+            assert len(unknown_words(text)) <= 1, text  # a word or so the corpus lacks is fine, not more
+
+
+def test_unknown_words_finds_what_the_corpus_never_writes(reviews):
+    assert not any(unknown_words(r["text"]) for r in reviews)
+    assert unknown_words("the plot was goodish and \ufffd 10") == ["goodish", "\ufffd", "1", "0"]

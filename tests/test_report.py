@@ -218,7 +218,7 @@ def test_a_folder_of_runs_gets_one_page_and_rebuilds_the_same(tmp_path):
                                                                                ("Run B", tmp_path / "b")])
     page = report.path.read_text()
     assert page.index("Run A") < page.index("Run B") and "a then b" in page
-    assert 'src="a/plots/loss.png"' in page and 'src="b/plots/loss.png"' in page
+    assert 'data-file="a/plots/loss.png"' in page and 'data-file="b/plots/loss.png"' in page
     assert report.plots[tmp_path / "a" / "plots" / "loss.png"]["loss"] == logged(rows_a, "loss")
     assert report.plots[tmp_path / "b" / "plots" / "loss.png"]["loss"] == logged(rows_b, "loss")
     report.path.unlink()
@@ -236,18 +236,50 @@ def test_demo_ends_with_one_report_for_its_stages(tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed.endswith(str(tmp_path / "report.html")) and "Report" in printed
     page = (tmp_path / "report.html").read_text()
-    assert "Fine-tuning" in page and 'src="sft/plots/loss.png"' in page and "loss 2.0 -&gt; 1.0" in page
+    assert "Fine-tuning" in page and 'data-file="sft/plots/loss.png"' in page and "loss 2.0 -&gt; 1.0" in page
     assert " was fine." in page
 
 
-def test_without_matplotlib_there_is_a_page_and_a_warning(tmp_path, monkeypatch):
+def test_without_matplotlib_there_is_a_page_and_one_warning(tmp_path, monkeypatch):
+    """A partial install without matplotlib still gets its pages, and one warning however many are written
+    (a trainer rewrites its report after every log; the demo writes one per stage and one over all)."""
+    import warnings
+
+    from tether.reports import page as page_module
+
     fake_run(tmp_path, [2.0, 1.0], [{"prompt": "p", "completion": "c"}])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    with pytest.warns(UserWarning, match=r'pip install "tether\[report\]"'):
-        report = write_report(tmp_path)
-    assert report.plots == {} and not (tmp_path / "plots").exists()
-    page = report.path.read_text()
+    monkeypatch.setattr(page_module, "_warned_no_matplotlib", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reports = [write_report(tmp_path) for _ in range(3)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and "pip install matplotlib" in messages[0], messages
+    assert all(r.plots == {} for r in reports) and not (tmp_path / "plots").exists()
+    page = reports[-1].path.read_text()
     assert "matplotlib is not installed" in page and "Sample generations" in page
+
+
+def test_the_page_embeds_its_plots(tmp_path):
+    """report.html holds each plot as a PNG data URI (the bytes of the PNG file it names), so it shows them
+    wherever it is copied; nothing on the page points to a file."""
+    import base64
+    import re
+    import shutil
+
+    fake_run(tmp_path / "a", [3.0, 2.0, 1.5])
+    fake_run(tmp_path / "b", [5.0, 4.0])
+    report = write_report(tmp_path, runs=[("Run A", tmp_path / "a"), ("Run B", tmp_path / "b")])
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copy(report.path, moved / "report.html")
+    page = (moved / "report.html").read_text()
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="[^"]*" data-file="([^"]+)">', page)
+    assert len(images) == page.count("<img") == len(report.plots) == 4  # loss and learning rate, twice
+    for encoded, name in images:
+        assert base64.b64decode(encoded) == (tmp_path / name).read_bytes()
+        assert (tmp_path / name) in report.plots
+    assert not re.search(r'(src|href)="(?!data:)', page)
 
 
 # ----- the pieces -------------------------------------------------------------------------------------------

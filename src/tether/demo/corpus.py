@@ -7,8 +7,10 @@ on purpose so a tiny LM fits it in about a minute, while the slot combinatorics 
 
 from __future__ import annotations
 
+import functools
 import random
 import re
+from collections.abc import Sequence
 
 SENTIMENTS = ("positive", "negative", "neutral")
 
@@ -179,24 +181,94 @@ def split_prompt(text: str) -> tuple[str, str]:
     raise ValueError(f"text does not start with a known opening: {text[:40]!r}")
 
 
-def preference_pairs(n: int = 1000, seed: int = 0, implicit_prompt: bool = False) -> list[dict]:
-    """``n`` pairs preferring a positive over a negative continuation of the same opening.
+# Rankings of preference pairs, (chosen, rejected). With positive-vs-negative pairs alone, the score of a
+# neutral review is whatever a reward model extrapolates, and RL finds and exploits it; RANKED_PAIRS places every
+# class, and the two shortcuts RL takes next, which a reward model that never saw them scores like the
+# positive review they came from. As the rejected side, TRUNCATED means the chosen review itself cut short
+# mid-clause ("... turned out to be."), CONTRADICTED the chosen review with one of its positive words turned
+# negative ("quite weak and enjoyable", "so clever, one of the worst films this year").
+TRUNCATED = "truncated"
+CONTRADICTED = "contradicted"
+DAMAGED = (TRUNCATED, CONTRADICTED)
+POLAR_PAIRS = (("positive", "negative"),)
+RANKED_PAIRS = (("positive", "negative"), ("positive", "neutral"), ("neutral", "negative"),
+                ("positive", TRUNCATED), ("positive", CONTRADICTED))
+TOWARDS_POSITIVE = (("positive", "negative"), ("positive", "neutral"))  # for a policy: always prefer positive
 
-    Returns ``{"prompt", "chosen", "rejected"}`` (completions with a leading space), or with
-    ``implicit_prompt=True`` ``{"chosen", "rejected"}`` holding the full texts.
+
+def truncate(rng: random.Random, text: str) -> str:
+    """``text`` (a review or a continuation, ending with a period) cut short inside a clause, with its period:
+    "... but the editing was truly great." -> "... but the editing." Never after a comma, where the cut could
+    leave a whole review ("was never boring, and ..." -> "was never boring.")."""
+    lead = " " if text.startswith(" ") else ""
+    words = text.strip().rstrip(".").split()
+    cuts = [k for k in range(1, len(words) - 1) if not words[k - 1].endswith(",")]
+    return lead + " ".join(words[: rng.choice(cuts)] if cuts else words[:-1] or ["and"]) + "."
+
+
+def contradict(rng: random.Random, text: str) -> str:
+    """``text`` with one of its positive adjectives (or "best") replaced by a negative one (or "worst"), so that
+    it contradicts itself; cut short (:func:`truncate`) when it has none ("was not bad at all")."""
+    words = _TOKEN_RE.findall(text)
+    spots = [k for k, w in enumerate(words) if w in _ADJ["positive"] or w == "best"]
+    if not spots:
+        return truncate(rng, text)
+    k = rng.choice(spots)
+    words[k] = "worst" if words[k] == "best" else rng.choice(_ADJ["negative"])
+    out = " ".join(words).replace(" ,", ",").replace(" .", ".")
+    return (" " if text.startswith(" ") else "") + out
+
+
+def preference_pairs(n: int = 1000, seed: int = 0, implicit_prompt: bool = False,
+                     rankings: Sequence[tuple[str, str]] = POLAR_PAIRS,
+                     openings: Sequence[str] | None = None) -> list[dict]:
+    """``n`` pairs, each a chosen and a rejected continuation of the same opening.
+
+    Each pair's ``(chosen, rejected)`` sentiments are drawn uniformly from ``rankings`` (by default positive over
+    negative; :data:`RANKED_PAIRS` places all three classes and damaged reviews, see :data:`TRUNCATED`), its
+    opening from ``openings`` (default: all of :func:`review_prompts`). Returns ``{"prompt", "chosen",
+    "rejected"}`` (completions with a leading space), or with ``implicit_prompt=True`` ``{"chosen", "rejected"}``
+    holding the full texts.
     """
     if n < 0:
         raise ValueError("n must be non-negative")
+    rankings = [tuple(r) for r in rankings]
+    bad = [r for r in rankings if len(r) != 2 or r[0] == r[1] or r[0] not in SENTIMENTS
+           or r[1] not in (*SENTIMENTS, *DAMAGED)]
+    if not rankings or bad:
+        raise ValueError(f"rankings must be (chosen, rejected) pairs: a sentiment out of {SENTIMENTS}, then another "
+                         f"one or one of {DAMAGED}; got {bad or rankings!r}")
+    openings = _OPENINGS if openings is None else tuple(openings)
+    unknown = sorted(set(openings) - set(_OPENINGS))
+    if not openings or unknown:
+        raise ValueError(f"openings must be a non-empty subset of review_prompts(); unknown: {unknown}")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        prompt = rng.choice(_OPENINGS)
-        chosen, rejected = _review(rng, "positive", prompt), _review(rng, "negative", prompt)
+        prompt = rng.choice(openings)
+        # Only several rankings take a draw, so the default pairs stay those of earlier releases.
+        good, worse = rankings[0] if len(rankings) == 1 else rng.choice(rankings)
+        chosen = _review(rng, good, prompt)
+        rejected = ({TRUNCATED: truncate, CONTRADICTED: contradict}[worse](rng, chosen) if worse in DAMAGED
+                    else _review(rng, worse, prompt))
         if implicit_prompt:
             out.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
         else:
             out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_vocabulary() -> frozenset[str]:
+    """Every word the corpus' templates produce (found by generating enough reviews that each one shows up)."""
+    return frozenset(w for r in generate_reviews(5000, seed=0) for w in _TOKEN_RE.findall(r["text"]))
+
+
+def unknown_words(text: str) -> list[str]:
+    """The words of ``text`` that no review of the corpus uses; a character the corpus never writes (a stray
+    byte decoded as U+FFFD, a digit) counts as a word of its own. ``[]`` for text in the corpus' language."""
+    vocabulary = corpus_vocabulary()
+    return [w for w in re.findall(r"[a-z']+|[^a-z',.;!?\s]", text.lower()) if w not in vocabulary]
 
 
 def sentiment_lexicon() -> tuple[frozenset[str], frozenset[str]]:
@@ -236,3 +308,77 @@ def positivity_score(text: str) -> float:
     if not pos + neg:
         pos, neg = _clause_score(tokens)
     return 0.0 if not pos + neg else (pos - neg) / (pos + neg)
+
+
+# ----- a held-out check set ----------------------------------------------------------------------------------
+# Hand-written sentences in the corpus' vocabulary but not in its templates (other word orders, other clause
+# shapes, most without one of the openings), to check what a reward model learned rather than what it memorised.
+# fmt: off
+CHECK_SENTENCES: dict[str, tuple[str, ...]] = {
+    "positive": (
+        "this movie was truly wonderful, i would watch it again.",
+        "i loved the music, and the cast was superb.",
+        "a brilliant film, and the story was moving from start to finish.",
+        "the dialogue was clever and the humor was fresh.",
+        "a beautiful, touching story with a stunning final scene.",
+        "the acting was excellent, and i enjoyed every minute.",
+        "the villain was memorable and the twist was gripping.",
+        "i was hooked from the first scene, the editing was superb.",
+        "the soundtrack was lovely and the direction was clever.",
+        "a fun, charming and funny movie.",
+        "the cast was fantastic and the script was great.",
+        "the ending was delightful, i left the theater smiling.",
+        "the lead performance was brilliant and the score was beautiful.",
+        "the story was fresh and the pacing was excellent.",
+        "everything about it was wonderful.",
+        "the humor was funny and the final scene was moving.",
+        "such an enjoyable film, i would recommend it.",
+        "the plot was gripping and the camera work was stunning.",
+    ),
+    "negative": (
+        "the plot was dull and the acting weak.",
+        "a boring film with a terrible script.",
+        "the dialogue was clumsy and the music was annoying.",
+        "a dreadful movie, i nearly fell asleep.",
+        "the story was stale and the twist was silly.",
+        "the cast was poor and the direction was messy.",
+        "i regret the ticket, the pacing was tedious.",
+        "the humor was flat and the villain was forgettable.",
+        "the final scene was painful and the editing was awful.",
+        "the soundtrack was bland and the script was lifeless.",
+        "a disappointing movie, two wasted hours.",
+        "the lead performance was weak and the story was dull.",
+        "the plot was terrible, i was bored until the end.",
+        "the camera work was clumsy and the score was annoying.",
+        "everything about it was boring.",
+        "such a tedious film, i would not recommend it.",
+        "the acting was bad and the ending was dreadful.",
+        "the twist was silly and the dialogue was poor.",
+    ),
+    "neutral": (
+        "the film was about two hours long.",
+        "the plot was predictable and the acting was average.",
+        "the music was ordinary and the pacing was standard.",
+        "a typical film with a familiar story.",
+        "the story was simple and the ending was predictable.",
+        "the dialogue was plain and the camera work was conventional.",
+        "the film felt modest and routine.",
+        "i watched it once.",
+        "the soundtrack was mild and the direction was standard.",
+        "the villain was typical and the twist was predictable.",
+        "a conventional story, told in a simple way.",
+        "the humor was mild and the editing was plain.",
+        "an ordinary film, about what i expected.",
+        "the final scene was familiar and the score was average.",
+        "the lead performance was okay and the script was uneven.",
+        "everything about it was average.",
+        "the cast was okay and the story was simple.",
+        "a routine movie with a standard plot.",
+    ),
+}
+# fmt: on
+
+
+def check_sentences() -> dict[str, list[str]]:
+    """The held-out check set, ``{sentiment: [sentence, ...]}`` for each of :data:`SENTIMENTS`."""
+    return {label: list(CHECK_SENTENCES[label]) for label in SENTIMENTS}

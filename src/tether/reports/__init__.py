@@ -2,7 +2,7 @@
 for the method plus a small HTML page with them, the config and sample generations.
 
 - runfiles.py: the files of a run's output dir (metrics.jsonl, samples.jsonl, run_config.json)
-- plots.py:    which curves each method shows (a table), drawing them (matplotlib, optional)
+- plots.py:    which curves each method shows (a table), drawing them (matplotlib)
 - page.py:     `write_report(DIR)`: the HTML page over one run or several; `tether report DIR` calls it
 - callback.py: the `transformers.Trainer` callback every tether trainer adds
 

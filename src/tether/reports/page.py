@@ -2,11 +2,13 @@
 into `DIR/report.html` and `DIR/plots/*.png`; given a folder of runs (the demo's), one page with a
 section per run. It only reads files, so `tether report DIR` rebuilds exactly what training wrote.
 
-The page is small and self-contained apart from the PNGs, which it references by relative path.
+The page is self-contained: each plot is embedded in it as a PNG data URI, so it shows its plots when copied,
+moved or mailed on its own. The PNG files stay next to the runs for those who want the images.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
@@ -27,7 +29,7 @@ from .runfiles import (
 )
 
 SAMPLES_PER_STEP = 4
-INSTALL_HINT = 'pip install "tether[report]"  (or: pip install matplotlib)'
+INSTALL_HINT = "pip install matplotlib"  # a dependency of tether: missing only from a broken or partial install
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 1em auto; padding: 0 1em; color: #222; }
 h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
@@ -87,8 +89,7 @@ def write_report(directory: str | os.PathLike, title: str | None = None, notes: 
     notes = notes if notes is not None else saved_notes
     can_plot = matplotlib_available()
     if not can_plot:
-        warnings.warn(f"matplotlib is not installed, so the report in {directory} has no plots. Fix: {INSTALL_HINT}",
-                      UserWarning, stacklevel=2)
+        _warn_no_matplotlib(directory)
     report = Report(directory / REPORT_FILE)
     body = [f"<h1>{html.escape(title)}</h1>"]
     if notes:
@@ -104,8 +105,25 @@ def write_report(directory: str | os.PathLike, title: str | None = None, notes: 
     return report
 
 
+_warned_no_matplotlib = False
+
+
+def _warn_no_matplotlib(directory: Path) -> None:
+    """Warn once per process: a trainer rebuilds its report after every log, and the demo has several."""
+    global _warned_no_matplotlib
+    if not _warned_no_matplotlib:
+        _warned_no_matplotlib = True
+        warnings.warn(f"matplotlib is not installed, so the report in {directory} (and any later one) has no plots. "
+                      f"Fix: {INSTALL_HINT}", UserWarning, stacklevel=3)
+
+
+def _png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def _run_section(root: Path, run_dir: Path, title: str | None, can_plot: bool, report: Report) -> str:
-    """One run's plots, last values, samples and config, as HTML; PNG paths are relative to `root`."""
+    """One run's plots (embedded, each naming its PNG file relative to `root`), last values, samples and config,
+    as HTML."""
     rows = read_jsonl(run_dir / METRICS_FILE)
     series = metric_series(rows)
     method, config_name, config_text = read_run_config(run_dir)
@@ -123,8 +141,8 @@ def _run_section(root: Path, run_dir: Path, title: str | None, can_plot: bool, r
         for stem, group, names in wanted:
             path = plots_dir / f"{stem}.png"
             report.plots[path] = plot_group(group.title, series, names, path)
-            images.append(f'<img src="{html.escape(Path(os.path.relpath(path, root)).as_posix())}" '
-                          f'alt="{html.escape(group.title)}">')
+            images.append(f'<img src="{_png_data_uri(path)}" alt="{html.escape(group.title)}" '
+                          f'data-file="{html.escape(Path(os.path.relpath(path, root)).as_posix())}">')
         out.append('<div class="plots">' + "".join(images) + "</div>")
     if series:
         cells = "".join(f"<tr><td>{html.escape(name)}</td><td>{values[-1]:.6g}</td><td>{steps[-1]:g}</td></tr>"

@@ -4,8 +4,9 @@ A method names its metric groups, one PNG each (`METHOD_GROUPS`); a group lists 
 patterns (`GROUPS`), and each name also brings its `eval_` twin, drawn dashed. A run whose method is not in
 the table (or whose groups match nothing logged) gets one plot per logged metric instead.
 
-matplotlib is optional (`pip install "tether[report]"`): it is imported only here, only when drawing, and
-through `matplotlib.figure.Figure`, which renders with Agg without touching pyplot's global backend.
+matplotlib is a dependency of tether (without it, a page has no plots and one warning says so). It is imported
+only here, only when drawing, and through `matplotlib.figure.Figure`, which renders with Agg without touching
+pyplot's global backend.
 """
 
 from __future__ import annotations
