@@ -363,10 +363,11 @@ def train(command: str, argv: Sequence[str]) -> int:
 def demo(argv: Sequence[str]) -> int:
     """`tether demo`: the offline demo, stage by stage (see tether.demo.pipeline)."""
     parser = argparse.ArgumentParser(
-        prog="tether demo", description="Offline demo on CPU: a generated review corpus, a tokenizer, a tiny Llama "
-                                        "built from a config and trained with SFTTrainer; samples before and after.")
+        prog="tether demo", description="Offline demo on CPU: a generated review corpus, a tokenizer and a tiny Llama "
+                                        "built from a config, then SFT, a reward model, PPO and DPO (or GRPO/RLOO), "
+                                        "each judged on held-out prompts; one report with embedded plots.")
     parser.add_argument("--output_dir", default="./tether-demo", help="Where every file is written.")
-    parser.add_argument("--quick", action="store_true", help="A ~10 s smoke version (tiny sizes, few steps).")
+    parser.add_argument("--quick", action="store_true", help="A ~20 s smoke version (tiny sizes, few steps).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the corpus, the model and sampling.")
     parser.add_argument("--method", choices=["ppo", "grpo", "rloo"], default="ppo",
                         help="RL stage after SFT and the reward model: PPO then DPO (default), or GRPO / RLOO.")
