@@ -20,7 +20,7 @@ from .runfiles import METRICS_FILE, SAMPLES_FILE, save_run_config, write_jsonl
 
 # Methods whose trainers write samples.jsonl themselves while training (rollouts, with their rewards); for
 # the others this callback writes greedy completions of a few train prompts at the end.
-WRITE_THEIR_OWN_SAMPLES = frozenset({"grpo", "rloo", "ppo"})
+WRITE_THEIR_OWN_SAMPLES = frozenset({"grpo", "rloo", "ppo", "onlinedpo"})
 TEXT_PREFIX_TOKENS = 8  # plain text has no prompt: this many of its first tokens stand in for one
 ROWS_SEARCHED = 64  # rows of the train set searched for distinct prompts
 

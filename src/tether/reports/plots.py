@@ -76,6 +76,9 @@ METHOD_GROUPS: dict[str, tuple[str, ...]] = {
     "ppo": ("ppo_reward", "ppo_kl", "ppo_kl_coef", "ppo_losses", "ppo_policy", "ppo_response_length"),
     "grpo": _GROUP_RELATIVE,
     "rloo": _GROUP_RELATIVE,
+    "onlinedpo": ("loss", "reward", "ppo_kl", "preference_accuracy", "preference_margin", "preference_rewards",
+                  "logps", "completion_length", *_TRAINING),
+    "gkd": ("loss", *_TRAINING),
 }
 
 # For runs that did not record their method: a metric only that method logs, checked in this order.
