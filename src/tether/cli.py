@@ -29,8 +29,8 @@ from typing import Any
 from tether.launch import (
     ACCELERATE_CONFIG_FLAG,
     NUM_PROCESSES_FLAG,
+    add_launch_flags,
     launch,
-    shipped_accelerate_configs,
 )
 from tether.scripts.strict import make_strict, unknown_flags_message
 
@@ -230,13 +230,7 @@ def build_parser(command: str) -> Any:
     parser.usage = f"tether {command} --model_name_or_path M --dataset_name D [--config YAML] [OPTIONS]"
     parser.add_argument(CONFIG_FLAG, metavar="YAML", default=None,
                         help="YAML file of option: value pairs; they set the defaults, explicit flags override.")
-    # Read by main() before parsing (the run is re-executed under `accelerate launch`); listed here for --help.
-    launching = parser.add_argument_group("several processes (DDP, DeepSpeed ZeRO, FSDP)")
-    launching.add_argument(ACCELERATE_CONFIG_FLAG, metavar="NAME", default=None, help=(
-        f"Run under `accelerate launch` with a shipped config ({', '.join(shipped_accelerate_configs())}) or an "
-        "accelerate YAML file of yours."))
-    launching.add_argument(NUM_PROCESSES_FLAG, metavar="N", type=int, default=None, help=(
-        f"Processes to launch with {ACCELERATE_CONFIG_FLAG} (default: one per GPU; required without GPUs)."))
+    add_launch_flags(parser)  # read by main() before parsing; listed here for --help
     json_dict_flags(parser)
     return make_strict(parser)
 

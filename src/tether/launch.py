@@ -4,6 +4,7 @@ ZeRO-2/3, ZeRO-3 with CPU offload, FSDP) or a YAML file of the user's."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,17 @@ def shipped_accelerate_configs() -> dict[str, str]:
     """Name -> path of the accelerate configs shipped with tether: ddp, fsdp, zero2, zero3, zero3_offload."""
     return {name.removesuffix(".yaml"): os.path.join(ACCELERATE_CONFIGS_DIR, name)
             for name in sorted(os.listdir(ACCELERATE_CONFIGS_DIR)) if name.endswith(".yaml")}
+
+
+def add_launch_flags(parser: argparse.ArgumentParser, what: str = "Run") -> None:
+    """--accelerate_config and --num_processes in their own --help group (read before parsing: the command is
+    re-executed under `accelerate launch`). `what`: the start of the first flag's help ("Run", "Run every stage")."""
+    launching = parser.add_argument_group("several processes (DDP, DeepSpeed ZeRO, FSDP)")
+    launching.add_argument(ACCELERATE_CONFIG_FLAG, metavar="NAME", default=None, help=(
+        f"{what} under `accelerate launch` with a shipped config ({', '.join(shipped_accelerate_configs())}) or an "
+        "accelerate YAML file of yours."))
+    launching.add_argument(NUM_PROCESSES_FLAG, metavar="N", type=int, default=None, help=(
+        f"Processes to launch with {ACCELERATE_CONFIG_FLAG} (default: one per GPU; required without GPUs)."))
 
 
 def resolve_accelerate_config(value: str) -> str:

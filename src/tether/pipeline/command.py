@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tether.launch import ACCELERATE_CONFIG_FLAG, NUM_PROCESSES_FLAG, launch, shipped_accelerate_configs
+from tether.launch import add_launch_flags, launch
 from tether.scripts.strict import make_strict
 
 DESCRIPTION = (
@@ -28,12 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None, help="Replaces the YAML's output_dir.")
     parser.add_argument("--plan", action="store_true", help="Print what each stage would do (run, skip, resume, "
                                                             "restart) and its inputs, and stop.")
-    launching = parser.add_argument_group("several processes (DDP, DeepSpeed ZeRO, FSDP)")
-    launching.add_argument(ACCELERATE_CONFIG_FLAG, metavar="NAME", default=None, help=(
-        f"Run every stage under `accelerate launch` with a shipped config ({', '.join(shipped_accelerate_configs())}) "
-        "or an accelerate YAML file of yours."))
-    launching.add_argument(NUM_PROCESSES_FLAG, metavar="N", type=int, default=None, help=(
-        f"Processes to launch with {ACCELERATE_CONFIG_FLAG} (default: one per GPU; required without GPUs)."))
+    add_launch_flags(parser, "Run every stage")
     return make_strict(parser)
 
 

@@ -1,16 +1,9 @@
-"""TRL 0.x's `trl.trainer.judges` module path: the judge base classes and AllTrueJudge (tether.rollout.judges)."""
+"""TRL 0.x's `trl.trainer.judges` module path: the same names as `tether.experimental.judges` (TRL 1.0's path)."""
 
 from __future__ import annotations
 
 from tether._lazy import lazy_exports
-
-_EXPORTS = {
-    "BaseJudge": "tether.rollout.judges",
-    "BaseBinaryJudge": "tether.rollout.judges",
-    "BasePairwiseJudge": "tether.rollout.judges",
-    "BaseRankJudge": "tether.rollout.judges",
-    "AllTrueJudge": "tether.rollout.judges",
-}
+from tether.experimental.judges import _EXPORTS
 
 __all__ = sorted(_EXPORTS)
 

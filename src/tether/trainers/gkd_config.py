@@ -17,6 +17,7 @@ from ..rollout.sampling import sampling_settings
 from .base import TetherConfig
 from .online_config import OnlineConfig
 from .sft import SFTConfig
+from .vllm_fields import VLLMFields, check_vllm_fields
 
 
 def check_unit_interval(config: Any, *names: str) -> None:
@@ -90,7 +91,7 @@ class GKDConfig(SFTConfig):
 
 
 @dataclass
-class DistillationConfig(TetherConfig):
+class DistillationConfig(TetherConfig, VLLMFields):
     """Configuration of `DistillationTrainer` (TRL 1.16's on-policy distillation); every TrainingArguments field
     applies too. The dataset holds prompts; each completion is sampled from the student and the loss is the
     generalized JSD between the teacher's and the student's next-token distributions at `temperature`."""
@@ -123,28 +124,6 @@ class DistillationConfig(TetherConfig):
         "help": "CTRL's repetition penalty when sampling (> 1: fewer repeats; 1.0: off)."})
     cache_implementation: str | None = field(default=None, metadata={
         "help": "transformers' KV-cache implementation for generate(); tether samples with its own cache."})
-    use_vllm: bool = field(default=False, metadata={
-        "help": "Sample the student's completions with vLLM: an engine in this process (vllm_mode='colocate', CUDA) "
-                "or a `tether vllm-serve` server (vllm_mode='server')."})
-    vllm_mode: str = field(default="colocate", metadata={"help": "'colocate' or 'server' (see use_vllm)."})
-    vllm_model_impl: str = field(default="vllm", metadata={
-        "help": "The colocated engine's model implementation: 'vllm' or 'transformers'."})
-    vllm_enable_sleep_mode: bool = field(default=False, metadata={
-        "help": "Offload the colocated engine's weights and free its KV cache between generations."})
-    vllm_structured_outputs_regex: str | None = field(default=None, metadata={
-        "help": "With use_vllm: every completion matches this regular expression."})
-    vllm_server_base_url: str | None = field(default=None, metadata={
-        "help": "vllm_mode='server': the server's URL (overrides host and port)."})
-    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vllm_mode='server': the server's host."})
-    vllm_server_port: int = field(default=8000, metadata={"help": "vllm_mode='server': the server's port."})
-    vllm_server_timeout: float = field(default=240.0, metadata={
-        "help": "vllm_mode='server': seconds to wait for the server before a ConnectionError."})
-    vllm_group_port: int = field(default=51216, metadata={"help": "TRL's NCCL weight-update port."})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
-        "help": "Share of GPU memory the colocated engine may take."})
-    vllm_max_model_length: int | None = field(default=None, metadata={
-        "help": "Context length of the colocated engine (default: the model's)."})
-    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs the colocated engine shards over."})
     beta: float = field(default=1.0, metadata={
         "help": "Generalized JSD interpolation in [0, 1]: 0 forward KL(teacher || student), 0.5 JSD, 1 reverse KL."})
     max_tool_calling_iterations: int | None = field(default=None, metadata={
@@ -180,8 +159,7 @@ class DistillationConfig(TetherConfig):
         if self.max_completion_length is None or self.max_completion_length < 1:
             raise ValueError("DistillationConfig.max_completion_length must be at least 1, got "
                              f"{self.max_completion_length}.")
-        if self.vllm_mode not in ("colocate", "server"):
-            raise ValueError(f"DistillationConfig.vllm_mode must be 'colocate' or 'server', got {self.vllm_mode!r}.")
+        check_vllm_fields(self)
         for name in ("generation_kwargs", "chat_template_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str):  # from a command line or YAML, as JSON text

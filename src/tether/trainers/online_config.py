@@ -11,10 +11,11 @@ from ..rollout.reward_limits import RewardCallFields, check_reward_call_fields
 from ..rollout.sampling import sampling_settings
 from .base import TetherConfig
 from .ref_sync import ReferenceSyncFields
+from .vllm_fields import VLLMFields, check_vllm_fields
 
 
 @dataclass
-class OnlineConfig(TetherConfig, ReferenceSyncFields, RewardCallFields):
+class OnlineConfig(TetherConfig, ReferenceSyncFields, RewardCallFields, VLLMFields):
     """Fields shared by the online methods (GRPOConfig, RLOOConfig); every TrainingArguments field applies.
 
     per_device_train_batch_size counts completions, as in TRL: a round of steps_per_generation micro-batches
@@ -67,31 +68,6 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields, RewardCallFields):
     padding_free: bool | None = field(default=None, metadata={
         "help": "Pack the completions of a micro-batch into rows without padding (default: when supported)."})
     logprob_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the log-prob kernel."})
-    use_vllm: bool = field(default=False, metadata={
-        "help": "Generate with vLLM: an engine in the training process (vllm_mode='colocate', CUDA GPU, "
-                "`pip install vllm`) or a vLLM server (vllm_mode='server')."})
-    vllm_mode: str = field(default="colocate", metadata={"help": "'colocate' or 'server' (see use_vllm)."})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
-        "help": "Share of GPU memory the colocated vLLM engine may take for its weights and KV cache."})
-    vllm_tensor_parallel_size: int = field(default=1, metadata={
-        "help": "GPUs the colocated vLLM engine shards the model over."})
-    vllm_max_model_length: int | None = field(default=None, metadata={
-        "help": "Context length of the colocated vLLM engine (default: max_prompt_length + max_completion_length, "
-                "or the model's when max_prompt_length is None)."})
-    vllm_enable_sleep_mode: bool = field(default=False, metadata={
-        "help": "Offload the colocated engine's weights and free its KV cache between rounds."})
-    vllm_model_impl: str = field(default="vllm", metadata={
-        "help": "The colocated engine's model implementation: 'vllm' or 'transformers'."})
-    vllm_structured_outputs_regex: str | None = field(default=None, metadata={
-        "help": "With use_vllm: every completion matches this regular expression (vLLM structured outputs)."})
-    vllm_server_base_url: str | None = field(default=None, metadata={
-        "help": "vllm_mode='server': the server's URL, e.g. 'http://localhost:8000' (overrides host and port)."})
-    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vllm_mode='server': the server's host."})
-    vllm_server_port: int = field(default=8000, metadata={"help": "vllm_mode='server': the server's port."})
-    vllm_server_timeout: float = field(default=240.0, metadata={
-        "help": "vllm_mode='server': seconds to wait for the server to come up before a ConnectionError."})
-    vllm_group_port: int = field(default=51216, metadata={
-        "help": "vllm_mode='server': port of the weight-update communicator."})
     use_transformers_continuous_batching: bool = field(default=False, metadata={
         "help": "Generate with transformers' continuous-batching engine (tether uses its own sampler)."})
     transformers_continuous_batching_config: dict[str, Any] | None = field(default=None, metadata={
@@ -145,12 +121,7 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields, RewardCallFields):
             raise ValueError(f"repetition_penalty must be > 0 (1.0: off), got {self.repetition_penalty}.")
         if self.num_generations_eval is not None and self.num_generations_eval < 1:
             raise ValueError(f"num_generations_eval must be at least 1, got {self.num_generations_eval}.")
-        if self.vllm_mode not in ("colocate", "server"):
-            raise ValueError(f"vllm_mode must be 'colocate' or 'server', got {self.vllm_mode!r}.")
-        if self.vllm_model_impl not in ("vllm", "transformers"):
-            raise ValueError(f"vllm_model_impl must be 'vllm' or 'transformers', got {self.vllm_model_impl!r}.")
-        if self.vllm_tensor_parallel_size < 1:
-            raise ValueError(f"vllm_tensor_parallel_size must be at least 1, got {self.vllm_tensor_parallel_size}.")
+        check_vllm_fields(self)
         for name in ("generation_kwargs", "chat_template_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str):  # from the command line or YAML as JSON text, as TRL accepts
