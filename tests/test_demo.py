@@ -31,7 +31,6 @@ from tether.demo.corpus import (
 )
 from tether.demo.evaluate import (
     PolicyEval,
-    ReviewReward,
     check_reward_model,
     completion_perplexity,
     sample_completions,
@@ -170,22 +169,6 @@ def test_the_lexicon_passes_the_check_and_a_neutral_loving_scorer_fails_it():
     fooled = check_reward_model(lambda texts: [2.0 if t in neutral else positivity_score(t) for t in texts])
     assert fooled.accuracy == 1.0 and fooled.ranking_accuracy("positive", "neutral") == 0.0
     assert fooled.mean("neutral") > fooled.mean("positive")
-
-
-def test_review_reward_scores_texts_ending_with_eos_once():
-    seen = []
-
-    class Scorer:
-        __name__ = "reward_model:/runs/reward"
-
-        def score_texts(self, texts):
-            seen.extend(texts)
-            return [float(len(t)) for t in texts]
-
-    reward = ReviewReward(Scorer(), "<eos>")
-    assert reward(["the plot", "the film"], [" was great.", " was dull.<eos>"]) == [24.0, 23.0]
-    assert seen == ["the plot was great.<eos>", "the film was dull.<eos>"]
-    assert reward.__name__ == "reward_model:/runs/reward"
 
 
 def test_policy_eval_summary():

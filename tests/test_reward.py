@@ -180,8 +180,8 @@ def test_scorer_with_a_different_tokenizer(tmp_path, tiny_decoder_dir):
     prompts, completions = ["this movie", "the plot"], [" was great.", " was a dull mess from start to end."]
     scores = scorer(prompts, completions)
     expected = []
-    for p, c in zip(prompts, completions):
-        ids = torch.tensor([other_tok(p + c).input_ids])
+    for p, c in zip(prompts, completions):  # as RewardTrainer tokenizes a pair's side: EOS appended
+        ids = torch.tensor([other_tok(p + c).input_ids + [other_tok.eos_token_id]])
         expected.append(sequence_scores(scorer.model, ids, torch.ones_like(ids)).item())
     assert scores == pytest.approx(expected, abs=1e-5)
     assert scorer.score_texts([p + c for p, c in zip(prompts, completions)]) == pytest.approx(expected, abs=1e-5)

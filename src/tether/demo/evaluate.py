@@ -174,24 +174,3 @@ def evaluate_policy(model: Any, tokenizer: Any, prompts: Sequence[str], per_prom
     result.rewards = [float(r) for r in reward(sample_prompts, completions)]
     result.perplexity = completion_perplexity(reference, tokenizer, sample_prompts, ids)
     return result
-
-
-class ReviewReward:
-    """A reward model as a reward function that scores each text as RewardTrainer trained it: ending with EOS.
-
-    RewardTrainer appends EOS to every chosen/rejected text, so the model learns to read its verdict at EOS;
-    `RewardModelScorer` scores texts as given, and without the EOS it reads the score at the last word, where
-    the model was never trained (on the demo's check set that drops its accuracy from 1.0 to below chance).
-    Texts already ending with EOS are scored as they are.
-    """
-
-    def __init__(self, scorer: Any, eos_token: str) -> None:
-        self.scorer = scorer
-        self.eos_token = eos_token
-        self.__name__ = getattr(scorer, "__name__", "reward_model")  # names the reward in the trainers' metrics
-
-    def score_texts(self, texts: Sequence[str]) -> list[float]:
-        return self.scorer.score_texts([t if t.endswith(self.eos_token) else t + self.eos_token for t in texts])
-
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_columns: Any) -> list[float]:
-        return self.score_texts([p + c for p, c in zip(prompts, completions)])

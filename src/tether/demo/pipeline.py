@@ -115,7 +115,7 @@ class DemoContext:
     tokenizer: Any = None
     results: dict[str, str] = field(default_factory=dict)  # summary lines, in stage order
     story: dict[str, dict[str, Any]] = field(default_factory=dict)  # each stage's numbers, saved to story.json
-    reward: Any = None  # the stage-2 reward model as a reward function (ReviewReward), once loaded
+    reward: Any = None  # the stage-2 reward model as a reward function (RewardModelScorer), once loaded
     reference: Any = None  # the SFT model, once loaded: the yardstick of fluency
     sft_eval: Any = None  # the SFT model's evaluation (PolicyEval), the "before" of every policy stage
     timings: dict[str, float] = field(default_factory=dict)
@@ -217,12 +217,11 @@ def _training_prompts(repeat: int) -> list[str]:
 
 
 def _reward(ctx: DemoContext) -> Any:
-    """The stage-2 reward model as a reward function (scoring texts as it was trained), loaded once."""
+    """The stage-2 reward model as a reward function, loaded once."""
     from ..rollout.rewards import RewardModelScorer
-    from .evaluate import ReviewReward
 
     if ctx.reward is None:
-        ctx.reward = ReviewReward(RewardModelScorer(str(ctx.reward_dir), ctx.tokenizer), ctx.tokenizer.eos_token)
+        ctx.reward = RewardModelScorer(str(ctx.reward_dir), ctx.tokenizer)
     return ctx.reward
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..data.tokenize import render_chat
+from ..data.tokenize import render_chat, with_eos
 from ..models.loading import (
     ensure_pad_token,
     load_reward_model,
@@ -291,6 +291,7 @@ class RewardModelScorer:
             model = load_reward_model(model, **load_kwargs) if label is None else _load_classifier(model, **load_kwargs)
         self.model = model.eval()
         self.label = classifier_label_index(model, label)
+        self.is_reward_model = label is None  # scored as RewardTrainer trained it (see score_texts)
         self.tokenizer = tokenizer or load_tokenizer(model_name(model),
                                                      trust_remote_code=load_kwargs.get("trust_remote_code", False))
         ensure_pad_token(self.tokenizer, self.model)
@@ -302,8 +303,13 @@ class RewardModelScorer:
     @torch.no_grad()
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         device = next(self.model.parameters()).device
-        encoded = [self.tokenizer(t, truncation=self.max_length is not None, max_length=self.max_length)["input_ids"]
-                   for t in texts]
+        # A reward model reads texts as RewardTrainer tokenized its pairs: EOS appended (the score is read where the
+        # model learned to give it; without it, at the last word), then cut to max_length. A classifier read by
+        # one of its labels (a sentiment model) gets the texts as its tokenizer gives them.
+        encoded = [self.tokenizer(t)["input_ids"] for t in texts]
+        if self.is_reward_model:
+            encoded = [with_eos(self.tokenizer, ids) for ids in encoded]
+        encoded = [ids[:self.max_length] for ids in encoded]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths pad less
         scores = [0.0] * len(texts)
         for start in range(0, len(order), self.batch_size):
