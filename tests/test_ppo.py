@@ -537,7 +537,7 @@ def test_trainer_rejects_bad_construction(tiny_decoder_dir, tiny_decoder, tokeni
     (dict(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=3), r"\(4 \* 3 = 12\)"),
     (dict(cliprange=-0.1), "cliprange must be >= 0"),
     (dict(log_with="mlflow"), "log_with must be"),
-    (dict(tracker_kwargs="{not json"), "tracker_kwargs must be a JSON object"),
+    (dict(tracker_kwargs="{not json"), "PPOConfig.tracker_kwargs must be a dict or a JSON object"),
     (dict(push_to_hub_if_best_kwargs={"private": True}), "needs a 'repo_id'"),
     (dict(kl_penalty="k9"), "kl_penalty must be one of"),
     (dict(batch_size=0), "batch_size must be at least 1"),

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -58,19 +59,24 @@ def model_init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     return resolve_quantization(kwargs)
 
 
-def parse_json_kwargs(config: Any) -> None:
-    """Turn each `*_init_kwargs` field given as a JSON object string (a command line's form) into a dict."""
+def parse_json_kwargs(config: Any, names: Sequence[str] = ()) -> None:
+    """Turn each dict field of `config` given as a JSON object string (a command line's or YAML's form) into a dict:
+    every `*_init_kwargs` field, and the fields `names`. A value that is none of None, a dict or such a string is a
+    ValueError naming the field (an empty string is {})."""
     for f in dataclasses.fields(config):
+        if not (f.name.endswith("_init_kwargs") or f.name in names):
+            continue
         value = getattr(config, f.name)
-        if f.name.endswith("_init_kwargs") and isinstance(value, str):
+        if isinstance(value, str):
             try:
-                parsed = json.loads(value) if value.strip() else {}
+                value = json.loads(value) if value.strip() else {}
             except json.JSONDecodeError as error:
                 raise ValueError(f"{type(config).__name__}.{f.name} must be a dict or a JSON object, got {value!r} "
                                  f"({error}).") from None
-            if not isinstance(parsed, dict):
-                raise ValueError(f"{type(config).__name__}.{f.name} must be a JSON object ({{...}}), got {value!r}.")
-            setattr(config, f.name, parsed)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be a dict or a JSON object ({{...}}), got "
+                             f"{value!r}.")
+        setattr(config, f.name, value)
 
 
 def from_pretrained_kwargs(args: Any, init_kwargs: dict[str, Any] | None,

@@ -8,10 +8,10 @@ student, the temperature applied to sampling and to the divergence, vLLM generat
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..models.loading import parse_json_kwargs
 from ..ops.logprobs import DEFAULT_CHUNK_SIZE
 from ..rollout.sampling import sampling_settings
 from .base import TetherConfig
@@ -160,11 +160,6 @@ class DistillationConfig(TetherConfig, VLLMFields):
             raise ValueError("DistillationConfig.max_completion_length must be at least 1, got "
                              f"{self.max_completion_length}.")
         check_vllm_fields(self)
-        for name in ("generation_kwargs", "chat_template_kwargs"):
-            value = getattr(self, name)
-            if isinstance(value, str):  # from a command line or YAML, as JSON text
-                setattr(self, name, json.loads(value))
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
-                raise ValueError(f"DistillationConfig.{name} must be a dict, got {type(getattr(self, name)).__name__}.")
+        parse_json_kwargs(self, ("generation_kwargs", "chat_template_kwargs"))  # JSON text from a CLI or YAML
         if not self.use_vllm:  # a key tether's sampler cannot honour fails here, not mid-training
             sampling_settings(self.generation_kwargs)

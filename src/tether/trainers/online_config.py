@@ -3,10 +3,10 @@ logging) and their validation. The trainer that reads them is trainers/online.py
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..models.loading import parse_json_kwargs
 from ..rollout.reward_limits import RewardCallFields, check_reward_call_fields
 from ..rollout.sampling import sampling_settings
 from .base import TetherConfig
@@ -122,12 +122,7 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields, RewardCallFields, VLLMFiel
         if self.num_generations_eval is not None and self.num_generations_eval < 1:
             raise ValueError(f"num_generations_eval must be at least 1, got {self.num_generations_eval}.")
         check_vllm_fields(self)
-        for name in ("generation_kwargs", "chat_template_kwargs"):
-            value = getattr(self, name)
-            if isinstance(value, str):  # from the command line or YAML as JSON text, as TRL accepts
-                setattr(self, name, json.loads(value))
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}.")
+        parse_json_kwargs(self, ("generation_kwargs", "chat_template_kwargs"))  # JSON text from a CLI or YAML
         if not self.use_vllm:  # fail at construction on a key our sampler cannot honour, not mid-training
             sampling_settings(self.generation_kwargs)
         if self.generation_batch_size is not None:

@@ -9,7 +9,6 @@ samples (`backward_batch_size`). Fields marked "filled at run time" are set by `
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -17,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..models.loading import parse_json_kwargs
 from ..ops.dicts import flatten_dict
 from ..rollout.reward_limits import RewardCallFields, check_reward_call_fields
 
@@ -154,18 +154,10 @@ class PPOConfig(RewardCallFields):
                 warnings.warn(f"PPOConfig({old}=...) is deprecated; use {new}= (set to {value!r}).",
                               FutureWarning, stacklevel=3)
                 setattr(self, new, value)
+        parse_json_kwargs(self, JSON_FIELDS)  # JSON text from a command line
         for name in JSON_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, str):  # from a command line
-                try:
-                    value = json.loads(value) if value.strip() else {}
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"PPOConfig.{name} must be a JSON object, got {value!r} ({error}).") from None
-            if value is None:
-                value = {}
-            if not isinstance(value, dict):
-                raise ValueError(f"PPOConfig.{name} must be a dict (or a JSON object string), got {value!r}.")
-            setattr(self, name, value)
+            if getattr(self, name) is None:
+                setattr(self, name, {})
         if self.mini_batch_size is None:
             self.mini_batch_size = min(128, self.batch_size)
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "steps",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from ..data.prepare import prepare_sft_dataset
 from ..data.tokenize import TRUNCATION_MODES
 from ..losses.lm import SFT_LOSSES
 from ..models.forward import causal_lm_loss, causal_token_log_probs, seq2seq_token_log_probs
-from ..models.loading import is_encoder_decoder
+from ..models.loading import is_encoder_decoder, parse_json_kwargs
 from ..ops.logprobs import DEFAULT_CHUNK_SIZE
 from .base import TetherConfig, TetherTrainer
 
@@ -87,8 +86,7 @@ class SFTConfig(TetherConfig, TokenizerOptionFields):
             raise ValueError("packing=True needs max_length (the packed row length).")
         if self.logprob_chunk_size < 1:
             raise ValueError("logprob_chunk_size must be positive.")
-        if isinstance(self.dataset_kwargs, str):  # the CLI passes a dict as JSON
-            self.dataset_kwargs = json.loads(self.dataset_kwargs)
+        parse_json_kwargs(self, ("dataset_kwargs",))  # the CLI passes a dict as JSON
         unknown = set(self.dataset_kwargs or {}) - set(DATASET_KWARGS)
         if unknown:
             raise ValueError(f"dataset_kwargs has unknown key(s) {sorted(unknown)}; the options are "
