@@ -124,6 +124,25 @@ class VLLMGroupSampler:
         return groups_from_token_lists(completions, max_new_tokens, pad_token_id, eos_token_ids, logprobs)
 
 
+def vllm_sampler(args: Any, model_source: str, max_model_len: int | None) -> Any:
+    """The vLLM sampler a config's `vllm_*` fields ask for (trainers/vllm_fields.py): a client of a vLLM server
+    (vllm_mode='server': the server generates, so this process needs no GPU) or an engine in this process
+    ('colocate', CUDA only) loading `model_source` with context length `max_model_len` (None: the model's)."""
+    if args.vllm_mode == "server":
+        from .vllm_client import VLLMServerGroupSampler  # only server mode needs the HTTP client
+
+        return VLLMServerGroupSampler(base_url=args.vllm_server_base_url, host=args.vllm_server_host,
+                                      port=args.vllm_server_port, timeout=args.vllm_server_timeout)
+    if not torch.cuda.is_available():
+        raise ValueError("use_vllm=True with vllm_mode='colocate' needs a CUDA GPU; on this machine leave "
+                         "use_vllm=False, or run a vLLM server and set vllm_mode='server'.")
+    return VLLMGroupSampler(model_source, max_model_len, args.vllm_gpu_memory_utilization, args.seed,
+                            tensor_parallel_size=args.vllm_tensor_parallel_size,
+                            enable_sleep_mode=args.vllm_enable_sleep_mode, model_impl=args.vllm_model_impl,
+                            structured_outputs_regex=args.vllm_structured_outputs_regex,
+                            trust_remote_code=args.trust_remote_code)
+
+
 def sampled_token_logprobs(sample: Any) -> list[float]:
     """vLLM's log-prob of each token it sampled (a CompletionOutput asked for logprobs=0: per position a
     mapping token id -> Logprob); NaN where none was reported."""

@@ -43,7 +43,7 @@ from ..models.reference import freeze
 from ..ops.logprobs import entropy_from_logits, linear_entropy
 from ..rollout.generation import eos_token_ids
 from ..rollout.sampling import SampledGroups, sample_groups, sampling_settings
-from ..rollout.vllm_generation import VLLMGroupSampler, require_vllm
+from ..rollout.vllm_generation import require_vllm, vllm_sampler
 from .base import TetherTrainer, as_config
 from .completion_log import completions_table
 from .gkd_config import DistillationConfig, GKDConfig
@@ -393,18 +393,8 @@ class DistillationTrainer(_Distillation, TetherTrainer):
         self._vllm = self._vllm_sampler(model) if args.use_vllm else None
 
     def _vllm_sampler(self, model: nn.Module | str) -> Any:
-        args = self.args
-        if args.vllm_mode == "server":
-            from ..rollout.vllm_client import VLLMServerGroupSampler  # only server mode needs the HTTP client
-
-            return VLLMServerGroupSampler(base_url=args.vllm_server_base_url, host=args.vllm_server_host,
-                                          port=args.vllm_server_port, timeout=args.vllm_server_timeout)
         source = model if isinstance(model, str) else self.model.config._name_or_path
-        return VLLMGroupSampler(source, args.vllm_max_model_length, args.vllm_gpu_memory_utilization, args.seed,
-                                tensor_parallel_size=args.vllm_tensor_parallel_size,
-                                enable_sleep_mode=args.vllm_enable_sleep_mode, model_impl=args.vllm_model_impl,
-                                structured_outputs_regex=args.vllm_structured_outputs_regex,
-                                trust_remote_code=args.trust_remote_code)
+        return vllm_sampler(self.args, source, self.args.vllm_max_model_length)
 
     def _generation_options(self) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
         a = self.args

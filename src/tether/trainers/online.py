@@ -57,7 +57,7 @@ from ..ops.stats import masked_mean
 from ..rollout.generation import eos_token_ids
 from ..rollout.rewards import RewardFunctions
 from ..rollout.sampling import sample_groups, sampling_settings
-from ..rollout.vllm_generation import VLLMGroupSampler, require_vllm
+from ..rollout.vllm_generation import require_vllm, vllm_sampler
 from .base import TetherTrainer, as_config
 from .completion_log import completions_table
 from .online_config import OnlineConfig
@@ -177,23 +177,10 @@ class OnlineTrainer(TetherTrainer):
         """The vLLM sampler of args.vllm_mode: an engine in this process ('colocate', needs CUDA here) or a client
         of a vLLM server ('server': the server generates, so this process needs no GPU)."""
         args = self.args
-        if args.vllm_mode == "server":
-            from ..rollout.vllm_client import VLLMServerGroupSampler  # only server mode needs the HTTP client
-
-            return VLLMServerGroupSampler(base_url=args.vllm_server_base_url, host=args.vllm_server_host,
-                                          port=args.vllm_server_port, timeout=args.vllm_server_timeout)
-        if not torch.cuda.is_available():
-            raise ValueError("use_vllm=True with vllm_mode='colocate' needs a CUDA GPU; on this machine leave "
-                             "use_vllm=False, or run a vLLM server and set vllm_mode='server'.")
-        source = model if isinstance(model, str) else self.model.config._name_or_path
         max_len = args.vllm_max_model_length
         if max_len is None and args.max_prompt_length is not None:
             max_len = args.max_prompt_length + args.max_completion_length
-        return VLLMGroupSampler(source, max_len, args.vllm_gpu_memory_utilization, args.seed,
-                                tensor_parallel_size=args.vllm_tensor_parallel_size,
-                                enable_sleep_mode=args.vllm_enable_sleep_mode, model_impl=args.vllm_model_impl,
-                                structured_outputs_regex=args.vllm_structured_outputs_regex,
-                                trust_remote_code=args.trust_remote_code)
+        return vllm_sampler(args, model if isinstance(model, str) else self.model.config._name_or_path, max_len)
 
     @property
     def logprob_temperature(self) -> float:
