@@ -376,3 +376,29 @@ def test_zero2_sft_through_the_cli_equals_one_process(tiny_decoder_dir, sft_data
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     _assert_same_training(os.path.join(one_process, "sft", "model.safetensors"),
                           str(tmp_path / "sft" / "model.safetensors"), os.path.join(tiny_decoder_dir, "model.safetensors"))
+
+
+_EXIT_SCRIPT = """
+import atexit, os, sys, tempfile
+import torch.distributed as dist
+from tether.distributed import destroy_process_group_at_exit
+# atexit runs handlers last-registered first: this one runs after tether's and sees what it left.
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))
+store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+destroy_process_group_at_exit()
+destroy_process_group_at_exit()  # registered once
+if sys.argv[1] == "raise":
+    raise RuntimeError("the training script failed")
+"""
+
+
+@pytest.mark.parametrize("ending, alive", [("normal", False), ("raise", True)])
+def test_process_group_destroyed_at_a_normal_exit_only(ending, alive):
+    """Without it, a gloo group alive at interpreter shutdown can abort a process after training succeeded
+    (SIGABRT, failing the whole launch); after an uncaught exception the group is left alone (tearing it
+    down while other processes wait in a collective can hang them)."""
+    result = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, ending], capture_output=True, text=True,
+                            env=ONE_THREAD_ENV, timeout=120)
+    assert f"group alive at exit: {alive}" in result.stdout, result.stdout + result.stderr
+    assert result.stdout.count("group alive at exit") == 1

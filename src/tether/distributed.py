@@ -27,9 +27,11 @@ Shapes: b = batch, t = tokens.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,6 +69,39 @@ def accelerator_kwargs() -> dict[str, Any]:
     from accelerate.utils import InitProcessGroupKwargs
 
     return {"kwargs_handlers": [InitProcessGroupKwargs(backend=backend)]}
+
+
+_exit_cleanup_registered = False
+_uncaught_exception = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the program ends normally, if nobody did.
+
+    Users' scripts (TRL's examples among them) never call `destroy_process_group`; with gloo, a process
+    group still alive at interpreter shutdown can abort the process ("terminate called without an active
+    exception", SIGABRT) after training succeeded, failing the whole `accelerate launch`. After an uncaught
+    exception the group is left alone: tearing it down while other processes are inside a collective can
+    hang them. Registered once per process; a no-op when the group is already gone."""
+    global _exit_cleanup_registered
+    if _exit_cleanup_registered:
+        return
+    _exit_cleanup_registered = True
+    previous_hook = sys.excepthook
+
+    def note_uncaught(*exc_info: Any) -> None:
+        global _uncaught_exception
+        _uncaught_exception = True
+        previous_hook(*exc_info)
+
+    sys.excepthook = note_uncaught
+    atexit.register(_destroy_process_group_if_clean)
+
+
+def _destroy_process_group_if_clean() -> None:
+    if _uncaught_exception or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.destroy_process_group()
 
 
 def zero_stage(accelerator: Accelerator) -> int | None:

@@ -30,7 +30,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.collate import resolve_pad_to_multiple_of
-from ..distributed import default_ddp_backend
+from ..distributed import default_ddp_backend, destroy_process_group_at_exit
 from ..models.dropout import disable_dropout
 from ..models.forward import capture_router_aux_loss, configure_router_aux_loss, supports_packed_rows
 from ..models.loading import (
@@ -256,6 +256,8 @@ class TetherTrainer(Trainer):
                          callbacks=callbacks, optimizers=optimizers, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, data_collator=data_collator,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        if self.accelerator.num_processes > 1:
+            destroy_process_group_at_exit()
         if self.optimizer is not None:  # the user's own optimizer gets the non-finite check too
             self.nonfinite_guard.attach(self.optimizer)
         # Trainer (transformers 5) takes a model or a model_init, not both; with model_init, its train() builds a

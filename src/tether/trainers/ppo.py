@@ -33,6 +33,7 @@ from ..distributed import (
     accelerator_kwargs,
     backward_micro_batch,
     configure_deepspeed_for_own_loop,
+    destroy_process_group_at_exit,
     empty_device_cache,
     mean_across_processes,
     prepare_frozen_model,
@@ -129,6 +130,8 @@ class PPOTrainer(PPOTrainLoop):
         self.accelerator = Accelerator(log_with=config.log_with,
                                        project_config=ProjectConfiguration(**config.project_kwargs),
                                        **{**accelerator_kwargs(), **config.accelerator_kwargs})
+        if self.accelerator.num_processes > 1:
+            destroy_process_group_at_exit()
         set_seed(config.seed)  # python, numpy and torch, as PPOConfig.seed promises
         self.tokenizer = tokenizer
         ensure_pad_token(tokenizer, model.pretrained_model)
