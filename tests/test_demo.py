@@ -1,4 +1,5 @@
-"""`tether demo` end to end, in a subprocess as a newcomer would run it, and the yardsticks its story is told by.
+"""`tether demo` end to end, in a subprocess as a newcomer would run it, the pipeline YAML it runs, and the
+yardsticks its story is told by.
 
 The default suite runs the `--quick` demo (files, printed sections, a self-contained report) and checks the
 evaluation pieces (demo/evaluate.py) against references written here. The story itself (a reward model that
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from launching import OFFLINE_ENV
+from tether.demo.config import METHOD_STAGES, demo_yaml
 from tether.demo.corpus import (
     CONTRADICTED,
     TRUNCATED,
@@ -38,8 +40,9 @@ from tether.demo.evaluate import (
 from tether.demo.pipeline import HELD_OUT_OPENINGS, QUICK, STORY_FILE, TRAIN_OPENINGS, DemoContext
 
 EXPECTED_FILES = [
-    "corpus.jsonl", "corpus_eval.jsonl", "tokenizer/tokenizer.json",
-    "base/config.json", "base/model.safetensors", "base/tokenizer.json",
+    "data/reviews/train.jsonl", "data/reviews/test.jsonl", "data/ranked_pairs/train.jsonl",
+    "data/positive_pairs/test.jsonl", "data/prompts.jsonl",
+    "base/config.json", "base/model.safetensors", "base/tokenizer.json", "sft/pipeline_stage.yaml",
     "sft/config.json", "sft/model.safetensors", "sft/tokenizer.json",
     "reward/config.json", "reward/model.safetensors", "dpo/model.safetensors",
     "ppo/model.safetensors", "ppo/value_head.safetensors", "ppo/metrics.jsonl", STORY_FILE, "report.html",
@@ -89,6 +92,13 @@ def test_demo_quick(tmp_path):
     check_run(result, cwd / "out")
     assert sorted(os.listdir(cwd)) == ["out"]
     check_report_is_self_contained(cwd / "out", tmp_path)
+    # The YAML the demo prints is the pipeline it ran: planned from the same folder, every stage is up to date.
+    printed = run_demo("out", "--quick", "--print-config", cwd=cwd, timeout=120)
+    (tmp_path / "demo.yaml").write_text(printed.stdout)
+    plan = subprocess.run([sys.executable, "-m", "tether.cli", "pipeline", str(tmp_path / "demo.yaml"), "--plan"],
+                          capture_output=True, text=True, env=OFFLINE_ENV, timeout=120, cwd=cwd)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert re.findall(r"\d\. (\w+) \(\w+\): skip", plan.stdout) == ["sft", "reward", "ppo", "dpo"], plan.stdout
     story = json.loads((cwd / "out" / STORY_FILE).read_text())
     assert set(story) >= {"sft", "reward", "ppo", "dpo", "timings", "total_seconds"}
     for stage in ("ppo", "dpo"):
@@ -96,18 +106,44 @@ def test_demo_quick(tmp_path):
         assert len(story[stage]["samples"]) == len(HELD_OUT_OPENINGS) * QUICK.eval_samples
 
 
-def test_demo_is_reproducible(tmp_path, capsys):
-    """Same seed, same run: identical samples and bit-identical fine-tuned weights (in process, --quick)."""
+def test_demo_is_reproducible_and_a_rerun_skips_every_stage(tmp_path, capsys):
+    """Same seed, same run: identical samples and bit-identical fine-tuned weights (in process, --quick). Run
+    again into the same folder, the demo rewrites no input, so the pipeline skips every stage, and the story
+    (read from the stages' own files) is told again, the same."""
     from tether.demo.pipeline import run_demo as run_in_process
 
     samples, weights = [], []
-    for name in ("a", "b"):
+    for name in ("a", "b", "a"):
         run_in_process(tmp_path / name, quick=True, seed=0)
         out = capsys.readouterr().out
         samples.append([line for line in out.splitlines() if line.strip().startswith(("greedy", "sampled"))])
         weights.append((tmp_path / name / "sft" / "model.safetensors").read_bytes())
-    assert samples[0] and samples[0] == samples[1]
-    assert weights[0] == weights[1]
+    assert samples[0] and samples[0] == samples[1] == samples[2]
+    assert weights[0] == weights[1] == weights[2]
+    assert re.findall(r"Stage \d/4: (\w+) \(\w+\) -- skip", out) == ["sft", "reward", "ppo", "dpo"], out[-3000:]
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_print_config_is_the_pipeline_the_demo_runs(method, tmp_path, capsys):
+    """`tether demo --print-config` prints a pipeline YAML (its paths under --output_dir, the --quick sizes)
+    with the method's stages, which `tether pipeline` accepts as it is; the header names the options."""
+    import yaml
+
+    from tether.cli import main
+    from tether.pipeline import parse_pipeline
+
+    out = tmp_path / "my demo"
+    assert main(["demo", "--quick", "--method", method, "--output_dir", str(out), "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == demo_yaml(str(out), QUICK, 0, method, f" --quick{'' if method == 'ppo' else ' --method grpo'}"
+                                                               f" --output_dir {out}")
+    assert "tether demo --quick" in printed and not (out / "base").exists()  # printing runs nothing
+    values = yaml.safe_load(printed)
+    spec = parse_pipeline(values)
+    assert [s.name for s in spec.stages] == list(METHOD_STAGES[method])
+    assert spec.output_dir == str(out) and spec.model == f"{out}/base"
+    assert spec.stage("sft").config["max_steps"] == QUICK.sft_steps
+    assert spec.stage("sft").dataset.name == f"{out}/data/reviews" and spec.stage("sft").dataset.test_split == "test"
 
 
 def test_demo_method_grpo_quick(tmp_path, capsys):
@@ -120,6 +156,8 @@ def test_demo_method_grpo_quick(tmp_path, capsys):
     assert "Samples AFTER DPO" not in out and "Samples AFTER PPO" not in out
     assert (tmp_path / "grpo" / "metrics.jsonl").is_file() and (tmp_path / "report.html").is_file()
     assert "grpo" in json.loads((tmp_path / STORY_FILE).read_text())
+    page = (tmp_path / "report.html").read_text()
+    assert "tether demo" in page and "held-out reward" in page  # the demo's title and its story's lines
 
 
 # ----- the yardsticks ---------------------------------------------------------------------------------------

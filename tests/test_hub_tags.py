@@ -13,12 +13,15 @@ from transformers import AutoModelForCausalLM
 from tether import (
     AutoModelForCausalLMWithValueHead,
     CPOTrainer,
+    DistillationTrainer,
     DPOConfig,
     DPOTrainer,
+    GKDTrainer,
     GRPOConfig,
     GRPOTrainer,
     IterativeSFTTrainer,
     KTOTrainer,
+    OnlineDPOTrainer,
     ORPOTrainer,
     PPOTrainer,
     RewardConfig,
@@ -34,7 +37,8 @@ from tether.trainers.hub_tags import card_tags, merge_hub_tags, model_tags, tag_
 @pytest.mark.parametrize(("trainer", "method"), [
     (SFTTrainer, "sft"), (IterativeSFTTrainer, "iterative-sft"), (RewardTrainer, "reward-trainer"),
     (DPOTrainer, "dpo"), (KTOTrainer, "kto"), (ORPOTrainer, "orpo"), (CPOTrainer, "cpo"),
-    (GRPOTrainer, "grpo"), (RLOOTrainer, "rloo"), (PPOTrainer, "ppo"),
+    (GRPOTrainer, "grpo"), (RLOOTrainer, "rloo"), (PPOTrainer, "ppo"), (OnlineDPOTrainer, "online-dpo"),
+    (GKDTrainer, "gkd"), (DistillationTrainer, "distillation"),
 ])
 def test_each_trainer_gets_the_library_and_its_method_tag(trainer, method):
     # TRL's names for the method tags (e.g. "reward-trainer"), with "tether" for the library

@@ -79,3 +79,42 @@ def test_train_checkpoints_and_resumes_the_critic(tiny_decoder_dir, tokenizer, t
     assert resumed.current_step == 2
     for (name, a), b in zip(first.critic.state_dict().items(), resumed.critic.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_reward_model_load_says_when_its_head_is_new(tiny_decoder_dir, tokenizer, tmp_path, caplog):
+    """A language model's checkpoint loaded as a reward model: one warning naming the new score head instead
+    of transformers' load table; a trained reward model (or LoRA's base, whose adapter brings the head): none."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    from tether.models.loading import load_reward_model
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    transformers_messages = Keep()
+    root = logging.getLogger("transformers")  # does not propagate: caplog would not see its records
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()  # the level at which transformers logs its load table
+    root.addHandler(transformers_messages)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tether.models.loading"):
+            load_reward_model(tiny_decoder_dir)
+    finally:
+        root.removeHandler(transformers_messages)
+        transformers_logging.set_verbosity(verbosity)
+    warned = [r.getMessage() for r in caplog.records if r.name == "tether.models.loading"]
+    assert len(warned) == 1 and "score.weight newly initialised" in warned[0] and tiny_decoder_dir in warned[0]
+    assert not [m for m in transformers_messages.messages if "LOAD REPORT" in m]
+    train_reward_model(tiny_decoder_dir, tokenizer, tmp_path / "rm")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tether.models.loading"):
+        load_reward_model(str(tmp_path / "rm"))
+        load_reward_model(tiny_decoder_dir, head_from_adapter=True)
+    assert not [r for r in caplog.records if r.name == "tether.models.loading"]

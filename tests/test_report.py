@@ -225,21 +225,6 @@ def test_a_folder_of_runs_gets_one_page_and_rebuilds_the_same(tmp_path):
     assert write_report(tmp_path).path.read_text() == page  # the runs, title and notes were saved
 
 
-def test_demo_ends_with_one_report_for_its_stages(tmp_path, capsys):
-    from tether.demo.pipeline import Stage, run_demo
-
-    def fake_stage(ctx):  # stands in for a training stage: a run's files in the stage's output dir
-        fake_run(ctx.sft_dir, [2.0, 1.0], [{"prompt": "the movie", "completion": " was fine.", "step": 2}])
-        ctx.results["sft"] = "loss 2.0 -> 1.0"
-
-    run_demo(tmp_path, quick=True, stages=[Stage("sft", "Fine-tuning", fake_stage)])
-    printed = capsys.readouterr().out.strip().splitlines()[-1]
-    assert printed.endswith(str(tmp_path / "report.html")) and "Report" in printed
-    page = (tmp_path / "report.html").read_text()
-    assert "Fine-tuning" in page and 'data-file="sft/plots/loss.png"' in page and "loss 2.0 -&gt; 1.0" in page
-    assert " was fine." in page
-
-
 def test_without_matplotlib_there_is_a_page_and_one_warning(tmp_path, monkeypatch):
     """A partial install without matplotlib still gets its pages, and one warning however many are written
     (a trainer rewrites its report after every log; the demo writes one per stage and one over all)."""

@@ -545,11 +545,11 @@ class RefModelCallbackHandler(CallbackHandler):
         """Replace `trainer.callback_handler` by one that passes `trainer.ref_model` (same callbacks, in order)."""
         if isinstance(trainer.callback_handler, cls):
             return
-        old = trainer.callback_handler
-        handler = cls([], old.model, old.processing_class, old.optimizer, old.lr_scheduler,
-                      ref_model_of=lambda: getattr(trainer, "ref_model", None))
-        handler.callbacks = old.callbacks  # as they are: CallbackHandler(callbacks) would instantiate/warn again
-        handler.train_dataloader, handler.eval_dataloader = old.train_dataloader, old.eval_dataloader
+        # The old handler's state as it is (callbacks, model, optimizer, dataloaders...): building one through
+        # __init__ would add the callbacks again and warn that a list without DefaultFlowCallback was given.
+        handler = cls.__new__(cls)
+        handler.__dict__.update(vars(trainer.callback_handler))
+        handler.ref_model_of = lambda: getattr(trainer, "ref_model", None)
         trainer.callback_handler = handler
 
     def call_event(self, event: str, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:

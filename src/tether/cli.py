@@ -358,17 +358,24 @@ def demo(argv: Sequence[str]) -> int:
     """`tether demo`: the offline demo, stage by stage (see tether.demo.pipeline)."""
     parser = argparse.ArgumentParser(
         prog="tether demo", description="Offline demo on CPU: a generated review corpus, a tokenizer and a tiny Llama "
-                                        "built from a config, then SFT, a reward model, PPO and DPO (or GRPO/RLOO), "
-                                        "each judged on held-out prompts; one report with embedded plots.")
+                                        "built from a config, then SFT, a reward model, PPO and DPO (or GRPO/RLOO) "
+                                        "as a `tether pipeline` (--print-config shows its YAML), each stage judged "
+                                        "on held-out prompts; one report with embedded plots.")
     parser.add_argument("--output_dir", default="./tether-demo", help="Where every file is written.")
     parser.add_argument("--quick", action="store_true", help="A ~20 s smoke version (tiny sizes, few steps).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the corpus, the model and sampling.")
     parser.add_argument("--method", choices=["ppo", "grpo", "rloo"], default="ppo",
                         help="RL stage after SFT and the reward model: PPO then DPO (default), or GRPO / RLOO.")
+    parser.add_argument("--print-config", "--print_config", action="store_true", dest="print_config",
+                        help="Print the pipeline YAML these options run (for `tether pipeline`) and stop.")
     args = make_strict(parser).parse_args(argv)
-    from tether.demo.pipeline import GROUP_RL_STAGES, run_demo
+    from tether.demo.pipeline import print_config, run_demo
 
-    run_demo(args.output_dir, quick=args.quick, seed=args.seed, stages=GROUP_RL_STAGES.get(args.method))
+    options = dict(quick=args.quick, seed=args.seed, method=args.method)
+    if args.print_config:
+        print_config(args.output_dir, **options)
+    else:
+        run_demo(args.output_dir, **options)
     return 0
 
 

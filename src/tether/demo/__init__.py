@@ -1,8 +1,8 @@
-"""Offline demo helpers: a synthetic corpus and the pieces that let the demo run without a model hub.
-
-`run_demo` runs the stages of `STAGES` in order (see `pipeline`); it imports torch only once it runs.
+"""The offline demo: a synthetic corpus, tiny local models, and `run_demo`, which writes the data and an untrained
+model and then runs the demo's pipeline YAML (`config.demo_yaml`) with `tether pipeline` (see `pipeline`).
+Nothing heavy is imported until it runs.
 """
 
-from .pipeline import STAGES, DemoContext, Stage, run_demo
+from .pipeline import DemoContext, print_config, run_demo
 
-__all__ = ["STAGES", "DemoContext", "Stage", "run_demo"]
+__all__ = ["DemoContext", "print_config", "run_demo"]

@@ -360,12 +360,36 @@ def is_peft_model(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def load_reward_model(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
-    """A sequence-classification model with one output, the scalar reward."""
+def load_reward_model(name_or_path: str, head_from_adapter: bool = False, **kwargs: Any) -> PreTrainedModel:
+    """A sequence-classification model with one output, the scalar reward.
+
+    transformers' load report (a table of missing and unexpected keys) is replaced by one warning saying what
+    it means here: a checkpoint without a score head (a language model, which reward models start from) gets
+    a new, untrained head (no warning with `head_from_adapter`: the base of a LoRA adapter that brings its own
+    head); weights of the body missing from the checkpoint are named."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as transformers_logging
 
     name_or_path = resolve_model_source(name_or_path, "reward model")
-    return AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **model_init_kwargs(kwargs))
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, output_loading_info=True, **model_init_kwargs(kwargs))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    body = model.base_model_prefix + "."
+    new_body = sorted(k for k in info["missing_keys"] if k.startswith(body))
+    new_head = sorted(k for k in info["missing_keys"] if not k.startswith(body))
+    if new_head and not head_from_adapter:
+        logger.warning("%s has no score head (a language model's checkpoint): %s newly initialised. Expected when "
+                       "a reward model is trained from it; a reward model that scores must have been trained.",
+                       name_or_path, ", ".join(new_head))
+    if new_body or info["mismatched_keys"]:
+        named = new_body + [str(k) for k in info["mismatched_keys"]]
+        logger.warning("%s: weights missing from the checkpoint or of another shape, newly initialised: %s",
+                       name_or_path, ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else ""))
+    return model
 
 
 def load_critic(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
@@ -376,7 +400,7 @@ def load_critic(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
         from peft import PeftConfig, PeftModel
 
         base_name = PeftConfig.from_pretrained(name_or_path).base_model_name_or_path
-        base = load_reward_model(base_name, **kwargs)
+        base = load_reward_model(base_name, head_from_adapter=True, **kwargs)
         return PeftModel.from_pretrained(base, name_or_path).merge_and_unload()
     return load_reward_model(name_or_path, **kwargs)
 
@@ -422,8 +446,10 @@ def merge_adapter_and_save(adapter: Any, output_dir: str, base_model_name_or_pat
         if getattr(AutoConfig.from_pretrained(base_name), "quantization_config", None) is not None:
             raise ValueError(f"{base_name} is stored quantized, so it has no full-precision weights to merge "
                              "into. Fix: pass base_model_name_or_path= the original full-precision model.")
-        loader = load_reward_model if peft_config.task_type == "SEQ_CLS" else load_language_model
-        base = loader(base_name, **load_kwargs)
+        if peft_config.task_type == "SEQ_CLS":
+            base = load_reward_model(base_name, head_from_adapter=True, **load_kwargs)
+        else:
+            base = load_language_model(base_name, **load_kwargs)
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(base, adapter_dir)
         else:  # a quantized PEFT model in memory: carry its adapter weights over to the full-precision base

@@ -177,14 +177,14 @@ def _run_stage(stage: PlannedStage, action: str, processes: _Processes) -> None:
     processes.barrier()
 
 
-def _report(plan: Plan, outcomes: list[StageOutcome]) -> str:
+def _report(plan: Plan, outcomes: list[StageOutcome], title: str | None, notes: Sequence[str]) -> str:
     from tether.reports import METRICS_FILE, write_report
 
     runs = [(f"{s.name} ({s.spec.kind})", s.directory) for s in plan.stages
             if os.path.isfile(os.path.join(s.directory, METRICS_FILE))]
-    notes = [f"{o.name} ({o.kind}): {o.action}, {o.reason}" + (f", {o.seconds:.1f} s" if o.seconds else "")
-             for o in outcomes]
-    title = f"tether pipeline: {os.path.basename(plan.spec.source)}"
+    notes = list(notes) + [f"{o.name} ({o.kind}): {o.action}, {o.reason}" + (f", {o.seconds:.1f} s" if o.seconds
+                                                                             else "") for o in outcomes]
+    title = title or f"tether pipeline: {os.path.basename(plan.spec.source)}"
     return str(write_report(plan.output_dir, title=title, notes=notes, runs=runs).path)
 
 
@@ -201,12 +201,15 @@ def print_plan(plan: Plan, actions: dict[str, tuple[str, str]]) -> None:
 
 def run_pipeline(pipeline: PipelineSpec | str | os.PathLike, stages: Sequence[str] | None = None,
                  output_dir: str | os.PathLike | None = None, plan_only: bool = False,
-                 after_stage: Callable[[StageOutcome], None] | None = None) -> PipelineResult:
+                 after_stage: Callable[[StageOutcome], None] | None = None, report_title: str | None = None,
+                 report_notes: Sequence[str] = ()) -> PipelineResult:
     """Run the pipeline of a YAML file (or a parsed `PipelineSpec`): `stages` (None: all) in the YAML's order,
     each skipped, resumed or (re)run (see the module docstring), then `<output_dir>/report.html` over all
     stages. `output_dir` replaces the YAML's. With `plan_only`, print what each stage would do and stop.
     `after_stage(outcome)` is called on every process after each stage (run or skipped), e.g. to sample from
-    its model (`outcome.model_dir`) or evaluate it before the next stage starts.
+    its model (`outcome.model_dir`) or evaluate it before the next stage starts. The report gets `report_title`
+    (default: the YAML's name) and `report_notes` above the pipeline's own, read when the report is written
+    (after the last stage), so `after_stage` may add to them.
 
     Every problem with the YAML (an unknown kind or config field, a stage needing a reward model with none
     before it, a missing dataset file, a --stages input that was never made) is a PipelineError raised before
@@ -243,7 +246,8 @@ def run_pipeline(pipeline: PipelineSpec | str | os.PathLike, stages: Sequence[st
 
         report = os.path.join(plan.output_dir, REPORT_FILE)
         nothing_new = all(o.action == "skip" for o in result.stages) and os.path.isfile(report)
-        result.report = report if nothing_new else _report(plan, result.stages)  # plots take seconds to draw
+        result.report = (report if nothing_new and not report_notes  # plots take seconds to draw
+                         else _report(plan, result.stages, report_title, report_notes))
         print(f"\n{RULE}\nPipeline done: everything under {plan.output_dir}\n{RULE}")
         for outcome in result.stages:
             print(f"  {outcome.name:<10} {outcome.action:<8} {outcome.seconds:7.1f} s  model: {outcome.model_dir}")

@@ -24,6 +24,9 @@ METHOD_TAGS = {
     "GRPOTrainer": "grpo",
     "RLOOTrainer": "rloo",
     "PPOTrainer": "ppo",
+    "OnlineDPOTrainer": "online-dpo",
+    "GKDTrainer": "gkd",
+    "DistillationTrainer": "distillation",
 }
 
 

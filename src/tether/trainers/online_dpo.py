@@ -122,7 +122,6 @@ class OnlineDPOTrainer(OnlineTrainer):
 
     config_class = OnlineDPOConfig
     config_suffix = "OnlineDPO"
-    _tag_names = ["online-dpo"]
 
     def __init__(
         self,
