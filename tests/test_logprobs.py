@@ -77,6 +77,25 @@ def test_linear_log_probs_matches_naive_in_value_and_gradient(chunk_size, temper
         assert g.abs().max() > 1e-2  # gradients are not trivially zero
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_linear_log_probs_without_stats_same_values_and_gradients(temperature):
+    """A pass that needs only log-probs (a reference, old log-probs) skips the statistics: same log-probs and
+    gradients as the naive computation, no stats; log_probs_from_logits the same on full logits."""
+    hidden, weight, bias, targets, downstream = _inputs(with_bias=True)
+    logps, stats = linear_log_probs(hidden, weight, targets, bias, temperature, 8, with_stats=False)
+    ref_logps, _, _ = _naive(hidden, weight, bias, targets, temperature)
+    assert stats is None
+    torch.testing.assert_close(logps, ref_logps, atol=1e-5, rtol=0)
+    got = _grads((logps * downstream).sum(), (hidden, weight, bias))
+    want = _grads((ref_logps * downstream).sum(), (hidden, weight, bias))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    logits = hidden.detach() @ weight.detach().T + bias.detach()
+    full, full_stats = log_probs_from_logits(logits, targets, temperature, with_stats=False)
+    assert full_stats is None
+    torch.testing.assert_close(full, ref_logps.detach(), atol=1e-5, rtol=0)
+
+
 def test_linear_log_probs_only_requested_gradients():
     hidden, weight, bias, targets, downstream = _inputs()
     weight.requires_grad_(False)
@@ -264,6 +283,16 @@ def test_causal_token_log_probs_equal_full_logits(tiny_decoder, left, temperatur
         lp = lp.gather(-1, torch.tensor(seq)[1:, None])[:, 0]
         expected = lp[torch.tensor(LOSS_MASKS[i][1:])].sum()
         torch.testing.assert_close(out.sum_per_row(3)[i], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_causal_token_log_probs_without_stats(tiny_decoder, full_logits):
+    _use_full_logits_path(tiny_decoder, full_logits)
+    batch = _batch(SEQUENCES, LOSS_MASKS, pad_id=0, left=False)
+    with_stats = causal_token_log_probs(tiny_decoder, batch, chunk_size=4)
+    without = causal_token_log_probs(tiny_decoder, batch, chunk_size=4, with_stats=False)
+    assert with_stats.stats is not None and without.stats is None
+    torch.testing.assert_close(without.logps, with_stats.logps, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("full_logits", [False, True])

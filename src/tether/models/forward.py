@@ -107,13 +107,14 @@ def cast_lm_head_to_fp32(model: nn.Module) -> None:
 class TokenLogProbs:
     """Log-probs of the selected target tokens, flattened, with where they came from.
 
-    logps [n] float32 (differentiable), stats (detached), rows [n] batch row of each token, positions [n]
+    logps [n] float32 (differentiable), stats (detached; None when not asked for), rows [n] batch row of each
+    token, positions [n]
     position of each target token in its row, sequences [n] the sequence each token belongs to (its row, or
     in a packed batch its `sequence_ids` value) out of num_sequences.
     """
 
     logps: torch.Tensor
-    stats: TokenStats
+    stats: TokenStats | None
     rows: torch.Tensor
     positions: torch.Tensor
     sequences: torch.Tensor
@@ -216,6 +217,7 @@ def causal_token_log_probs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_values: bool = False,
     entropy_gradient: bool = False,
+    with_stats: bool = True,
 ) -> TokenLogProbs:
     """log p(token_j | tokens_<j) for every j with batch["loss_mask"][row, j] True, from one forward pass.
 
@@ -224,7 +226,8 @@ def causal_token_log_probs(
     `with_values`, `model` is a value-head model and the values of the same states come along. With
     `entropy_gradient`, `.entropy` [n] is each token's entropy H = -sum_v p_v log p_v of p = softmax(logits /
     temperature), carrying its gradient (an entropy bonus), computed chunk-wise from the same hidden states
-    (`ops.logprobs.linear_entropy`); `.stats.entropy` is always the detached value.
+    (`ops.logprobs.linear_entropy`); `.stats.entropy` is always the detached value. Without `with_stats`,
+    `.stats` is None: a pass that only needs log-probs (a reference, old log-probs) skips their cost.
     """
     rows, positions, targets = _targets(batch)
     head = splittable_head(model)
@@ -232,12 +235,12 @@ def causal_token_log_probs(
     if head is None:  # the model's own head (whose pre-hook casts to float32 when the head is float32)
         outputs = model(**_model_inputs(batch), use_cache=False)
         logits = _logits(outputs)[rows, positions - 1]  # [n, v]
-        logps, stats = log_probs_from_logits(logits, targets, temperature)
+        logps, stats = log_probs_from_logits(logits, targets, temperature, with_stats)
         if entropy_gradient:
             entropy = entropy_from_logits(logits.float() / temperature)
     else:
         hidden, outputs = _head_inputs(model, batch, head, rows, positions)  # [n, h]
-        logps, stats = linear_log_probs(hidden, head.weight, targets, head.bias, temperature, chunk_size)
+        logps, stats = linear_log_probs(hidden, head.weight, targets, head.bias, temperature, chunk_size, with_stats)
         if entropy_gradient:
             entropy = linear_entropy(hidden, head.weight, head.bias, temperature, chunk_size)
     values = outputs[2][rows, positions - 1] if with_values else None  # (lm_logits, loss, value [b, t])
@@ -287,10 +290,11 @@ def seq2seq_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], te
 
 
 def completion_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
-                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor, TokenStats]:
+                         chunk_size: int = DEFAULT_CHUNK_SIZE, with_stats: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, TokenStats | None]:
     """Summed log-probs of each sequence's loss-masked tokens and their counts: ([s] float32, [s] long,
-    stats). A sequence is a row, or, in packed batches, a `sequence_ids` value."""
-    tokens = causal_token_log_probs(model, batch, temperature, chunk_size)
+    stats, None without `with_stats`). A sequence is a row, or, in packed batches, a `sequence_ids` value."""
+    tokens = causal_token_log_probs(model, batch, temperature, chunk_size, with_stats=with_stats)
     return tokens.sum_per_sequence(), tokens.count_per_sequence(), tokens.stats
 
 

@@ -120,7 +120,8 @@ class KTOTrainer(DPOTrainer):
         sequences = {k: v if kl else v[:b] for k, v in self._sequences(inputs).items()}
         reference, context = reference_context(model, self.ref_model, **self._adapters)
         with context:
-            logps, _, _ = completion_log_probs(reference, sequences, chunk_size=self.args.logprob_chunk_size)
+            logps, _, _ = completion_log_probs(reference, sequences, chunk_size=self.args.logprob_chunk_size,
+                                               with_stats=False)
         return (logps[:b], logps[b:]) if kl else (logps, None)
 
     def reference_log_probs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -181,7 +182,7 @@ class KTOTrainer(DPOTrainer):
         b = inputs["label"].shape[0]
         sequences = self._sequences(inputs)  # [2b, t]: matched, then mismatched
         matched = {k: v[:b] for k, v in sequences.items()}
-        policy, _, _ = completion_log_probs(model, matched, chunk_size=chunk)
+        policy, _, _ = completion_log_probs(model, matched, chunk_size=chunk, with_stats=False)
         desirable = inputs["label"].bool()
         ref, ref_mismatched = self.unpaired_reference_log_probs(model, inputs)  # [b], [b] or None
         if self.args.loss_type == "apo_zero_unpaired":  # no reference point: the mismatched half is not used
@@ -191,7 +192,7 @@ class KTOTrainer(DPOTrainer):
         else:
             with torch.no_grad():
                 policy_mismatched, _, _ = completion_log_probs(model, {k: v[b:] for k, v in sequences.items()},
-                                                               chunk_size=chunk)
+                                                               chunk_size=chunk, with_stats=False)
                 # gather concatenates along dim 0, so stack per example: [b, 2] -> [b * world, 2]
                 gathered = self.accelerator.gather(torch.stack([policy_mismatched, ref_mismatched.to(
                     policy_mismatched)], dim=1))

@@ -375,16 +375,18 @@ class OnlineTrainer(TetherTrainer):
             model, context = (reference_context(self.model, self.ref_model) if reference
                               else (self.model, contextlib.nullcontext()))
             with context:
-                chunks.append(self._token_logps(model, prompt_ids[rows], ids[rows], mask[rows]).logps_grid)
+                chunks.append(self._token_logps(model, prompt_ids[rows], ids[rows], mask[rows],
+                                                with_stats=False).logps_grid)
         return torch.cat(chunks)
 
     # ----- 4: the update ------------------------------------------------------------------------------------
     def _token_logps(self, model: nn.Module, prompt_ids: list[list[int]], completion_ids: torch.Tensor,
-                     mask: torch.Tensor, entropy_gradient: bool = False) -> _GridLogProbs:
+                     mask: torch.Tensor, entropy_gradient: bool = False, with_stats: bool = True) -> _GridLogProbs:
         """Log-probs of completion tokens under `model`, in a [b, c] grid like completion_ids (0 outside mask),
         from one forward pass over prompt + completion (packed rows where the model supports them; batch widths
         rounded up to pad_to_multiple_of when it is an int). entropy_gradient: the entropy grid is
-        differentiable (an entropy bonus), else detached."""
+        differentiable (an entropy bonus), else detached; without `with_stats` (a pass that needs only the
+        log-probs) there is no entropy grid unless entropy_gradient asks for it."""
         device = self.accelerator.device
         lengths = mask.sum(-1).tolist()
         rows = [{"input_ids": p + ids[:m].tolist(), "loss_mask": [False] * len(p) + [True] * m}
@@ -398,15 +400,16 @@ class OnlineTrainer(TetherTrainer):
                                          pack_to=longest if pack else None)(rows)
         batch = {key: value.to(device) for key, value in batch.items()}
         token_logps = causal_token_log_probs(model, batch, self.logprob_temperature, self.args.logprob_chunk_size,
-                                             entropy_gradient=entropy_gradient)
-        token_entropy = token_logps.entropy if entropy_gradient else token_logps.stats.entropy
+                                             entropy_gradient=entropy_gradient, with_stats=with_stats)
+        token_entropy = token_logps.entropy if entropy_gradient else (token_logps.stats.entropy if with_stats else None)
         r, p, owner = token_logps.rows, token_logps.positions, token_logps.sequences  # [tokens] each
         in_sequence = batch["position_ids"][r, p] if "position_ids" in batch else p  # position within its sequence
         prompt_lengths = torch.tensor([len(x) for x in prompt_ids], device=device)
         column = in_sequence - prompt_lengths[owner]  # [tokens]: index of the token in its completion
         shape = tuple(completion_ids.shape)
         grid = token_logps.logps.new_zeros(shape).index_put((owner, column), token_logps.logps)
-        entropy = token_entropy.new_zeros(shape).index_put((owner, column), token_entropy)
+        entropy = None if token_entropy is None else token_entropy.new_zeros(shape).index_put((owner, column),
+                                                                                             token_entropy)
         return _GridLogProbs(grid, entropy)
 
     def training_step(self, model: nn.Module, inputs: dict[str, list[Any]], num_items_in_batch: Any = None
@@ -563,4 +566,4 @@ class OnlineTrainer(TetherTrainer):
 @dataclass
 class _GridLogProbs:
     logps_grid: torch.Tensor  # [b, c], differentiable
-    entropy: torch.Tensor  # [b, c], detached
+    entropy: torch.Tensor | None  # [b, c], detached (differentiable with entropy_gradient); None: not asked for

@@ -215,20 +215,21 @@ class OnlineDPOTrainer(OnlineTrainer):
 
     # ----- the update ---------------------------------------------------------------------------------------
     def _token_logps(self, model: nn.Module, prompt_ids: list[list[int]], completion_ids: torch.Tensor,
-                     mask: torch.Tensor, entropy_gradient: bool = False) -> Any:
+                     mask: torch.Tensor, entropy_gradient: bool = False, with_stats: bool = True) -> Any:
         """The core's log-prob pass, each prompt cut from the left to max_length - its completion's length
         (at least one token), so that no sequence passes max_length unless its completion alone does."""
         if self.args.max_length is not None:
             lengths = mask.sum(-1).tolist()
             prompt_ids = [p[-max(self.args.max_length - m, 1):] for p, m in zip(prompt_ids, lengths)]
-        return super()._token_logps(model, prompt_ids, completion_ids, mask, entropy_gradient)
+        return super()._token_logps(model, prompt_ids, completion_ids, mask, entropy_gradient, with_stats)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor:
         round_, s, b = self._round, inputs["slice"], self.args.completions_per_micro_batch
         rows, device, beta = slice(s * b, (s + 1) * b), self.accelerator.device, self.beta
         mask = round_.completion_mask[rows].to(device)
-        logps = self._token_logps(model, round_.prompt_ids[rows], round_.completion_ids[rows], mask).logps_grid
+        logps = self._token_logps(model, round_.prompt_ids[rows], round_.completion_ids[rows], mask,
+                                  with_stats=False).logps_grid
         logps = logps.sum(-1)  # [b]: summed over each completion (the grid is 0 outside its tokens)
         ref = round_.ref_logps[rows].to(device).sum(-1)  # [b]
         first_chosen = round_.advantages[rows][0::2].to(device) > 0  # [b / 2]

@@ -331,10 +331,13 @@ class PPOTrainer(PPOTrainLoop):
             batch = {"input_ids": input_ids, "attention_mask": attention_mask.long(), "loss_mask": loss_mask}
         return {k: v.to(device) for k, v in batch.items()}
 
-    def _token_log_probs(self, model: nn.Module, batch: dict[str, torch.Tensor], with_values: bool) -> TokenLogProbs:
+    def _token_log_probs(self, model: nn.Module, batch: dict[str, torch.Tensor], with_values: bool,
+                         with_stats: bool = True) -> TokenLogProbs:
+        """Log-probs (and values) of the response tokens; `with_stats`: their entropy etc. too (the update logs
+        the entropy; the rollout's reference and old log-probs need none)."""
         if self.is_encoder_decoder:
             return seq2seq_token_log_probs(model, batch, with_values=with_values)
-        return causal_token_log_probs(model, batch, with_values=with_values)
+        return causal_token_log_probs(model, batch, with_values=with_values, with_stats=with_stats)
 
     def _values(self, batch: dict[str, torch.Tensor], tokens: TokenLogProbs) -> torch.Tensor:
         """Value estimates [n] at the state before each response token: the policy's value head, or the
@@ -353,7 +356,7 @@ class PPOTrainer(PPOTrainLoop):
     def _reference_log_probs(self, batch: dict[str, torch.Tensor]) -> TokenLogProbs:
         reference, context = reference_context(self.model, self.ref_model)
         with context:
-            return self._token_log_probs(reference, batch, with_values=False)
+            return self._token_log_probs(reference, batch, with_values=False, with_stats=False)
 
     def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores: list[torch.Tensor],
              response_masks: list[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -371,7 +374,7 @@ class PPOTrainer(PPOTrainLoop):
             if module is not None:
                 module.eval()
         with torch.no_grad():
-            old = self._token_log_probs(self.model, batch, with_values=self.critic is None)
+            old = self._token_log_probs(self.model, batch, with_values=self.critic is None, with_stats=False)
             old_values = old.scatter(self._values(batch, old), grid)
             ref = self._reference_log_probs(batch)
         mask = self._mask(batch, old)

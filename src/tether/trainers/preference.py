@@ -153,7 +153,8 @@ class PairwiseTrainer(TetherTrainer):
         see `pair_sequence_log_probs`. With `aligned`, also WPO's inputs "chosen_aligned", "rejected_aligned"
         [b] (detached): per completion, sum_t [log pi(y_t) - log sum_v pi(v)^2], the normaliser coming from
         the same pass (`TokenStats.log_sum_sq`)."""
-        logps, tokens = pair_sequence_log_probs(model, inputs, self.args.logprob_chunk_size, ld_alpha)
+        logps, tokens = pair_sequence_log_probs(model, inputs, self.args.logprob_chunk_size, ld_alpha,
+                                                with_stats=aligned)
         if aligned:
             sums = tokens.sum_per_sequence(tokens.logps.detach() - tokens.stats.log_sum_sq)  # [2b]
             logps["chosen_aligned"], logps["rejected_aligned"] = sums.chunk(2)
@@ -200,14 +201,15 @@ class PairwiseTrainer(TetherTrainer):
 
 
 def pair_sequence_log_probs(model: nn.Module, inputs: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK_SIZE,
-                            ld_alpha: float | None = None
+                            ld_alpha: float | None = None, with_stats: bool = False
                             ) -> tuple[dict[str, torch.Tensor], TokenLogProbs]:
     """Completion log-probs of a [2b, t] preference batch (chosen sequences first, padded or packed), from one
     forward pass: "chosen", "rejected" [b] summed log-probs (LD-DPO-weighted with `ld_alpha`, see
     losses.preference.length_desensitised_log_probs), "chosen_unweighted" [b] (the plain sums, for the NLL
     terms), "chosen_tokens", "rejected_tokens" [b] (counts, at least 1); with the per-token log-probs, whose
-    `sequences` [n] give each token's sequence (k < b: chosen k; b + k: rejected k)."""
-    tokens = causal_token_log_probs(model, inputs, chunk_size=chunk_size)
+    `sequences` [n] give each token's sequence (k < b: chosen k; b + k: rejected k), and with `with_stats`
+    their TokenStats (WPO's normaliser); no method logs the others."""
+    tokens = causal_token_log_probs(model, inputs, chunk_size=chunk_size, with_stats=with_stats)
     sums, num_sequences = tokens.sum_per_sequence(), tokens.num_sequences  # [2b]
     chosen_unweighted = sums.chunk(2)[0]
     if ld_alpha is not None:
