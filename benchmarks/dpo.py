@@ -22,6 +22,9 @@ on_step_begin -> on_step_end time, median over the steps after `--warmup`. Peak 
 (precompute included). "step-1 logps" are the mean summed completion log-probs of chosen / rejected at step 1: with
 the same batch and weights they must agree (the step-1 loss is log 2 in every setting, since policy = reference).
 
+`--regime short`: prompts of 8-40 tokens, completions of at least 8, each pair within 128 tokens; max_length 128,
+max_prompt_length 64 (tether).
+
 Settings pinned on both configs (field names both accept):
 - bf16=False: TRL's configs default bf16 to True when fp16 is off (bf16 autocast; on a CPU-only machine the
   config even refuses it unless use_cpu=True); tether's default is False.
@@ -54,12 +57,19 @@ MAX_LENGTH, MAX_PROMPT_LENGTH, BATCH = 512, 128, 8
 SETTINGS = ("ref", "lora", "precompute")
 
 
+def sizes() -> tuple[int, int]:
+    """(max_length, max_prompt_length) of the regime."""
+    return (128, 64) if harness.REGIME[0] == "short" else (MAX_LENGTH, MAX_PROMPT_LENGTH)
+
+
 def build_assets(work: Path, quick: bool) -> dict[str, Any]:
     tok, _, gen, info = harness.build_base_assets(work, quick)
-    pairs, stats = harness.preference_pairs(
-        gen, tok, 200 if quick else 2000, prompt_words=(24, 80), completion_words=(40, 240),
-        accept=lambda p, c, r: 30 <= p <= 100 and 50 <= min(c, r) and max(c, r) <= 300,
-    )
+    if harness.REGIME[0] == "short":
+        words, accept = ((6, 30), (6, 60)), lambda p, c, r: 8 <= p <= 40 and 8 <= min(c, r) and p + max(c, r) <= 128
+    else:
+        words, accept = ((24, 80), (40, 240)), lambda p, c, r: 30 <= p <= 100 and 50 <= min(c, r) and max(c, r) <= 300
+    pairs, stats = harness.preference_pairs(gen, tok, 200 if quick else 2000, prompt_words=words[0],
+                                            completion_words=words[1], accept=accept)
     (work / "pairs.json").write_text(json.dumps(pairs))
     return {**info, **stats}
 
@@ -77,7 +87,7 @@ def run_one(lib: str, setting: str, work: Path, steps: int, warmup: int) -> dict
     else:
         from tether import DPOConfig, DPOTrainer
 
-        precompute_method, extra = "_add_reference_log_probs", {"max_prompt_length": MAX_PROMPT_LENGTH}
+        precompute_method, extra = "_add_reference_log_probs", {"max_prompt_length": sizes()[1]}
 
     # Time the reference pass (it runs inside the constructor) by wrapping the method that does it.
     precompute_s: list[float] = []
@@ -102,7 +112,7 @@ def run_one(lib: str, setting: str, work: Path, steps: int, warmup: int) -> dict
         ds = Dataset.from_list(pairs[:n_pairs])
         cfg = DPOConfig(
             output_dir=str(work / f"out-{lib}-{setting}"),
-            max_length=MAX_LENGTH,
+            max_length=sizes()[0],
             per_device_train_batch_size=BATCH,
             max_steps=steps + warmup,
             learning_rate=1e-6,

@@ -367,13 +367,20 @@ def parser(doc: str | None, steps: int = 6, warmup: int = 2, runs: Sequence[str]
     p.add_argument("--quick", action="store_true", help="tiny smoke run: small corpus, 2+1 steps")
     p.add_argument("--workdir", type=Path, help="keep assets and outputs here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--regime", choices=("long", "short"), default="long", help=(
+        "long: sequences up to 512 tokens (the sizes each script documents); short: at most 128 tokens a "
+        "sequence (issue #15's short regime; each script says what it changes)"))
     p.add_argument("--run", choices=runs, help=argparse.SUPPRESS)  # child mode
     return p
+
+
+REGIME = ["long"]  # --regime, set by parse(): read by the scripts' asset builders and runs, passed to children
 
 
 def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse, go offline, and in the parent apply --quick (2 timed steps after 1 warm-up step)."""
     a = p.parse_args()
+    REGIME[0] = a.regime
     os.environ.update(dict.fromkeys(OFFLINE, "1"), TOKENIZERS_PARALLELISM="false")
     if a.quick and not a.run:
         a.steps, a.warmup = 2, 1
@@ -394,7 +401,7 @@ def run_jobs(script: str, work: Path, jobs: list[Job]) -> list[dict[str, Any]]:
     work/log-LIB-TAG.txt. A failed run gives {"lib", **setting, "error": last log line}."""
     results: list[dict[str, Any]] = []
     for job in jobs:
-        cmd = [sys.executable, script, "--run", job.lib, "--workdir", str(work), *job.flags]
+        cmd = [sys.executable, script, "--run", job.lib, "--workdir", str(work), "--regime", REGIME[0], *job.flags]
         print(f"running {job.lib} {job.desc} ...", file=sys.stderr, flush=True)
         log = work / f"log-{job.lib}-{job.tag}.txt"
         with log.open("w") as f:

@@ -18,7 +18,8 @@ Settings pinned on both configs (field names both accept):
   config even refuses it unless use_cpu=True); tether's default is False.
 - gradient_checkpointing=False (`--grad-ckpt` to change): TRL's default is True, tether's False.
 - learning_rate=1e-5 (both default to 1e-4), per_device_train_batch_size=8, seed 0, logging_steps=1.
-- max_length=512 (both default to 1024). It never binds: TRL drops pairs longer than max_length where tether
+- max_length=512 (128 with `--regime short`, whose prompts are 6-30 words and completions 6-60; both default to
+  1024). It never binds: TRL drops pairs longer than max_length where tether
   truncates them, so the data keeps every sequence shorter.
 - disable_dropout=True (both default; the model has no dropout anyway), center_rewards_coefficient=None (both).
 Left at TRL's defaults, with tether's equivalent behaviour: pad_to_multiple_of ("auto" is None on CPU; tether pads
@@ -42,12 +43,17 @@ MAX_LENGTH = 512
 PAIRS_PER_STEP = 8
 
 
+def max_length() -> int:
+    return 128 if harness.REGIME[0] == "short" else MAX_LENGTH
+
+
 def build_assets(work: Path, quick: bool) -> dict[str, Any]:
     tok, _, gen, info = harness.build_base_assets(work, quick)
     harness.save_reward_model(work, tok)
+    short = harness.REGIME[0] == "short"
     pairs, stats = harness.preference_pairs(
-        gen, tok, 200 if quick else 2000, prompt_words=(8, 60), completion_words=(8, 280),
-        accept=lambda p, c, r: p + max(c, r) <= MAX_LENGTH,
+        gen, tok, 200 if quick else 2000, prompt_words=(6, 30) if short else (8, 60),
+        completion_words=(6, 60) if short else (8, 280), accept=lambda p, c, r: p + max(c, r) <= max_length(),
     )
     (work / "pairs.json").write_text(json.dumps(pairs))
     return {**info, **stats}
@@ -68,7 +74,7 @@ def run_one(lib: str, work: Path, steps: int, warmup: int, grad_ckpt: bool) -> d
         ds = Dataset.from_list(json.loads((work / "pairs.json").read_text()))
         cfg = RewardConfig(
             output_dir=str(work / f"out-{lib}"),
-            max_length=MAX_LENGTH,
+            max_length=max_length(),
             per_device_train_batch_size=8,
             max_steps=steps + warmup,
             learning_rate=1e-5,

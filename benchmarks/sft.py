@@ -11,6 +11,8 @@ call shape. Tokens/s counts non-pad input tokens (a pre-hook on the input embedd
 `--warmup` warm-up steps; the step time is on_step_begin -> on_step_end (forward, backward, optimizer step).
 Timings need an otherwise idle machine: the CPU/wall and load columns show when other processes competed.
 
+`--regime short`: texts of 12-90 words (15-115 tokens) and max_length 128.
+
 Pinned: bf16=False and gradient_checkpointing=False (`--grad-ckpt`), because TRL's SFTConfig defaults both to True
 (bf16 autocast on CPU, recomputed activations) while tether's defaults are off; max_length 512, batch 8, lr 1e-4.
 """
@@ -24,8 +26,14 @@ from typing import Any
 import harness
 
 
+def max_length() -> int:
+    return 128 if harness.REGIME[0] == "short" else 512
+
+
 def build_assets(work: Path, quick: bool) -> dict[str, Any]:
-    tok, docs, _, info = harness.build_base_assets(work, quick)
+    tok, docs, gen, info = harness.build_base_assets(work, quick)
+    if harness.REGIME[0] == "short":  # texts of 12-90 words (~15-115 tokens): chat-turn sized
+        docs = [gen.text(gen.randint(12, 90)) for _ in docs]
     (work / "texts.json").write_text(json.dumps(docs))
     lens = [len(ids) + 1 for ids in tok(docs)["input_ids"]]  # +1: the EOS the trainers append
     return {**info, "docs": len(docs), "doc_tokens_min_p50_max": harness.spread(lens)}
@@ -46,7 +54,7 @@ def run_one(lib: str, packing: bool, work: Path, steps: int, warmup: int, grad_c
         # bf16/gradient_checkpointing are explicit: TRL's SFTConfig defaults them to True (bf16 autocast on CPU).
         cfg = SFTConfig(
             output_dir=str(work / f"out-{lib}-{int(packing)}"),
-            max_length=512,
+            max_length=max_length(),
             packing=packing,
             per_device_train_batch_size=8,
             max_steps=steps + warmup,

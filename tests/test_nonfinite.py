@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 
 from tether import SFTConfig, SFTTrainer
-from tether.trainers.finite_guard import NonFiniteTrainingError
+from tether.trainers.finite_guard import NonFiniteTrainingError, all_finite
 
 
 class PoisonedSFT(SFTTrainer):
@@ -75,3 +75,21 @@ def test_nonfinite_weights_are_never_saved(tmp_path, tiny_decoder_dir):
     with pytest.raises(NonFiniteTrainingError, match="Not saving"):
         trainer.save_model(str(tmp_path / "final"))
     assert not os.path.exists(tmp_path / "final" / "model.safetensors")
+
+
+def test_all_finite_against_the_element_wise_check():
+    """One summing pass decides the common case; values whose sum overflows (finite themselves) are still
+    finite, and a single inf or NaN anywhere is found, against torch.isfinite element by element."""
+    cases = [
+        [torch.randn(5, 3), torch.randn(4)],
+        [torch.randn(5, 3), torch.tensor([1.0, float("inf"), 2.0])],
+        [torch.tensor([float("nan")]), torch.randn(4)],
+        [torch.tensor([float("inf"), float("-inf")])],  # the sum is NaN
+        [torch.full((4,), 60000.0, dtype=torch.float16)],  # finite, but the float16 sum overflows
+        [torch.full((3,), 3e38)],  # the same in float32
+        [],
+    ]
+    for tensors in cases:
+        want = all(bool(torch.isfinite(t).all()) for t in tensors)
+        assert all_finite(tensors) == want, tensors
+    assert not all_finite([torch.tensor([1.0, float("inf")])]) and all_finite([torch.full((3,), 3e38)])

@@ -42,9 +42,7 @@ class NonFiniteGuard:
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        # One device sync per step: each gradient reduced to a flag on its device, the flags combined, read once.
-        flags = [torch.isfinite(p.grad).all() for p in params]
-        if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+        if all_finite([p.grad for p in params]):
             self.in_a_row = 0
             return
         for p in params:
@@ -58,6 +56,21 @@ class NonFiniteGuard:
                 f"(each was skipped; the weights are those of the last finite step). Likely causes: {LIKELY_CAUSES}.")
         warnings.warn(f"Optimizer step {step}: non-finite loss or gradients; the step was skipped (weights unchanged). "
                       f"{self.in_a_row} in a row; training stops after {self.limit}.", RuntimeWarning, stacklevel=2)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with one device sync.
+
+    One read of each tensor: a sum is finite whenever all its elements are (an inf or a NaN makes it inf or NaN).
+    Only when a sum is not, which finite values past the dtype's range could also cause, does the element-wise
+    check (five passes: isfinite is x == x and |x| != inf, then all) decide."""
+    if not tensors:
+        return True
+    device = tensors[0].device
+    sums = torch.stack([t.sum().to(device) for t in tensors])  # [k]
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
 
 
 def check_finite_weights(model: nn.Module, where: str) -> None:
