@@ -26,7 +26,7 @@ the same batch and weights they must agree (the step-1 loss is log 2 in every se
 max_prompt_length 64 (tether).
 
 Settings pinned on both configs (field names both accept):
-- bf16=False: TRL's configs default bf16 to True when fp16 is off (bf16 autocast; on a CPU-only machine the
+- bf16=False (`--bf16`: True, both): TRL's configs default bf16 to True when fp16 is off (bf16 autocast; on a CPU-only machine the
   config even refuses it unless use_cpu=True); tether's default is False.
 - gradient_checkpointing=False: TRL's default is True, tether's False.
 - beta=0.1, loss_type="sigmoid", learning_rate=1e-6, disable_dropout=True: the defaults of both, made explicit.
@@ -122,7 +122,7 @@ def run_one(lib: str, setting: str, work: Path, steps: int, warmup: int) -> dict
             report_to="none",
             save_strategy="no",
             seed=0,
-            bf16=False,
+            **harness.precision_kwargs(),
             gradient_checkpointing=False,
             disable_dropout=True,
             precompute_ref_log_probs=setting == "precompute",

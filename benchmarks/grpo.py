@@ -41,7 +41,7 @@ Settings, the same on both configs (field names both accept): num_generations G,
 per_device_train_batch_size B, max_completion_length N, temperature 1.0, top_p 1.0, top_k 0 (min_p off:
 TRL None, tether 0.0), learning_rate 1e-6, epsilon 0.2, num_iterations 1, gradient_accumulation_steps 1
 (so steps_per_generation 1: one round per step, on-policy), mask_truncated_completions False,
-disable_dropout True, bf16 False and use_cpu True (TRL defaults bf16 to True), gradient_checkpointing False
+disable_dropout True, bf16 False (`--bf16`: True) and use_cpu True (TRL defaults bf16 to True), gradient_checkpointing False
 (TRL's default is True), seed 0, logging_steps 1, report_to none, save_strategy no. Method defaults kept in
 both: GRPO beta 0.0 (no reference model), loss_type "dapo", scale_rewards "group"; RLOO beta 0.05 (a
 reference model in both: TRL loads a second copy, tether copies the policy), normalize_advantages False.
@@ -229,8 +229,7 @@ def run_one(lib: str, method: str, a: Any) -> dict[str, Any]:
         gradient_accumulation_steps=1,
         mask_truncated_completions=False,
         disable_dropout=True,
-        bf16=False,
-        use_cpu=True,
+        **harness.precision_kwargs(),  # bf16 False (fp32) unless --bf16; use_cpu True
         gradient_checkpointing=False,
         max_steps=a.warmup + a.steps,
         logging_steps=1,

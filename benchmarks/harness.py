@@ -370,17 +370,26 @@ def parser(doc: str | None, steps: int = 6, warmup: int = 2, runs: Sequence[str]
     p.add_argument("--regime", choices=("long", "short"), default="long", help=(
         "long: sequences up to 512 tokens (the sizes each script documents); short: at most 128 tokens a "
         "sequence (issue #15's short regime; each script says what it changes)"))
+    p.add_argument("--bf16", action="store_true", help=(
+        "bf16 autocast in both libraries (bf16=True, use_cpu=True: TRL's default precision); default fp32"))
     p.add_argument("--run", choices=runs, help=argparse.SUPPRESS)  # child mode
     return p
 
 
 REGIME = ["long"]  # --regime, set by parse(): read by the scripts' asset builders and runs, passed to children
+BF16 = [False]  # --bf16, the same way
+
+
+def precision_kwargs() -> dict[str, bool]:
+    """The precision fields of both libraries' configs: bf16 autocast with --bf16, else fp32. use_cpu=True
+    either way: TRL's configs refuse bf16 on a machine without an accelerator unless it is set."""
+    return {"bf16": BF16[0], "use_cpu": True}
 
 
 def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse, go offline, and in the parent apply --quick (2 timed steps after 1 warm-up step)."""
     a = p.parse_args()
-    REGIME[0] = a.regime
+    REGIME[0], BF16[0] = a.regime, a.bf16
     os.environ.update(dict.fromkeys(OFFLINE, "1"), TOKENIZERS_PARALLELISM="false")
     if a.quick and not a.run:
         a.steps, a.warmup = 2, 1
@@ -401,7 +410,8 @@ def run_jobs(script: str, work: Path, jobs: list[Job]) -> list[dict[str, Any]]:
     work/log-LIB-TAG.txt. A failed run gives {"lib", **setting, "error": last log line}."""
     results: list[dict[str, Any]] = []
     for job in jobs:
-        cmd = [sys.executable, script, "--run", job.lib, "--workdir", str(work), "--regime", REGIME[0], *job.flags]
+        cmd = [sys.executable, script, "--run", job.lib, "--workdir", str(work), "--regime", REGIME[0],
+               *(["--bf16"] if BF16[0] else []), *job.flags]
         print(f"running {job.lib} {job.desc} ...", file=sys.stderr, flush=True)
         log = work / f"log-{job.lib}-{job.tag}.txt"
         with log.open("w") as f:

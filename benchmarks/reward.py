@@ -14,7 +14,7 @@ the input embedding in the step's graph-building forward, / 2) over its on_step_
 the steps after `--warmup`; peak RSS is the child process's ru_maxrss. Same child/parent machinery as sft.py.
 
 Settings pinned on both configs (field names both accept):
-- bf16=False: TRL's configs default bf16 to True when fp16 is off (bf16 autocast; on a CPU-only machine the
+- bf16=False (`--bf16`: True, both): TRL's configs default bf16 to True when fp16 is off (bf16 autocast; on a CPU-only machine the
   config even refuses it unless use_cpu=True); tether's default is False.
 - gradient_checkpointing=False (`--grad-ckpt` to change): TRL's default is True, tether's False.
 - learning_rate=1e-5 (both default to 1e-4), per_device_train_batch_size=8, seed 0, logging_steps=1.
@@ -82,7 +82,7 @@ def run_one(lib: str, work: Path, steps: int, warmup: int, grad_ckpt: bool) -> d
             report_to="none",
             save_strategy="no",
             seed=0,
-            bf16=False,
+            **harness.precision_kwargs(),
             gradient_checkpointing=grad_ckpt,
             disable_dropout=True,
         )

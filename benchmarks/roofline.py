@@ -70,6 +70,17 @@ def matmul_ceiling(rows: int, repeats: int) -> dict[str, dict[str, float]]:
     return dict(out)
 
 
+def model_mix_ceiling(ceiling: dict[str, dict[str, float]], dtype: str) -> float:
+    """GFLOP/s of the model's own matmuls at the measured rates: per token, 6 layers of q, k, v, o (256 x 256),
+    gate and up (256 x 1024), down (1024 x 256), and the LM head (256 x 32000), each at its shape's rate; the
+    FLOP-weighted harmonic mean (time = sum of FLOPs / rate)."""
+    flops = {"qkvo [r,256]x[256,256]": 4 * LAYERS * HIDDEN * HIDDEN,
+             "up [r,256]x[256,1024]": 2 * LAYERS * HIDDEN * INTERMEDIATE,
+             "down [r,1024]x[1024,256]": LAYERS * INTERMEDIATE * HIDDEN,
+             "head [r,256]x[256,32000]": HIDDEN * harness.VOCAB}
+    return sum(flops.values()) / sum(f / ceiling[name][dtype] for name, f in flops.items())
+
+
 # ----- counting and timing inside a run ------------------------------------------------------------------------
 class Meter:
     """FLOPs and seconds per phase over the timed steps of one training run."""
@@ -254,7 +265,8 @@ def data(work: Path, regime: dict[str, Any], n: int) -> dict[str, Any]:
     return {"texts": texts, "pairs": pairs, "prompts": prompts}
 
 
-def build(workload: str, work: Path, regime: dict[str, Any], sets: dict[str, Any], steps: int) -> Any:
+def build(workload: str, work: Path, regime: dict[str, Any], sets: dict[str, Any], steps: int,
+          bf16: bool = False) -> Any:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
@@ -262,7 +274,8 @@ def build(workload: str, work: Path, regime: dict[str, Any], sets: dict[str, Any
 
     tok = AutoTokenizer.from_pretrained(work / "model")
     common = dict(output_dir=str(work / f"out-{workload}"), max_steps=steps, learning_rate=1e-5, logging_steps=1,
-                  report_to="none", save_strategy="no", seed=0, disable_tqdm=True, per_device_train_batch_size=8)
+                  report_to="none", save_strategy="no", seed=0, disable_tqdm=True, per_device_train_batch_size=8,
+                  bf16=bf16, use_cpu=True)
     model = str(work / "model")
     if workload.startswith("sft"):
         config = tether.SFTConfig(**common, max_length=regime["max_length"], packing=workload == "sft-packed")
@@ -281,7 +294,7 @@ def build(workload: str, work: Path, regime: dict[str, Any], sets: dict[str, Any
         config = tether.KTOConfig(**common, max_length=regime["max_length"])
         return tether.KTOTrainer(model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok)
     group = dict(num_generations=4, max_completion_length=regime["completion_tokens"], temperature=1.0, top_k=0,
-                 per_device_train_batch_size=16, use_cpu=True)
+                 per_device_train_batch_size=16)
     reward = harness.letter_share("e")
     prompts = Dataset.from_dict({"prompt": sets["prompts"]})
     common = {**common, **group}
@@ -293,9 +306,9 @@ def build(workload: str, work: Path, regime: dict[str, Any], sets: dict[str, Any
 
 
 def run_workload(workload: str, regime_name: str, work: Path, sets: dict[str, Any], steps: int, warmup: int,
-                 peak: float) -> dict[str, Any]:
+                 peak: float, bf16: bool = False) -> dict[str, Any]:
     regime = REGIMES[regime_name]
-    trainer = build(workload, work, regime, sets, steps + warmup)
+    trainer = build(workload, work, regime, sets, steps + warmup, bf16)
     body = sum(p.numel() for n, p in trainer.model.named_parameters()
                if "embed_tokens" not in n and "lm_head" not in n and "score" not in n)
     meter = Meter(body, warmup)
@@ -321,7 +334,7 @@ def run_workload(workload: str, regime_name: str, work: Path, sets: dict[str, An
     }
 
 
-def table(results: list[dict[str, Any]], peak: float) -> str:
+def table(results: list[dict[str, Any]], peak: float, mix: float, dtype: str = "float32") -> str:
     phases = ("generation", "no-grad", "forward+backward", "optimizer", "data+overhead")
     lines = ["| regime | workload | s/step | trained tokens/step | step GFLOP/s (share of peak) | "
              + " | ".join(f"{p}: time share, GFLOP/s" for p in phases) + " |",
@@ -334,7 +347,8 @@ def table(results: list[dict[str, Any]], peak: float) -> str:
             cells.append(f"{share:.0%}" + (f", {rate:.0f}" if rate else "") if share else "-")
         lines.append(f"| {r['regime']} | {r['workload']} | {r['s_per_step']:.2f} | {r['trained_tokens_per_step']} | "
                      f"{r['step_gflops']:.0f} ({r['step_share_of_peak']:.0%}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nPeak (fp32 matmul, best layer shape): {peak:.0f} GFLOP/s."
+    return "\n".join(lines) + (f"\n\nPeak ({dtype} matmul, best layer shape): {peak:.0f} GFLOP/s; the model's own matmul "
+                               f"mix at the measured rates: {mix:.0f} GFLOP/s.")
 
 
 def main() -> None:
@@ -345,6 +359,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (bf16=True, use_cpu=True); shares of the bf16 "
+                                                       "peak")
     p.add_argument("--out", default=None, help="Also write the results as JSON here.")
     a = p.parse_args()
     import torch
@@ -352,8 +368,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     steps, warmup = (1, 1) if a.quick else (a.steps, max(1, a.warmup))  # the first timed step starts at a step end
     ceiling = matmul_ceiling(rows=256 if a.quick else 4096, repeats=3 if a.quick else 10)
-    peak = max(v["float32"] for v in ceiling.values())
-    print(json.dumps({"threads": a.threads, "matmul_gflops": ceiling}, indent=1), flush=True)
+    dtype = "bfloat16" if a.bf16 else "float32"
+    peak = max(v[dtype] for v in ceiling.values())
+    mix = {d: round(model_mix_ceiling(ceiling, d), 1) for d in ("float32", "bfloat16")}
+    print(json.dumps({"threads": a.threads, "matmul_gflops": ceiling, "model_mix_gflops": mix}, indent=1), flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -362,12 +380,13 @@ def main() -> None:
         for regime in a.regimes.split(","):
             sets = data(work, REGIMES[regime], 64 if a.quick else 400)
             for workload in a.workloads.split(","):
-                result = run_workload(workload, regime, work, sets, steps, warmup, peak)
+                result = run_workload(workload, regime, work, sets, steps, warmup, peak, a.bf16)
                 print(json.dumps(result), flush=True)
                 results.append(result)
-    print(table(results, peak))
+    print(table(results, peak, mix[dtype], dtype))
     if a.out:
-        Path(a.out).write_text(json.dumps({"ceiling": ceiling, "model": info, "results": results}, indent=1))
+        Path(a.out).write_text(json.dumps({"ceiling": ceiling, "model_mix": mix, "model": info, "results": results},
+                                          indent=1))
 
 
 if __name__ == "__main__":

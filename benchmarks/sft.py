@@ -13,7 +13,7 @@ Timings need an otherwise idle machine: the CPU/wall and load columns show when 
 
 `--regime short`: texts of 12-90 words (15-115 tokens) and max_length 128.
 
-Pinned: bf16=False and gradient_checkpointing=False (`--grad-ckpt`), because TRL's SFTConfig defaults both to True
+Pinned: bf16=False (`--bf16`: True, both) and gradient_checkpointing=False (`--grad-ckpt`), because TRL's SFTConfig defaults both to True
 (bf16 autocast on CPU, recomputed activations) while tether's defaults are off; max_length 512, batch 8, lr 1e-4.
 """
 
@@ -63,7 +63,7 @@ def run_one(lib: str, packing: bool, work: Path, steps: int, warmup: int, grad_c
             report_to="none",
             save_strategy="no",
             seed=0,
-            bf16=False,
+            **harness.precision_kwargs(),
             gradient_checkpointing=grad_ckpt,
         )
         trainer = SFTTrainer(model=str(work / "model"), args=cfg, train_dataset=ds, processing_class=tok)
