@@ -96,6 +96,21 @@ def test_linear_log_probs_without_stats_same_values_and_gradients(temperature):
     torch.testing.assert_close(full, ref_logps.detach(), atol=1e-5, rtol=0)
 
 
+def test_linear_cross_entropy_without_stats_same_loss_and_gradients():
+    hidden, weight, bias, targets, _ = _inputs(with_bias=True)
+    token_weights = torch.rand(N, generator=torch.Generator().manual_seed(5))
+    results = []
+    for with_stats in (True, False):
+        loss, stats = linear_cross_entropy(hidden, weight, targets, token_weights, bias, chunk_size=8,
+                                           with_stats=with_stats)
+        results.append((loss.detach(), _grads(loss, (hidden, weight, bias)), stats))
+    (loss_a, grads_a, stats_a), (loss_b, grads_b, stats_b) = results
+    assert stats_a is not None and stats_b is None
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
 def test_linear_log_probs_only_requested_gradients():
     hidden, weight, bias, targets, downstream = _inputs()
     weight.requires_grad_(False)

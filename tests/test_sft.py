@@ -336,3 +336,28 @@ def test_neftune_noise_on_embeddings_while_training_only(tmp_path, tiny_decoder_
     with torch.no_grad():
         after = model.get_input_embeddings()(batch["input_ids"])
     torch.testing.assert_close(after, model.get_input_embeddings().weight[batch["input_ids"]])
+
+
+@pytest.mark.parametrize("first_step", [False, True])
+def test_token_stats_are_measured_on_the_steps_that_log(tmp_path, tiny_decoder_dir, monkeypatch, first_step):
+    """Entropy and accuracy cost passes over the vocabulary: measured on the optimizer steps that log (every
+    logging_steps, the first with logging_first_step, the last), and logged there; the loss every step."""
+    import tether.trainers.sft as sft_module
+
+    asked = []
+    fused = sft_module.causal_lm_loss
+
+    def spy(model, batch, normalizer, chunk_size, with_stats=True):
+        asked.append(with_stats)
+        return fused(model, batch, normalizer, chunk_size, with_stats=with_stats)
+
+    monkeypatch.setattr(sft_module, "causal_lm_loss", spy)
+    ds = Dataset.from_dict({"text": ["the film was great and the music was lovely."] * 64})
+    args = config(tmp_path, max_steps=7, logging_steps=3, logging_first_step=first_step)
+    trainer = SFTTrainer(tiny_decoder_dir, args=args, train_dataset=ds)
+    trainer.train()
+    logging = {1} if first_step else set()
+    assert asked == [step in logging | {3, 6, 7} for step in range(1, 8)]
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in rows] == sorted(logging | {3, 6})
+    assert all("entropy" in row and "mean_token_accuracy" in row for row in rows)

@@ -252,20 +252,22 @@ def causal_lm_loss(
     batch: dict[str, torch.Tensor],
     normalizer: torch.Tensor | float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[torch.Tensor, TokenStats]:
-    """sum of -log p over the loss-masked tokens, divided by `normalizer` (a token count).
+    with_stats: bool = True,
+) -> tuple[torch.Tensor, TokenStats | None]:
+    """sum of -log p over the loss-masked tokens, divided by `normalizer` (a token count), and the tokens'
+    TokenStats (None without `with_stats`).
 
     Same value as `-causal_token_log_probs(...).logps.sum() / normalizer`, but on the fused path whose
     gradient is formed during the forward pass (no recompute of the vocabulary projection).
     """
     head = splittable_head(model)
     if head is None:
-        token_logps = causal_token_log_probs(model, batch, chunk_size=chunk_size)
+        token_logps = causal_token_log_probs(model, batch, chunk_size=chunk_size, with_stats=with_stats)
         return -token_logps.logps.sum() / normalizer, token_logps.stats
     rows, positions, targets = _targets(batch)
     hidden, _ = _head_inputs(model, batch, head, rows, positions)  # [n, h]
     weights = torch.full(targets.shape, 1.0, device=hidden.device) / normalizer
-    return linear_cross_entropy(hidden, head.weight, targets, weights, head.bias, chunk_size)
+    return linear_cross_entropy(hidden, head.weight, targets, weights, head.bias, chunk_size, with_stats)
 
 
 def seq2seq_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,

@@ -140,15 +140,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """loss = -sum_i token_weights_i * logp_i, with gradients computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, token_weights, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, token_weights, chunk_size, with_stats):
         n, dtype, acc = hidden.shape[0], _compute_dtype(hidden), _compute_dtype(weight)
         needs = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
         grad_weight = torch.zeros_like(weight, dtype=acc) if needs[1] else None
         grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and needs[2] else None
         loss = hidden.new_zeros((), dtype=dtype)
-        entropy, log_sum_sq = hidden.new_empty(n, dtype=dtype), hidden.new_empty(n, dtype=dtype)
-        correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        stats_n = n if with_stats else 0  # see _LinearLogProbs: without stats they stay empty
+        entropy, log_sum_sq = hidden.new_empty(stats_n, dtype=dtype), hidden.new_empty(stats_n, dtype=dtype)
+        correct = torch.empty(stats_n, dtype=torch.bool, device=hidden.device)
         with torch.no_grad():
             for start in range(0, n, chunk_size):
                 sl = slice(start, start + chunk_size)
@@ -157,7 +158,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 lse = torch.logsumexp(logits, dim=-1)
                 logp = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse
                 loss -= (w * logp).sum()
-                probs, entropy[sl], correct[sl], log_sum_sq[sl] = _chunk_stats(logits, lse, targets[sl])
+                if with_stats:
+                    probs, entropy[sl], correct[sl], log_sum_sq[sl] = _chunk_stats(logits, lse, targets[sl])
+                else:
+                    probs = logits.sub_(lse[:, None]).exp_()  # the logits are not needed after this
                 # d loss / d logits = w * (softmax - onehot); reuse the probs buffer.
                 grad_logits = probs.mul_(w[:, None])
                 grad_logits.scatter_add_(-1, targets[sl, None], -w[:, None])
@@ -179,7 +183,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out_hidden = grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None
         out_weight = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
         out_bias = (grad_bias * scale).to(ctx.weight_dtype) if grad_bias is not None else None
-        return out_hidden, out_weight, out_bias, None, None, None
+        return out_hidden, out_weight, out_bias, None, None, None, None
 
 
 def linear_log_probs(
@@ -209,11 +213,13 @@ def linear_cross_entropy(
     token_weights: torch.Tensor,
     bias: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[torch.Tensor, TokenStats]:
+    with_stats: bool = True,
+) -> tuple[torch.Tensor, TokenStats | None]:
     """-sum_i token_weights_i * log softmax(hidden_i @ weight.T + bias)[targets_i], chunked.
 
     hidden [n, h], weight [v, h], targets [n], token_weights [n] (e.g. loss_mask / num_tokens)
-    -> (scalar loss float32, detached TokenStats). The weights are constants (no gradient).
+    -> (scalar loss float32, detached TokenStats, or None without `with_stats`: their passes over the chunk's
+    logits cost about a third of the whole head). The weights are constants (no gradient).
     Under torch.no_grad() (evaluation) no gradient is formed: only the projection and the loss run.
     """
     if not torch.is_grad_enabled():
@@ -222,8 +228,9 @@ def linear_cross_entropy(
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, *stats = _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weights.detach(), chunk_size)
-    return loss, TokenStats(*stats)
+        loss, *stats = _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weights.detach(), chunk_size,
+                                                 with_stats)
+    return loss, TokenStats(*stats) if with_stats else None
 
 
 def _chunk_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

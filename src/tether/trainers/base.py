@@ -489,6 +489,19 @@ class TetherTrainer(Trainer):
     def _mode(self) -> str:
         return "train" if self.model.training else "eval"
 
+    def logs_this_step(self) -> bool:
+        """Whether the metrics recorded now will be logged: always in evaluation (its log averages every batch),
+        in training on the optimizer steps that log (logging_steps, logging_first_step, the last step). Metrics
+        that cost real work per token (SFT's entropy and accuracy: passes over the vocabulary costing about a
+        third of the LM head) are measured only then, so their logged value is that step's rather than the
+        mean over the steps since the last log."""
+        if self._mode != "train" or self.args.logging_strategy != "steps":
+            return True
+        state = self.state
+        step = state.global_step + 1  # the optimizer step this forward pass belongs to
+        return (step % max(1, int(state.logging_steps or 1)) == 0 or (step == 1 and self.args.logging_first_step)
+                or step >= state.max_steps)
+
     def record_metrics(self, **values: torch.Tensor | float) -> None:
         """Store scalar metrics for the next log, averaged over processes and steps. A NaN value means
         "nothing to measure here" (e.g. no rejected example in the batch) and is left out of averages."""

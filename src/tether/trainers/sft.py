@@ -242,23 +242,26 @@ class SFTTrainer(TetherTrainer):
                      num_items_in_batch: Any = None) -> torch.Tensor:
         normalizer = self._token_normalizer(inputs, num_items_in_batch)
         token_loss = SFT_LOSSES[self.args.loss_type]
+        with_stats = self.logs_this_step()  # entropy and accuracy: measured on the steps that log them
         if self._seq2seq:
             token_logps = seq2seq_token_log_probs(model, inputs)
             loss, stats = token_loss(token_logps.logps, normalizer), token_logps.stats
             tokens = int(inputs["attention_mask"].sum() + inputs["decoder_attention_mask"].sum())
         else:
+            chunk = self.args.logprob_chunk_size
             if self.args.loss_type == "nll":  # fused: the gradient is formed in the forward pass
-                loss, stats = causal_lm_loss(model, inputs, normalizer, self.args.logprob_chunk_size)
+                loss, stats = causal_lm_loss(model, inputs, normalizer, chunk, with_stats=with_stats)
             else:  # a weight that depends on the log-probs needs them first
-                token_logps = causal_token_log_probs(model, inputs, chunk_size=self.args.logprob_chunk_size)
+                token_logps = causal_token_log_probs(model, inputs, chunk_size=chunk, with_stats=with_stats)
                 loss, stats = token_loss(token_logps.logps, normalizer), token_logps.stats
             tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
         if self.model.training:
             self._num_tokens_seen += tokens * self.args.world_size
-        self.record_metrics(
-            entropy=stats.entropy.mean() if stats.entropy.numel() else 0.0,
-            mean_token_accuracy=stats.correct.float().mean() if stats.correct.numel() else 0.0,
-        )
+        if stats is not None:
+            self.record_metrics(
+                entropy=stats.entropy.mean() if stats.entropy.numel() else 0.0,
+                mean_token_accuracy=stats.correct.float().mean() if stats.correct.numel() else 0.0,
+            )
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
