@@ -331,3 +331,31 @@ def test_generation_batch_size_sets_the_round_and_survives_a_rebuild(tmp_path):
     assert GRPOConfig(**_init_values(args)).steps_per_generation == 4  # both fields set, and they agree
     with pytest.raises(ValueError, match="disagree"):
         config(GRPOConfig, tmp_path, per_device_train_batch_size=4, generation_batch_size=16, steps_per_generation=2)
+
+
+@pytest.mark.parametrize("keep_top", [1.0, 0.5])
+def test_token_entropy_is_measured_where_it_is_logged_or_used(policy, tokenizer, tmp_path, monkeypatch, keep_top):
+    """The training pass measures the detached entropy (a pass over the vocabulary) on the steps that log it,
+    and on every step when the high-entropy mask (top_entropy_quantile < 1) needs it; reference and old-policy
+    passes never do."""
+    import torch
+
+    from tether.trainers.online import OnlineTrainer
+
+    asked = []
+    original = OnlineTrainer._token_logps
+
+    def spy(self, *args, **kwargs):
+        asked.append((torch.is_grad_enabled(), kwargs.get("with_stats", True)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineTrainer, "_token_logps", spy)
+    args = config(GRPOConfig, tmp_path, max_steps=7, logging_steps=3, beta=0.1, top_entropy_quantile=keep_top)
+    trainer = GRPOTrainer(policy, reward_funcs=low_token_share, args=args, train_dataset=prompts_dataset(),
+                          processing_class=tokenizer)
+    trainer.train()
+    training = [stats for grad, stats in asked if grad]
+    assert len(training) == 7
+    assert training == ([True] * 7 if keep_top < 1 else [step in (3, 6, 7) for step in range(1, 8)])
+    assert not any(stats for grad, stats in asked if not grad)  # the reference passes (beta 0.1)
+    assert [row["step"] for row in trainer.state.log_history if "entropy" in row and "loss" in row] == [3, 6]

@@ -96,7 +96,7 @@ class PolicyLossExtras:
     (top_entropy_quantile < 1) or None; sampler_weights [b, c] / [b, 1] and sampling_logps [b, c] when an
     external engine (vLLM) sampled."""
 
-    entropy: torch.Tensor
+    entropy: torch.Tensor | None  # None on steps that neither log nor use it
     entropy_mask: torch.Tensor | None = None
     sampler_weights: torch.Tensor | None = None
     sampling_logps: torch.Tensor | None = None
@@ -470,8 +470,11 @@ class OnlineTrainer(TetherTrainer):
         rows = slice(s * b, (s + 1) * b)
         device = self.accelerator.device
         mask = round_.completion_mask[rows].to(device)
+        # The detached entropy (a pass over the vocabulary per token) only where it is used: the high-entropy
+        # mask, and the metric on the steps that log it.
+        with_stats = self.keep_top_entropy < 1.0 or self.logs_this_step()
         current = self._token_logps(model, round_.prompt_ids[rows], round_.completion_ids[rows], mask,
-                                    entropy_gradient=self.needs_entropy_gradient)
+                                    entropy_gradient=self.needs_entropy_gradient, with_stats=with_stats)
         old = round_.old_logps[rows].to(device) if round_.old_logps is not None else current.logps_grid.detach()
         ref = round_.ref_logps[rows].to(device) if round_.ref_logps is not None else None
 
@@ -482,8 +485,10 @@ class OnlineTrainer(TetherTrainer):
                                   rows_of(round_.sampler_weights), rows_of(round_.sampling_logps))
         out = self.policy_loss(current.logps_grid, old, round_.advantages[rows].to(device), mask, ref,
                                round_.token_normalisers[s], round_.sequence_normaliser, extras)
+        entropy = current.entropy
         self.record_metrics(**{
-            "entropy": masked_mean(current.entropy.detach(), mask) if mask.any() else float("nan"),
+            **({"entropy": masked_mean(entropy.detach(), mask) if mask.any() else float("nan")}
+               if entropy is not None else {}),
             "clip_ratio/low_mean": out.clip_ratio_low, "clip_ratio/high_mean": out.clip_ratio_high,
             "clip_ratio/region_mean": out.clip_ratio_region,
             **({"kl": out.kl} if not self.kl_in_reward and self.args.beta != 0.0 else {}),
