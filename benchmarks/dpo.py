@@ -118,7 +118,7 @@ def run_one(lib: str, setting: str, work: Path, steps: int, warmup: int) -> dict
             learning_rate=1e-6,
             beta=0.1,
             loss_type="sigmoid",
-            logging_steps=1,
+            logging_steps=harness.LOGGING_STEPS[0],
             report_to="none",
             save_strategy="no",
             seed=0,

@@ -232,7 +232,7 @@ def run_one(lib: str, method: str, a: Any) -> dict[str, Any]:
         **harness.precision_kwargs(),  # bf16 False (fp32) unless --bf16; use_cpu True
         gradient_checkpointing=False,
         max_steps=a.warmup + a.steps,
-        logging_steps=1,
+        logging_steps=harness.LOGGING_STEPS[0],
         report_to="none",
         save_strategy="no",
         seed=0,

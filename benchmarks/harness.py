@@ -372,12 +372,16 @@ def parser(doc: str | None, steps: int = 6, warmup: int = 2, runs: Sequence[str]
         "sequence (issue #15's short regime; each script says what it changes)"))
     p.add_argument("--bf16", action="store_true", help=(
         "bf16 autocast in both libraries (bf16=True, use_cpu=True: TRL's default precision); default fp32"))
+    p.add_argument("--logging-steps", type=int, default=1, help=(
+        "logging_steps of both configs (default 1: every step's loss is read; a larger value is closer to real "
+        "use, where tether measures its per-token statistics only on the steps that log)"))
     p.add_argument("--run", choices=runs, help=argparse.SUPPRESS)  # child mode
     return p
 
 
 REGIME = ["long"]  # --regime, set by parse(): read by the scripts' asset builders and runs, passed to children
 BF16 = [False]  # --bf16, the same way
+LOGGING_STEPS = [1]  # --logging-steps, the same way
 
 
 def precision_kwargs() -> dict[str, bool]:
@@ -389,7 +393,7 @@ def precision_kwargs() -> dict[str, bool]:
 def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse, go offline, and in the parent apply --quick (2 timed steps after 1 warm-up step)."""
     a = p.parse_args()
-    REGIME[0], BF16[0] = a.regime, a.bf16
+    REGIME[0], BF16[0], LOGGING_STEPS[0] = a.regime, a.bf16, a.logging_steps
     os.environ.update(dict.fromkeys(OFFLINE, "1"), TOKENIZERS_PARALLELISM="false")
     if a.quick and not a.run:
         a.steps, a.warmup = 2, 1
@@ -411,7 +415,7 @@ def run_jobs(script: str, work: Path, jobs: list[Job]) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for job in jobs:
         cmd = [sys.executable, script, "--run", job.lib, "--workdir", str(work), "--regime", REGIME[0],
-               *(["--bf16"] if BF16[0] else []), *job.flags]
+               "--logging-steps", str(LOGGING_STEPS[0]), *(["--bf16"] if BF16[0] else []), *job.flags]
         print(f"running {job.lib} {job.desc} ...", file=sys.stderr, flush=True)
         log = work / f"log-{job.lib}-{job.tag}.txt"
         with log.open("w") as f:
@@ -466,7 +470,8 @@ def standard_columns(unit: str, digits: int = 0, extra: Sequence[Column] = ()) -
     cols += list(extra)
     cols += [
         ("peak RSS MiB", lambda r: f"{r['peak_rss_mib']:.0f}"),
-        ("loss first -> last", lambda r: f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"),
+        ("loss first -> last", lambda r: "-" if r["loss_first"] is None else
+         f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"),
         ("CPU/wall (load)", lambda r: f"{r['cpu_per_wall']:.2f} ({r['loadavg_1m']:.1f})"),
     ]
     return cols

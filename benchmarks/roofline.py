@@ -17,10 +17,13 @@
    - the time of each phase: generation (the sampler call, online methods), no-grad passes (reference and
      old-policy log-probs outside the sampler), forward + backward (the trainer's training_step less its no-grad
      passes), optimizer (step and zero_grad), and the rest of the step (data loading and collation, callbacks,
-     logging, Python), a step being the time from one on_step_end to the next.
-   Achieved FLOP/s = a phase's FLOPs / its time; "share" = that / the fp32 peak.
-Regimes: short (at most 128 tokens a sequence, 8 rows a step; GRPO/RLOO 4 completions of 32 tokens per prompt)
-and long (sequences up to 512 tokens; GRPO/RLOO completions of 128).
+     logging, Python), a step being the time from one on_step_end to the next. PPO runs its own loop: its
+     generation is `generate()`, its step from one `step()`'s end to the next (rollout scoring between them is
+     "data+overhead"), and forward + backward is `step()` less its no-grad passes and optimizer steps.
+   Achieved FLOP/s = a phase's FLOPs / its time; "share" = that / the fp32 peak (bf16's with --bf16).
+Regimes: short (at most 128 tokens a sequence, 8 rows a step; GRPO/RLOO 16 completions a step, 4 per prompt, of
+32 tokens; PPO 16 completions of 32, mini-batches of 8, 2 PPO epochs) and long (sequences up to 512 tokens;
+GRPO/RLOO/PPO completions of 128).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any
 import harness
 
 HIDDEN, INTERMEDIATE, LAYERS = 256, 1024, 6
-WORKLOADS = ("sft-padded", "sft-packed", "reward", "dpo", "kto", "grpo", "rloo")
+WORKLOADS = ("sft-padded", "sft-packed", "reward", "dpo", "kto", "grpo", "rloo", "ppo")
 REGIMES = {
     # max_length, words per text (lo, hi), prompt words, completion words, GRPO completion tokens
     "short": dict(max_length=128, text_words=(12, 90), prompt_words=(6, 30), completion_words=(6, 60),
@@ -160,6 +163,19 @@ class Meter:
         self.add_flops(phase, (3 if grad else 1) * 2 * HIDDEN * harness.VOCAB * rows)
 
 
+def _timed_optimizer(optimizer: Any, meter: Meter) -> None:
+    for name in ("step", "zero_grad"):
+        method = getattr(optimizer, name)
+
+        def timed(*a, _method=method, **k):
+            t0 = time.perf_counter()
+            out = _method(*a, **k)
+            meter.add_seconds("optimizer", time.perf_counter() - t0)
+            return out
+
+        setattr(optimizer, name, timed)
+
+
 def instrument(trainer: Any, meter: Meter) -> None:
     """Hooks and wrappers that feed `meter` (see the module docstring)."""
     import torch
@@ -212,6 +228,9 @@ def instrument(trainer: Any, meter: Meter) -> None:
             return sampler(*args, **kwargs)
 
     online.sample_groups = timed_sampler
+    if isinstance(trainer, tether_ppo_trainer()):
+        _instrument_ppo(trainer, meter)
+        return
     training_step = trainer.training_step
 
     def timed_training_step(*args, **kwargs):
@@ -227,16 +246,7 @@ def instrument(trainer: Any, meter: Meter) -> None:
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, optimizer=None, **kw):
-            for name in ("step", "zero_grad"):
-                method = getattr(optimizer, name)
-
-                def timed(*a, _method=method, **k):
-                    t0 = time.perf_counter()
-                    out = _method(*a, **k)
-                    meter.add_seconds("optimizer", time.perf_counter() - t0)
-                    return out
-
-                setattr(optimizer, name, timed)
+            _timed_optimizer(optimizer, meter)
 
         # A step is timed from the end of the step before it: fetching and collating its batch (before
         # on_step_begin) and logging (after on_step_end) are part of what a step costs.
@@ -248,6 +258,38 @@ def instrument(trainer: Any, meter: Meter) -> None:
             meter.in_step = state.global_step < state.max_steps  # after the last step: the run's end, not timed
 
     trainer.add_callback(StepClock())
+
+
+def tether_ppo_trainer() -> type:
+    from tether import PPOTrainer
+
+    return PPOTrainer
+
+
+def _instrument_ppo(trainer: Any, meter: Meter) -> None:
+    """PPO's own loop (no Trainer callbacks): generate() is generation; step() is the update (its no-grad
+    rollout passes and optimizer steps counted apart); a step is timed from one step()'s end to the next."""
+    _timed_optimizer(trainer.optimizer, meter)
+    generate, step = trainer.generate, trainer.step
+
+    def timed_generate(*args, **kwargs):
+        with meter.timed("generation"):
+            return generate(*args, **kwargs)
+
+    def timed_step(*args, **kwargs):
+        before = meter.seconds["no-grad"] + meter.seconds["optimizer"]
+        t0 = time.perf_counter()
+        out = step(*args, **kwargs)
+        now = time.perf_counter()
+        inside = meter.seconds["no-grad"] + meter.seconds["optimizer"] - before
+        meter.add_seconds("forward+backward", now - t0 - inside)
+        if meter.timing:
+            meter.step_seconds.append(now - meter._t_step)
+        meter.step, meter._t_step = meter.step + 1, now
+        meter.in_step = meter.step < trainer.config.train_steps
+        return out
+
+    trainer.generate, trainer.step = timed_generate, timed_step
 
 
 # ----- workloads -----------------------------------------------------------------------------------------------
@@ -297,6 +339,15 @@ def build(workload: str, work: Path, regime: dict[str, Any], sets: dict[str, Any
                  per_device_train_batch_size=16)
     reward = harness.letter_share("e")
     prompts = Dataset.from_dict({"prompt": sets["prompts"]})
+    if workload == "ppo":
+        from tether import AutoModelForCausalLMWithValueHead
+
+        config = tether.PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=2, learning_rate=1e-5,
+                                  total_steps=steps, max_new_tokens=regime["completion_tokens"], top_k=0,
+                                  output_dir=common["output_dir"], seed=0, logging_steps=1,
+                                  **({"accelerator_kwargs": {"mixed_precision": "bf16"}} if bf16 else {}))
+        return tether.PPOTrainer(config, AutoModelForCausalLMWithValueHead.from_pretrained(model), None, tok,
+                                 dataset=prompts, reward_funcs=reward)
     common = {**common, **group}
     if workload == "grpo":
         return tether.GRPOTrainer(model, reward_funcs=reward, args=tether.GRPOConfig(**common), train_dataset=prompts,
@@ -310,10 +361,10 @@ def run_workload(workload: str, regime_name: str, work: Path, sets: dict[str, An
     regime = REGIMES[regime_name]
     trainer = build(workload, work, regime, sets, steps + warmup, bf16)
     body = sum(p.numel() for n, p in trainer.model.named_parameters()
-               if "embed_tokens" not in n and "lm_head" not in n and "score" not in n)
+               if "embed_tokens" not in n and "lm_head" not in n and "score" not in n and "v_head" not in n)
     meter = Meter(body, warmup)
     instrument(trainer, meter)
-    t0 = time.perf_counter()
+    t0 = meter._t_step = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
     step_total = sum(meter.step_seconds)

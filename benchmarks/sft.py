@@ -59,7 +59,7 @@ def run_one(lib: str, packing: bool, work: Path, steps: int, warmup: int, grad_c
             per_device_train_batch_size=8,
             max_steps=steps + warmup,
             learning_rate=1e-4,
-            logging_steps=1,
+            logging_steps=harness.LOGGING_STEPS[0],
             report_to="none",
             save_strategy="no",
             seed=0,
