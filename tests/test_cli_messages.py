@@ -207,3 +207,23 @@ def test_reward_spec_accepted_forms(tmp_path, monkeypatch):
     assert resolve_reward_spec("namespace/reward-model") == "namespace/reward-model"  # a hub id, loaded later
     with pytest.raises(RewardSpecError, match="is a file; name the function too: spec_rewards_mod.py:function_name"):
         resolve_reward_spec("spec_rewards_mod.py")
+
+
+def test_a_test_split_of_a_single_file_is_an_error(data_file, tmp_path):
+    """A single file holds one split: asked for a test split, it would give its training rows to evaluate on.
+    A folder with a file per split is what to use, and it works."""
+    args = ["--model_name_or_path", "m", "--dataset_name", data_file, "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="a single file holds one split.*a folder with a file per split"):
+        parse_command_args("sft", [*args, "--dataset_test_split", "test"])
+    script_args, _ = parse_command_args("sft", args)  # no test split: fine
+    assert script_args.dataset_test_split is None
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(open(data_file).read())
+    script_args, _ = parse_command_args("sft", [*args[:3], str(folder), *args[4:], "--dataset_test_split", "test"])
+    assert script_args.dataset_test_split == "test"
+
+    from tether.data import load_any_dataset
+
+    assert len(load_any_dataset(str(folder), "test")) == 8

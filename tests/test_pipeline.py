@@ -192,11 +192,16 @@ def test_from_names_inputs_and_the_fingerprint_follows_their_contents(tiny_decod
     `dataset:` mapping form. A stage's fingerprint changes with its reward file's and its data's content, and
     with an input stage's configuration, but not with logging options or the output folder."""
     (tmp_path / "rewards.py").write_text("def length(completions, **kw):\n    return [len(c) for c in completions]\n")
+    split_pairs = Path("data/pairs_split")  # a folder with a file per split: a test split needs one
+    split_pairs.mkdir(exist_ok=True)
+    lines = Path("data/pairs.jsonl").read_text().splitlines(keepends=True)
+    (split_pairs / "train.jsonl").write_text("".join(lines[4:]))
+    (split_pairs / "test.jsonl").write_text("".join(lines[:4]))
     values = {
         "output_dir": str(tmp_path / "out"), "model": tiny_decoder_dir,
         "stages": {
             "sft": {"dataset": "data/reviews.jsonl", "config": {"max_steps": 2}},
-            "rm": {"kind": "reward", "dataset": {"name": "data/pairs.jsonl", "test_split": "test"}},
+            "rm": {"kind": "reward", "dataset": {"name": "data/pairs_split", "test_split": "test"}},
             "grpo": {"dataset": "data/prompts.jsonl", "from": {"reward": ["rm", f"{tmp_path}/rewards.py:length"]},
                      "config": {"num_generations": 2}},
             "dpo": {"dataset": "data/pairs.jsonl", "from": {"model": "grpo", "ref": "sft"}},
@@ -228,7 +233,7 @@ def test_from_names_inputs_and_the_fingerprint_follows_their_contents(tiny_decod
     more_steps["stages"]["sft"]["config"]["max_steps"] = 3
     assert all(s.fingerprint != now[s.name] for s in plan(more_steps).stages)  # every stage depends on sft
 
-    pairs = Path("data/pairs.jsonl")
+    pairs = split_pairs / "train.jsonl"
     original = pairs.read_text()
     try:
         pairs.write_text(original.splitlines()[0] + "\n" + original)
@@ -236,6 +241,11 @@ def test_from_names_inputs_and_the_fingerprint_follows_their_contents(tiny_decod
     finally:
         pairs.write_text(original)
     assert [n for n in after if after[n] != now[n]] == ["rm", "grpo", "dpo"]
+
+    one_file = copy.deepcopy(values)  # a single file has one split: its rows would be the test split
+    one_file["stages"]["rm"]["dataset"] = {"name": "data/pairs.jsonl", "test_split": "test"}
+    with pytest.raises(PipelineError, match="single file holds one split"):
+        plan(one_file)
 
 
 def test_every_kind_runs_a_command_whose_options_it_fills():

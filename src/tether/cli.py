@@ -52,8 +52,9 @@ class ScriptArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(
-        default=None, metadata={"help": "Split to evaluate on (optional). Evaluated at the end of training "
-                                        "unless --eval_strategy asks for more often."})
+        default=None, metadata={"help": "Split to evaluate on (optional): of a folder with a file per split or a "
+                                        "saved DatasetDict (a single file holds one split). Evaluated at the end "
+                                        "of training unless --eval_strategy asks for more often."})
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer, when it is not stored with the model."})
     resume: bool = field(default=False, metadata={
@@ -81,6 +82,13 @@ class ScriptArguments:
     required = ("model_name_or_path", "dataset_name")
 
     def __post_init__(self) -> None:
+        if self.dataset_test_split and self.dataset_name and os.path.isfile(self.dataset_name):
+            # load_any_dataset reads a single file as whatever split is asked for: its training rows would be
+            # evaluated as the test split without a word.
+            raise ValueError(
+                f"--dataset_test_split {self.dataset_test_split!r} with --dataset_name {self.dataset_name}: a single "
+                "file holds one split, so the test split would be its training rows. Fix: a folder with a file per "
+                "split (train.jsonl, test.jsonl), a DatasetDict saved with save_to_disk, or no --dataset_test_split.")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load_in_4bit and --load_in_8bit are both set; choose one.")
         if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:

@@ -62,7 +62,7 @@ class DatasetSpec:
     name: str  # a json/jsonl/csv/parquet file, a folder saved by Dataset.save_to_disk, or a hub id
     split: str = "train"
     config: str | None = None  # a hub dataset's configuration
-    test_split: str | None = None  # evaluated at the end of the stage (as --dataset_test_split)
+    test_split: str | None = None  # evaluated at the end of the stage (as --dataset_test_split; not of a single file)
 
 
 @dataclass(frozen=True)
