@@ -379,15 +379,17 @@ def test_zero2_sft_through_the_cli_equals_one_process(tiny_decoder_dir, sft_data
 
 
 _EXIT_SCRIPT = """
-import atexit, os, sys, tempfile
+import atexit, os, sys, tempfile, types
 import torch.distributed as dist
 from tether.distributed import destroy_process_group_at_exit
 # atexit runs handlers last-registered first: this one runs after tether's and sees what it left.
 atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))
 store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
 dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-destroy_process_group_at_exit()
-destroy_process_group_at_exit()  # registered once
+several = types.SimpleNamespace(num_processes=2)  # what the trainers pass: their accelerator
+destroy_process_group_at_exit(types.SimpleNamespace(num_processes=1))  # one process: nothing registered
+destroy_process_group_at_exit(several)
+destroy_process_group_at_exit(several)  # registered once
 if sys.argv[1] == "raise":
     raise RuntimeError("the training script failed")
 """

@@ -9,6 +9,7 @@ names pointing at the same implementations.
 from __future__ import annotations
 
 from ._lazy import lazy_exports
+from .experimental.judges import _EXPORTS as _JUDGES  # the judge names: one table, three paths
 
 __version__ = "0.1.0"
 
@@ -34,11 +35,7 @@ _EXPORTS = {
     "RLOOTrainer": "tether.trainers.rloo",
     "OnlineDPOConfig": "tether.trainers.online_dpo",
     "OnlineDPOTrainer": "tether.trainers.online_dpo",
-    "BaseJudge": "tether.rollout.judges",
-    "BaseBinaryJudge": "tether.rollout.judges",
-    "BasePairwiseJudge": "tether.rollout.judges",
-    "BaseRankJudge": "tether.rollout.judges",
-    "AllTrueJudge": "tether.rollout.judges",
+    **_JUDGES,
     "PPOConfig": "tether.trainers.ppo_config",
     "PPOTrainer": "tether.trainers.ppo",
     "GKDConfig": "tether.trainers.gkd_config",

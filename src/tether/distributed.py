@@ -75,8 +75,9 @@ _exit_cleanup_registered = False
 _uncaught_exception = False
 
 
-def destroy_process_group_at_exit() -> None:
-    """Destroy the default process group when the program ends normally, if nobody did.
+def destroy_process_group_at_exit(accelerator: Accelerator) -> None:
+    """When `accelerator` runs several processes: destroy the default process group when the program ends
+    normally, if nobody did.
 
     Users' scripts (TRL's examples among them) never call `destroy_process_group`; with gloo, a process
     group still alive at interpreter shutdown can abort the process ("terminate called without an active
@@ -84,7 +85,7 @@ def destroy_process_group_at_exit() -> None:
     exception the group is left alone: tearing it down while other processes are inside a collective can
     hang them. Registered once per process; a no-op when the group is already gone."""
     global _exit_cleanup_registered
-    if _exit_cleanup_registered:
+    if _exit_cleanup_registered or accelerator.num_processes < 2:
         return
     _exit_cleanup_registered = True
     previous_hook = sys.excepthook

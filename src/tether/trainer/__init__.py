@@ -9,6 +9,7 @@ the names of TRL's `trl/trainer/utils.py`. DDPOConfig / DDPOTrainer are issue 17
 from __future__ import annotations
 
 from .._lazy import lazy_exports
+from ..experimental.judges import _EXPORTS as _JUDGES
 
 _EXPORTS = {
     "AdaptiveKLController": "tether.losses.kl",
@@ -36,11 +37,7 @@ _EXPORTS = {
     "WeaveCallback": "tether.callbacks",
     "OnlineDPOConfig": "tether.trainers.online_dpo",
     "OnlineDPOTrainer": "tether.trainers.online_dpo",
-    "BaseJudge": "tether.rollout.judges",
-    "BaseBinaryJudge": "tether.rollout.judges",
-    "BasePairwiseJudge": "tether.rollout.judges",
-    "BaseRankJudge": "tether.rollout.judges",
-    "AllTrueJudge": "tether.rollout.judges",
+    **_JUDGES,
     "DistillationConfig": "tether.trainers.gkd_config",
     "DistillationTrainer": "tether.trainers.gkd",
 }

@@ -256,8 +256,7 @@ class TetherTrainer(Trainer):
                          callbacks=callbacks, optimizers=optimizers, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, data_collator=data_collator,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
-        if self.accelerator.num_processes > 1:
-            destroy_process_group_at_exit()
+        destroy_process_group_at_exit(self.accelerator)
         if self.optimizer is not None:  # the user's own optimizer gets the non-finite check too
             self.nonfinite_guard.attach(self.optimizer)
         # Trainer (transformers 5) takes a model or a model_init, not both; with model_init, its train() builds a

@@ -277,12 +277,14 @@ class _Distillation:
         rows, positions, _ = _targets(batch)
         student_head, teacher_head = splittable_head(model), splittable_head(self.teacher_model)
         temperature, chunk = self.loss_temperature, self.args.logprob_chunk_size
+        # The student's entropy is a metric only, and a second projection onto the vocabulary: on logging steps.
+        log_entropy = self.log_entropy and self.logs_this_step()
         entropy = None
         if student_head is not None and teacher_head is not None:
             hidden, _ = _head_inputs(model, batch, student_head, rows, positions)  # [n, h_s]
             with torch.no_grad():
                 teacher_hidden, _ = _head_inputs(self.teacher_model, batch, teacher_head, rows, positions)  # [n, h_t]
-                if self.log_entropy:
+                if log_entropy:
                     entropy = linear_entropy(hidden.detach(), student_head.weight.detach(), student_head.bias,
                                              temperature, chunk)
             divergence = linear_generalized_jsd(hidden, student_head.weight, teacher_hidden, teacher_head.weight,
@@ -293,7 +295,7 @@ class _Distillation:
             logits = _logits(model(**inputs, use_cache=False))[rows, positions - 1]  # [n, v]
             with torch.no_grad():
                 teacher_logits = _logits(self.teacher_model(**inputs, use_cache=False))[rows, positions - 1]
-                if self.log_entropy:
+                if log_entropy:
                     entropy = entropy_from_logits(logits.detach().float() / temperature)
             divergence = generalized_jsd(logits, teacher_logits[:, : logits.shape[-1]], self.beta, temperature)
         if entropy is not None:

@@ -130,8 +130,7 @@ class PPOTrainer(PPOTrainLoop):
         self.accelerator = Accelerator(log_with=config.log_with,
                                        project_config=ProjectConfiguration(**config.project_kwargs),
                                        **{**accelerator_kwargs(), **config.accelerator_kwargs})
-        if self.accelerator.num_processes > 1:
-            destroy_process_group_at_exit()
+        destroy_process_group_at_exit(self.accelerator)
         set_seed(config.seed)  # python, numpy and torch, as PPOConfig.seed promises
         self.tokenizer = tokenizer
         ensure_pad_token(tokenizer, model.pretrained_model)
