@@ -23,9 +23,6 @@ DDPO_PIPELINES = ("DDPOPipelineOutput", "DDPOSchedulerOutput", "DDPOStableDiffus
 
 # (trl module, name) -> reason; a module with name "*" is excluded whole.
 EXCLUDED: dict[tuple[str, str], str] = {
-    ("trl.environment", "*"): "issue 16 (TextEnvironment / TextHistory)",
-    ("trl", "TextEnvironment"): "issue 16",
-    ("trl", "TextHistory"): "issue 16",
     **{(module, name): "issue 17 (DDPO)" for module in ("trl", "trl.trainer") for name in DDPO_TRAINER},
     **{(module, name): "issue 17 (DDPO)" for module in ("trl", "trl.models") for name in DDPO_PIPELINES},
     ("trl.trainer.utils", "PerPromptStatTracker"): "issue 17 (DDPO's per-prompt reward normaliser, used only by DDPO)",

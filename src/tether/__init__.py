@@ -49,6 +49,8 @@ _EXPORTS = {
     "DatasetError": "tether.data.formats",
     # TRL 0.7.11's top-level names (trl/__init__.py); TextEnvironment/TextHistory and the DDPO names are
     # issues 16 and 17.
+    "TextEnvironment": "tether.rollout.text_environment",
+    "TextHistory": "tether.rollout.text_history",
     "ModelConfig": "tether.models.config",
     "get_peft_config": "tether.models.config",
     "get_quantization_config": "tether.models.config",

@@ -4,7 +4,8 @@ Decoder-only models with plain sampling or greedy settings go through tether's s
 (`rollout.sampling.sample_groups`: preallocated KV cache, finished rows dropped from the batch); any
 other generate() argument (beam search, repetition penalty, ...) and encoder-decoder models go through
 the model's own `generate`, with queries left-padded into one batch. Returned responses drop the padding
-and everything after the first EOS (the EOS itself is kept). An encoder-decoder model's `generate`
+and everything after the first EOS (the EOS itself is kept), or after the first stop string (`stop_strings`,
+kept too: TRL 0.7's TextEnvironment stops at `<call>`). An encoder-decoder model's `generate`
 returns decoder tokens only: its responses are those, starting with the decoder start token, and never
 carry the prompt.
 
@@ -43,6 +44,40 @@ def eos_token_ids(model: nn.Module, generation_kwargs: dict[str, Any] | None = N
     return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
+class StopStrings:
+    """Ends a response once its text contains one of `strings` (a stop string may span several tokens, so the
+    text is decoded). Called with the sampled ids of running rows [r, s], it returns which end at their last
+    token (bool [r]): only the last few tokens are decoded, enough to hold the longest string, since a
+    string that completed earlier would have ended the row then. `cut` trims a finished response instead."""
+
+    def __init__(self, tokenizer: Any, strings: Sequence[str]) -> None:
+        if tokenizer is None or not strings or not all(strings):
+            raise ValueError("stop strings need the tokenizer and non-empty strings.")
+        self.tokenizer, self.strings = tokenizer, list(strings)
+        # Every token decodes to at least one character; one more for a string that starts inside a token.
+        self.window = max(len(text) for text in self.strings) + 1
+
+    def _contains(self, text: str) -> bool:
+        return any(stop in text for stop in self.strings)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        tails = self.tokenizer.batch_decode(ids[:, -self.window:].tolist())
+        return torch.tensor([self._contains(tail) for tail in tails], dtype=torch.bool)
+
+    def cut(self, response: torch.Tensor) -> torch.Tensor:
+        """response [r] cut after the token that completes the first stop string (kept), if any."""
+        if not self._contains(self.tokenizer.decode(response.tolist())):
+            return response
+        low, high = 1, len(response)  # the shortest prefix whose text holds a stop string, by bisection
+        while low < high:
+            middle = (low + high) // 2
+            if self._contains(self.tokenizer.decode(response[:middle].tolist())):
+                high = middle
+            else:
+                low = middle + 1
+        return response[:low]
+
+
 @torch.no_grad()
 def generate_responses(
     model: nn.Module,
@@ -51,12 +86,15 @@ def generate_responses(
     batch_size: int = 16,
     return_prompt: bool = False,
     length_sampler: Callable[[], int] | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer: Any = None,
     **generation_kwargs: Any,
 ) -> list[torch.Tensor]:
     """One response per query (a list of 1-D tensors on the queries' device), `batch_size` at a time.
 
     `length_sampler()` (e.g. a LengthSampler) draws max_new_tokens per batch; generation_kwargs go to
     `model.generate` (do_sample, top_k, top_p, temperature, max_new_tokens, eos_token_id, ...).
+    `stop_strings` (with the `tokenizer` to decode) end a response like an EOS does.
     """
     if not queries:
         raise ValueError("No queries to generate from.")
@@ -71,6 +109,7 @@ def generate_responses(
                          "does not continue its prompt.")
     if generation_kwargs.get("min_length") is not None and generation_kwargs["min_length"] <= 0:
         generation_kwargs = {k: v for k, v in generation_kwargs.items() if k != "min_length"}  # TRL's -1: no minimum
+    stop = StopStrings(tokenizer, stop_strings) if stop_strings else None
     was_training = model.training
     model.eval()
     outputs: list[torch.Tensor] = []
@@ -82,19 +121,22 @@ def generate_responses(
         sampler_settings = None if encoder_decoder else _sampler_settings(model, kwargs)
         if sampler_settings is not None:  # tether's sampler: same distribution, less work (see rollout.sampling)
             sampled = sample_groups(model, [q.tolist() for q in chunk], 1, kwargs["max_new_tokens"], pad_token_id,
-                                    eos_ids, **sampler_settings)
+                                    eos_ids, stop_check=stop, **sampler_settings)
             for query, ids, mask in zip(chunk, sampled.completion_ids, sampled.completion_mask):
                 response = ids[mask].to(query.device)
                 outputs.append(torch.cat([query, response]) if return_prompt else response)
             continue
         input_ids, attention_mask = left_pad(chunk, pad_token_id)
         kwargs.setdefault("pad_token_id", pad_token_id)
+        if stop is not None:  # generate() stops each row at a stop string; the rest of its row is padding
+            kwargs.update(stop_strings=stop.strings, tokenizer=tokenizer)
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                    **kwargs)  # [b, width + r]; [b, r] for an encoder-decoder
         new_tokens = generated if encoder_decoder else generated[:, input_ids.shape[1]:]  # [b, r]
         for query, row in zip(chunk, new_tokens):
             # A row that ended early is padded after its EOS; one that did not end has no padding.
             response = truncate_after_eos(row, eos_ids)
+            response = response if stop is None else stop.cut(response)
             outputs.append(torch.cat([query.to(device), response]) if return_prompt else response)
     model.train(was_training)
     return outputs

@@ -39,7 +39,7 @@ c = completion tokens, v = vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -280,12 +280,16 @@ def sample_groups(
     logprob_temperature: float | None = None,
     suppress_tokens: Sequence[int] | None = None,
     min_new_tokens: int = 0,
+    stop_check: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SampledGroups:
     """Sample `num_generations` completions for each prompt (lists of token ids), see the module docstring.
 
     `model` is a decoder-only causal LM (or a PEFT / value-head wrapper of one); it runs in eval mode and
     is put back in its previous mode. repetition_penalty: see the module docstring (1.0: off);
     suppress_tokens: ids never sampled; min_new_tokens: no EOS before that many tokens; min_p None: off.
+    stop_check(ids [r, s]) -> bool [r]: called after each step with the running rows' completions so far; a
+    row it marks ends there, like at an EOS (and is not `truncated`), e.g. at a stop string
+    (`rollout.generation.StopStrings`).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("sample_groups needs at least one prompt, and every prompt needs at least one token.")
@@ -297,7 +301,7 @@ def sample_groups(
     was_training = model.training
     model.eval()
     settings = _Processors(temperature, top_k, top_p, min_p or 0.0, repetition_penalty, logprob_temperature,
-                           list(suppress_tokens or []), int(min_new_tokens or 0))
+                           list(suppress_tokens or []), int(min_new_tokens or 0), stop_check)
     try:
         # The transformers model itself (adapters stay injected): a value-head wrapper returns a tuple.
         return _sample_loop(unwrap_model(model), prompts, num_generations, max_new_tokens, pad_token_id,
@@ -316,6 +320,7 @@ class _Processors:
     logprob_temperature: float | None
     suppress_tokens: list[int]
     min_new_tokens: int
+    stop_check: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class _Forward:
@@ -407,6 +412,7 @@ def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max
     lengths = torch.full((n + 1,), max_new_tokens, dtype=torch.long, device=device)  # rows without an EOS
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     running = torch.arange(n, device=device)  # output row of each cache row; n once it has ended
+    stopped = torch.zeros(n + 1, dtype=torch.bool, device=device)  # ended by stop_check
     seen = None  # [n + 1, v] bool: token ids in each row's prompt and completion so far (repetition penalty)
     if settings.repetition_penalty != 1.0:
         seen = torch.zeros((n + 1, vocab), dtype=torch.bool, device=device)
@@ -428,6 +434,11 @@ def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max
         if seen is not None:
             seen[running, tokens] = True
         ended = torch.isin(tokens, eos) & (running < n)  # [r]
+        if settings.stop_check is not None:
+            live = (running < n).nonzero().squeeze(-1)  # [r']
+            hits = settings.stop_check(completion_ids[running[live], : step + 1]).to(device)  # [r']
+            ended[live[hits]] = True
+            stopped[running[live[hits]]] = True
         lengths[running[ended]] = step + 1
         running = torch.where(ended, n, running)
         alive = running < n  # [r]
@@ -456,7 +467,8 @@ def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max
     completion_ids = completion_ids[:, :width].masked_fill(~completion_mask, pad_token_id)
     logps = logps[:, :width].masked_fill(~completion_mask, 0.0)
     last_token = completion_ids.gather(1, (lengths - 1)[:, None]).squeeze(1)  # [n]
-    return SampledGroups(completion_ids, completion_mask, logps, truncated=~torch.isin(last_token, eos))
+    return SampledGroups(completion_ids, completion_mask, logps,
+                         truncated=~torch.isin(last_token, eos) & ~stopped[:n])
 
 
 # generation_kwargs keys tether's sampler honours: transformers GenerationConfig names, with vLLM SamplingParams

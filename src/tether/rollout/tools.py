@@ -210,7 +210,9 @@ class PythonInterpreter:
     files and open sockets as this user). Run untrusted models' code in a container for that.
     """
 
-    def __init__(self, timeout: float = 10.0, memory_mb: int = 512, max_output_bytes: int = 1_000_000) -> None:
+    # 5 s, under call_tool's default 10 s timeout: the process is killed by its own limit, and no thread is
+    # left waiting on it.
+    def __init__(self, timeout: float = 5.0, memory_mb: int = 512, max_output_bytes: int = 1_000_000) -> None:
         if timeout <= 0 or memory_mb <= 0 or max_output_bytes <= 0:
             raise ValueError(f"PythonInterpreter: timeout, memory_mb and max_output_bytes must be > 0, got "
                              f"{timeout}, {memory_mb}, {max_output_bytes}.")
@@ -265,3 +267,27 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+# ----- tools by name (transformers 5 has no load_tool) --------------------------------------------------------
+# The shipped tools, by tether's names and by the hub ids of the tools TRL 0.7's examples load with
+# `transformers.load_tool` (which transformers 5 removed): tether's own implementations of what those
+# hub tools do, so those scripts run offline.
+SHIPPED_TOOLS: dict[str, Callable[[], Callable[[str], str]]] = {
+    "calculator": Calculator,
+    "python_interpreter": PythonInterpreter,
+    "ybelkada/simple-calculator": SimpleCalculatorTool,
+    "lvwerra/python-interpreter": PythonInterpreter,
+}
+
+
+def load_tool(name: str, **kwargs: Any) -> Callable[[str], str]:
+    """A new instance of the shipped tool `name` (see SHIPPED_TOOLS), `kwargs` going to its constructor.
+    Nothing is downloaded: any other name is a ValueError that says what to pass instead."""
+    if name not in SHIPPED_TOOLS:
+        raise ValueError(
+            f"load_tool({name!r}): tether ships only {sorted(SHIPPED_TOOLS)}. transformers 5 removed load_tool and "
+            "its hub tools; a tool is any callable str -> str, so pass your own function or object (e.g. "
+            "TextEnvironment(tools={'Name': my_function}))."
+        )
+    return SHIPPED_TOOLS[name](**kwargs)
