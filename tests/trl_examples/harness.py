@@ -44,6 +44,7 @@ HUB_IDS: dict[str, str] = {
     "lvwerra/stack-exchange-paired": "stack-exchange-paired",
     "allenai/real-toxicity-prompts": "real-toxicity-prompts",
     "OxAISH-AL-LLM/wiki_toxic": "wiki-toxic",
+    "gsm8k": "gsm8k",
 }
 
 
@@ -56,8 +57,32 @@ RETURN_ALL_SCORES = (
     '"top_k": None',
     "transformers 5 dropped return_all_scores; top_k=None returns every label (sorted by score)",
 )
+# transformers 5 removed load_tool (and transformers.Tool); tether.environment.load_tool returns tether's own
+# implementations of the hub tools the tool scripts load, by the same ids, offline.
+LOAD_TOOL = "transformers 5 removed load_tool; tether.environment.load_tool serves these hub ids with tether's tools"
 # (old, new, why[, count])
 ENVIRONMENT_PATCHES: dict[str, list[tuple]] = {
+    "research_projects/tools/calculator.py": [
+        (
+            "from transformers import AutoTokenizer, load_tool",
+            "from transformers import AutoTokenizer\nfrom tether.environment import load_tool",
+            LOAD_TOOL,
+        ),
+        (
+            'columns_to_log=["query", "response", "answer"]',
+            'columns_to_log=["query", "response"]',
+            "the script's own bug: its texts dict has no 'answer' column, which TRL 0.7.11's log_stats rejects "
+            "with log_with='wandb' too",
+        ),
+    ],
+    "research_projects/tools/python_interpreter.py": [
+        (
+            "from transformers import AutoTokenizer, HfArgumentParser, load_tool",
+            "from transformers import AutoTokenizer, HfArgumentParser\nfrom tether.environment import load_tool",
+            LOAD_TOOL,
+        ),
+        ("use_auth_token=True,\n    load_in_4bit", "load_in_4bit", "transformers 5's from_pretrained no longer accepts use_auth_token"),
+    ],
     "scripts/ppo.py": [
         RETURN_ALL_SCORES,
         ('device_map = {"": Accelerator().local_process_index}', "device_map = None", "{'': 0} needs a GPU"),
@@ -122,8 +147,19 @@ ENVIRONMENT_PATCHES: dict[str, list[tuple]] = {
 }
 
 
+# (d) Replays only: sizes a script hard-codes (no flag sets them) and that would keep a replay running for
+# many minutes on CPU; the loop is the same, it runs fewer or smaller steps.
+SIZE_PATCHES: dict[str, list[tuple]] = {
+    "research_projects/tools/calculator.py": [
+        ("for _step in range(100):", "for _step in range(2):", "100 steps of 256 episodes: ~25 min on CPU"),
+        ("batch_size=256,", "batch_size=32,", "the same loop at a smaller batch"),
+        ("mini_batch_size=64,", "mini_batch_size=16,", "keeps batch_size / mini_batch_size = 4 as written"),
+    ],
+}
+
+
 def apply_patches(text: str, relative: str) -> str:
-    for patch in ENVIRONMENT_PATCHES[relative]:
+    for patch in ENVIRONMENT_PATCHES[relative] + SIZE_PATCHES.get(relative, []):
         old, new, _reason, *rest = patch
         count = rest[0] if rest else 1
         assert text.count(old) == count, f"{relative}: expected {count} x {old!r}, found {text.count(old)}"

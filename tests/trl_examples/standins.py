@@ -87,6 +87,7 @@ class Standins:
         self._builders: dict[str, Callable[[Path], None]] = {
             "tokenizer": self._tokenizer,
             "gpt2": self._gpt2,
+            "gpt2-long": self._gpt2_long,
             "llama": self._llama,
             "gptj-24-layers": self._gptj,
             "t5": self._t5,
@@ -105,6 +106,7 @@ class Standins:
             "openassistant-guanaco": self._guanaco,
             "real-toxicity-prompts": self._real_toxicity,
             "wiki-toxic": self._wiki_toxic,
+            "gsm8k": self._gsm8k,
         }
 
     def path(self, name: str) -> str:
@@ -151,6 +153,24 @@ class Standins:
         config = GPT2Config(
             vocab_size=len(tok),
             n_positions=256,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
+        )
+        self._save(GPT2LMHeadModel(config), folder, tok)
+
+    def _gpt2_long(self, folder: Path) -> None:
+        """GPT-2 with 1024 positions: stands in for bigcode/starcoderbase in the tool scripts, whose few-shot
+        prompts pass 256 tokens and whose LoRA targets GPT-2's (and StarCoder's) c_attn/c_proj."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        tok = self.tokenizer()
+        config = GPT2Config(
+            vocab_size=len(tok),
+            n_positions=1024,
             n_embd=32,
             n_layer=2,
             n_head=2,
@@ -387,6 +407,22 @@ class Standins:
         rows = [{"id": str(i), "comment_text": reviews[i]["text"], "label": i % 2} for i in range(40)]
         _write_jsonl(folder / "train.jsonl", rows[:20])
         _write_jsonl(folder / "test.jsonl", rows[20:])
+
+    def _gsm8k(self, folder: Path) -> None:
+        """gsm8k with its "main" config (question, answer ending in "#### <number>"): 5 train rows (the
+        script drops the first, leaving two batches of 2) and 2 test rows."""
+        rng = random.Random(7)
+        rows = []
+        for _ in range(7):
+            a, b = rng.randint(2, 40), rng.randint(2, 9)
+            rows.append({"question": f"Tom has {a} apples and buys {b} bags of 3. How many apples does he have?",
+                         "answer": f"He buys {b} * 3 = {3 * b} apples.\n#### {a + 3 * b}"})
+        _write_jsonl(folder / "main" / "train.jsonl", rows[:5])
+        _write_jsonl(folder / "main" / "test.jsonl", rows[5:])
+        (folder / "README.md").write_text(
+            "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train.jsonl\n"
+            "  - split: test\n    path: main/test.jsonl\n---\n"
+        )
 
 
 TOXICITY_MEASUREMENT = '''"""Local stand-in for the ybelkada/toxicity measurement: a text classifier's probability of the toxic label."""

@@ -1,0 +1,83 @@
+"""TRL 0.7.11's research_projects/tools scripts under tether, with only their imports renamed (the harness of
+test_trl_examples.py: trl -> tether, hub ids -> tiny local stand-ins, nothing else), in a subprocess.
+
+Both scripts import `load_tool` from transformers, which transformers 5 removed: run as they are, they stop
+at that import, whatever tether does. The replays (harness.ENVIRONMENT_PATCHES) import it from
+`tether.environment` instead, which serves the hub ids they load ("ybelkada/simple-calculator",
+"lvwerra/python-interpreter") with tether's own tools, offline. calculator.py's replay also drops a column
+its own log_stats call names but never fills (TRL 0.7.11 raises on it too), and runs its hard-coded loop
+smaller (harness.SIZE_PATCHES); python_interpreter.py takes its sizes as flags.
+
+triviaqa.py is not replayed: its tool is a hub Space searching a 40 GB pyserini Wikipedia index through a
+Java Lucene searcher, which has no offline stand-in that would test anything of tether beyond what
+python_interpreter.py's replay does (the same TextEnvironment loop, PEFT model, flags and step shapes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from test_trl_examples import assert_saved_model
+from trl_examples.harness import prepare, run_script
+from trl_examples.standins import Standins
+
+TOOLS = "research_projects/tools/"
+
+
+@pytest.fixture(scope="session")
+def standins(tmp_path_factory) -> Standins:
+    return Standins(tmp_path_factory.mktemp("trl-tool-standins"))
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hf-home")
+
+
+def run_tool_script(standins, hf_home, tmp_path, name, replace, args=(), dump=(), replay=False):
+    source = prepare(standins, TOOLS + name, tuple(replace), None, replay)
+    return run_script(source, name, [str(a) for a in args], tmp_path / "run", hf_home, tuple(dump))
+
+
+def assert_ppo_step_stats(stats: dict) -> None:
+    for key in ("ppo/loss/total", "ppo/loss/policy", "ppo/loss/value", "objective/kl"):
+        assert isinstance(stats.get(key), float), f"step() stats lack a finite {key!r}: {sorted(stats)}"
+
+
+PYTHON_ARGS = ["--batch_size", 2, "--mini_batch_size", 1, "--gradient_accumulation_steps", 1, "--ppo_epochs", 1,
+               "--n_epochs", 1, "--max_new_tokens", 8]
+
+
+@pytest.mark.parametrize("name, replace", [("calculator.py", ["gpt2"]), ("python_interpreter.py", ["gsm8k"])])
+def test_tool_scripts_stop_at_transformers_load_tool(standins, hf_home, tmp_path, name, replace):
+    run = run_tool_script(standins, hf_home, tmp_path, name, replace)
+    run.check_stops_at("from transformers import", "cannot import name 'load_tool'")
+
+
+@pytest.mark.slow
+def test_replay_calculator(standins, hf_home, tmp_path):
+    """2 PPO steps of 32 episodes on the tiny GPT-2 (harness.SIZE_PATCHES; written: 100 of 256)."""
+    run = run_tool_script(standins, hf_home, tmp_path, "calculator.py", ["gpt2"], replay=True,
+                          dump=["train_stats", "histories", "masks", "responses", "_step"])
+    run.check()
+    assert run.dumped["_step"] == 1.0
+    assert_ppo_step_stats(run.dumped["train_stats"])
+    assert run.dumped["histories"]["len"] == 32 and run.dumped["masks"]["len"] == 32
+    assert_saved_model(Path(standins.path("gpt2") + "-calculator"))  # model_id + "-calculator": beside the model
+
+
+@pytest.mark.slow
+def test_replay_python_interpreter(standins, hf_home, tmp_path):
+    args = ["--model_name", standins.path("gpt2-long"), *PYTHON_ARGS]
+    run = run_tool_script(standins, hf_home, tmp_path, "python_interpreter.py", ["gsm8k"], args, replay=True,
+                          dump=["train_stats", "reward_mean_test", "step", "epoch", "histories"])
+    run.check()
+    assert_ppo_step_stats(run.dumped["train_stats"])
+    assert run.dumped["step"] == 1.0 and run.dumped["epoch"] == 0.0  # 4 rows, batches of 2: two steps
+    assert run.dumped["histories"]["len"] == 2
+    assert isinstance(run.dumped["reward_mean_test"], float)
+    saved = [p.parent for p in (Path(run.cwd) / "model").rglob("adapter_config.json")]
+    assert len(saved) == 1 and saved[0].name.endswith("-gsm8k")  # f"model/{model_name}-gsm8k": the adapter
+    assert_saved_model(saved[0])
