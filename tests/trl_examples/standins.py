@@ -87,7 +87,9 @@ class Standins:
         self._builders: dict[str, Callable[[Path], None]] = {
             "tokenizer": self._tokenizer,
             "gpt2": self._gpt2,
-            "gpt2-long": self._gpt2_long,
+            # bigcode/starcoderbase in the tool scripts: their few-shot prompts pass 256 tokens, and their LoRA
+            # targets GPT-2's (and StarCoder's) c_attn / c_proj
+            "gpt2-long": lambda p: self._gpt2(p, n_positions=1024),
             "llama": self._llama,
             "gptj-24-layers": self._gptj,
             "t5": self._t5,
@@ -145,32 +147,14 @@ class Standins:
         model.save_pretrained(folder)
         (tokenizer or self.tokenizer()).save_pretrained(folder)
 
-    def _gpt2(self, folder: Path) -> None:
+    def _gpt2(self, folder: Path, n_positions: int = 256) -> None:
         """GPT-2 architecture (Conv1D layers, tied head) at toy width: stands in for gpt2 and its imdb fine-tunes."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
         tok = self.tokenizer()
         config = GPT2Config(
             vocab_size=len(tok),
-            n_positions=256,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            bos_token_id=tok.eos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.eos_token_id,
-        )
-        self._save(GPT2LMHeadModel(config), folder, tok)
-
-    def _gpt2_long(self, folder: Path) -> None:
-        """GPT-2 with 1024 positions: stands in for bigcode/starcoderbase in the tool scripts, whose few-shot
-        prompts pass 256 tokens and whose LoRA targets GPT-2's (and StarCoder's) c_attn/c_proj."""
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        tok = self.tokenizer()
-        config = GPT2Config(
-            vocab_size=len(tok),
-            n_positions=1024,
+            n_positions=n_positions,
             n_embd=32,
             n_layer=2,
             n_head=2,
