@@ -45,6 +45,7 @@ HUB_IDS: dict[str, str] = {
     "allenai/real-toxicity-prompts": "real-toxicity-prompts",
     "OxAISH-AL-LLM/wiki_toxic": "wiki-toxic",
     "gsm8k": "gsm8k",
+    "trivia_qa": "trivia-qa",
 }
 
 
@@ -82,6 +83,20 @@ ENVIRONMENT_PATCHES: dict[str, list[tuple]] = {
             LOAD_TOOL,
         ),
         ("use_auth_token=True,\n    load_in_4bit", "load_in_4bit", "transformers 5's from_pretrained no longer accepts use_auth_token"),
+    ],
+    "research_projects/tools/triviaqa.py": [
+        (
+            "from transformers import AutoTokenizer, HfArgumentParser, load_tool",
+            "from transformers import AutoTokenizer, HfArgumentParser\nfrom tether.environment import load_tool",
+            LOAD_TOOL,
+        ),
+        ("use_auth_token=True,\n    trust_remote_code", "trust_remote_code", "transformers 5's from_pretrained no longer accepts use_auth_token"),
+        (
+            'tool = load_tool("vwxyzjn/pyserini-wikipedia-kilt-doc")',
+            'tool = lambda query: f"{query}\\n{query} is an entry of an offline stand-in encyclopedia."',
+            "the hub Space searched a 40 GB pyserini (Java Lucene) Wikipedia index; a stand-in answers as it did: "
+            "a title line, then the text",
+        ),
     ],
     "scripts/ppo.py": [
         RETURN_ALL_SCORES,

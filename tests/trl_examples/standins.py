@@ -32,6 +32,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
+def _write_config(folder: Path, config: str, splits: dict[str, list[dict]]) -> None:
+    """A dataset folder whose README names one config (`load_dataset(folder, config, split=...)`)."""
+    files = ""
+    for split, rows in splits.items():
+        _write_jsonl(folder / config / f"{split}.jsonl", rows)
+        files += f"  - split: {split}\n    path: {config}/{split}.jsonl\n"
+    (folder / "README.md").write_text(f"---\nconfigs:\n- config_name: {config}\n  data_files:\n{files}---\n")
+
+
 def _long_reviews(n: int, min_chars: int, seed: int) -> list[dict]:
     """IMDB-like rows (text, label) of at least `min_chars` characters, made of synthetic review sentences."""
     rng = random.Random(seed)
@@ -109,6 +118,7 @@ class Standins:
             "real-toxicity-prompts": self._real_toxicity,
             "wiki-toxic": self._wiki_toxic,
             "gsm8k": self._gsm8k,
+            "trivia-qa": self._trivia_qa,
         }
 
     def path(self, name: str) -> str:
@@ -401,12 +411,15 @@ class Standins:
             a, b = rng.randint(2, 40), rng.randint(2, 9)
             rows.append({"question": f"Tom has {a} apples and buys {b} bags of 3. How many apples does he have?",
                          "answer": f"He buys {b} * 3 = {3 * b} apples.\n#### {a + 3 * b}"})
-        _write_jsonl(folder / "main" / "train.jsonl", rows[:5])
-        _write_jsonl(folder / "main" / "test.jsonl", rows[5:])
-        (folder / "README.md").write_text(
-            "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train.jsonl\n"
-            "  - split: test\n    path: main/test.jsonl\n---\n"
-        )
+        _write_config(folder, "main", {"train": rows[:5], "test": rows[5:]})
+
+    def _trivia_qa(self, folder: Path) -> None:
+        """trivia_qa with its "rc" config: question, answer.normalized_aliases (a list); 4 train rows."""
+        rows = [
+            {"question": f"Which movie number {i} won the prize?", "answer": {"normalized_aliases": [f"movie {i}", "film"]}}
+            for i in range(4)
+        ]
+        _write_config(folder, "rc", {"train": rows})
 
 
 TOXICITY_MEASUREMENT = '''"""Local stand-in for the ybelkada/toxicity measurement: a text classifier's probability of the toxic label."""
