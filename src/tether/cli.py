@@ -146,12 +146,28 @@ class OnlineScriptArguments(ScriptArguments):
     """Script arguments of the online methods: where the rewards come from."""
 
     reward_funcs: list[str] = field(default_factory=list, metadata={"help": REWARD_FUNCS_HELP})
+    environment: str | None = field(default=None, metadata={"help": (
+        "Multi-turn episodes: `path/to/file.py:factory` or `package.module:factory`, a callable (e.g. a class) "
+        "returning a new environment per episode: reset(prompt) and step(text) -> (observation, reward, done), or "
+        "TRL's form (tool methods, reset, get_reward). Its reward is one more reward function. User code, run in "
+        "the training process.")})
+    tools: list[str] = field(default_factory=list, metadata={"help": (
+        "Tools the model may call in its turns (multi-turn episodes): `file.py:function` or `module:function` "
+        "each, a str -> str callable (classic <request><Tool>...<call> syntax) or a typed, documented function "
+        "(chat-template tool calls). User code, run in the training process (see tether.rollout.tools).")})
 
     def trainer_kwargs(self, peft_task_type: str) -> dict[str, Any]:
-        if not self.reward_funcs:
-            raise SystemExit("error: --reward_funcs is required: file.py:function, module:function, or a reward "
-                             "model's folder or hub id namespace/name (several allowed).")
-        return {**super().trainer_kwargs(peft_task_type), "reward_funcs": [resolve_reward(r) for r in self.reward_funcs]}
+        if not self.reward_funcs and self.environment is None:
+            raise SystemExit("error: --reward_funcs is required (or --environment, whose reward counts): "
+                             "file.py:function, module:function, or a reward model's folder or hub id "
+                             "namespace/name (several allowed).")
+        kwargs = {**super().trainer_kwargs(peft_task_type),
+                  "reward_funcs": [resolve_reward(r) for r in self.reward_funcs] or None}
+        if self.environment is not None:
+            kwargs["environment_factory"] = resolve_code(self.environment, "--environment")
+        if self.tools:
+            kwargs["tools"] = [resolve_code(spec, "--tools") for spec in self.tools]
+        return kwargs
 
 
 def resolve_reward(spec: str) -> Any:
@@ -163,6 +179,21 @@ def resolve_reward(spec: str) -> Any:
         return resolve_reward_spec(spec)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: --reward_funcs {spec}: {error}") from error
+
+
+def resolve_code(spec: str, flag: str) -> Any:
+    """The object a `path/to/file.py:name` or `package.module:name` string names (user code: it is imported)."""
+    from tether.rollout.reward_specs import import_module_function, load_file_function
+
+    where, colon, name = spec.rpartition(":")
+    if not colon or not where or not name:
+        raise SystemExit(f"error: {flag} {spec}: expected `path/to/file.py:name` or `package.module:name`.")
+    try:
+        if where.endswith(".py"):
+            return load_file_function(where, name, spec)
+        return import_module_function(where, name, spec)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        raise SystemExit(f"error: {flag} {spec}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -372,13 +403,23 @@ def demo(argv: Sequence[str]) -> int:
     parser.add_argument("--output_dir", default="./tether-demo", help="Where every file is written.")
     parser.add_argument("--quick", action="store_true", help="A ~20 s smoke version (tiny sizes, few steps).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the corpus, the model and sampling.")
-    parser.add_argument("--method", choices=["ppo", "grpo", "rloo"], default="ppo",
-                        help="RL stage after SFT and the reward model: PPO then DPO (default), or GRPO / RLOO.")
+    parser.add_argument("--method", choices=["ppo", "grpo", "rloo", "tools"], default="ppo",
+                        help="RL stage after SFT and the reward model: PPO then DPO (default), or GRPO / RLOO; "
+                             "`tools`: a separate demo where GRPO teaches a tiny model to call a calculator.")
     parser.add_argument("--print-config", "--print_config", action="store_true", dest="print_config",
                         help="Print the pipeline YAML these options run (for `tether pipeline`) and stop.")
     args = make_strict(parser).parse_args(argv)
     from tether.demo.pipeline import print_config, run_demo
 
+    if args.method == "tools":  # multi-turn episodes with a tool: its own task and model (tether/demo/tools_task.py)
+        if args.print_config:
+            raise SystemExit("error: --method tools is a Python demo (an environment object), not a pipeline YAML: "
+                             "see tether/demo/tools_task.py.")
+        from tether.demo.tools_task import run_tools_demo
+
+        output_dir = args.output_dir if args.output_dir != "./tether-demo" else "./tether-demo-tools"
+        run_tools_demo(output_dir, quick=args.quick, seed=args.seed)
+        return 0
     options = dict(quick=args.quick, seed=args.seed, method=args.method)
     if args.print_config:
         print_config(args.output_dir, **options)

@@ -83,6 +83,12 @@ class _PreallocatedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         new_tokens = key_states.shape[-2]
+        if self.length + new_tokens > self.key_buffer.shape[2]:  # out of room (multi-turn feeds): grow by half
+            room = max(new_tokens, self.key_buffer.shape[2] // 2)
+            self.key_buffer = torch.cat([self.key_buffer, self.key_buffer.new_empty(
+                (*self.key_buffer.shape[:2], room, self.key_buffer.shape[-1]))], dim=2)
+            self.value_buffer = torch.cat([self.value_buffer, self.value_buffer.new_empty(
+                (*self.value_buffer.shape[:2], room, self.value_buffer.shape[-1]))], dim=2)
         self.key_buffer[:, :, self.length: self.length + new_tokens] = key_states
         self.value_buffer[:, :, self.length: self.length + new_tokens] = value_states
         self.length += new_tokens

@@ -41,7 +41,7 @@ import torch
 from ..models.forward import unwrap_model
 from .generation import generate_responses
 from .text_history import TextHistory
-from .tools import call_tool, truncate_text
+from .tools import call_tool, tool_name, truncate_text
 
 _UNSET = object()
 
@@ -212,7 +212,7 @@ def resolve_tools(tools: Any) -> dict[str, Callable[[str], Any]]:
     if isinstance(tools, Mapping):
         named = list(tools.items())
     else:
-        named = [(getattr(tool, "__name__", None) or type(tool).__name__, tool) for tool in tools]
+        named = [(tool_name(tool), tool) for tool in tools]
     resolved: dict[str, Callable[[str], Any]] = {}
     for name, tool in named:
         if not isinstance(name, str) or not name or any(c in name for c in "<>"):

@@ -61,6 +61,12 @@ def truncate_text(text: str, max_chars: int | None) -> tuple[str, bool]:
     return text[: max_chars - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER, True
 
 
+def tool_name(tool: Callable[..., Any]) -> str:
+    """The name a model calls a tool by: a function's __name__, else the class name of a tool object (as TRL
+    0.7's TextEnvironment named the tools of a list, which its example prompts rely on)."""
+    return getattr(tool, "__name__", None) or type(tool).__name__
+
+
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
@@ -111,8 +117,7 @@ def call_tool(tool: Callable[..., Any], arguments: str | dict[str, Any], *, time
         except (Exception, SystemExit) as error:
             outcome = {"error": error}
     else:
-        name = getattr(tool, "__name__", type(tool).__name__)
-        outcome = _run_in_thread(lambda: _invoke(tool, arguments), timeout, name)
+        outcome = _run_in_thread(lambda: _invoke(tool, arguments), timeout, tool_name(tool))
     if "value" in outcome:
         text, truncated = truncate_text(outcome["value"], max_chars)
         return ToolResult(text, None, False, truncated)

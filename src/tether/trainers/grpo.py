@@ -24,6 +24,7 @@ from ..losses.group import (
     group_policy_loss,
     off_policy_sequence_mask,
 )
+from .episodes import EnvironmentFields
 from .online import OnlineTrainer, PolicyLossExtras
 from .online_config import OnlineConfig
 
@@ -33,7 +34,7 @@ MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 @dataclass
-class GRPOConfig(OnlineConfig):
+class GRPOConfig(OnlineConfig, EnvironmentFields):
     """Configuration of `GRPOTrainer` (TRL's names and defaults, except max_completion_length=256)."""
 
     loss_type: str = field(default="dapo", metadata={"help": f"One of: {', '.join(LOSS_TYPES)}."})

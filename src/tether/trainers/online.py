@@ -55,11 +55,19 @@ from ..models.loading import from_pretrained_kwargs, is_encoder_decoder, load_la
 from ..models.reference import reference_context, select_reference
 from ..ops.stats import masked_mean
 from ..rollout.generation import eos_token_ids
+from ..rollout.multiturn import SampledEpisodes
 from ..rollout.rewards import RewardFunctions
 from ..rollout.sampling import sample_groups, sampling_settings
 from ..rollout.vllm_generation import require_vllm, vllm_sampler
 from .base import TetherTrainer, as_config
 from .completion_log import completions_table
+from .episodes import (
+    ENVIRONMENT_REWARD_COLUMN,
+    EnvironmentFields,
+    EpisodeRollout,
+    chat_template_with_tools,
+    episode_metrics,
+)
 from .online_config import OnlineConfig
 from .online_metrics import round_metrics, sampler_mismatch_metrics
 
@@ -128,9 +136,18 @@ class OnlineTrainer(TetherTrainer):
         optimizers: tuple = (None, None),
         peft_config: Any = None,
         quantization_config: Any = None,
+        tools: list | None = None,
+        environment_factory: Any = None,
+        rollout_func: Any = None,
         **legacy_kwargs: Any,
     ) -> None:
         args = as_config(self.config_class, args, model, self.config_suffix)
+        self.episodes = self._episode_rollout(args, tools, environment_factory, rollout_func)
+        if self.episodes is not None and self.episodes.has_reward:  # the environment's reward: one more function
+            reward_funcs = [*(reward_funcs if isinstance(reward_funcs, (list, tuple)) else
+                              [reward_funcs] if reward_funcs is not None else []), self.episodes.reward_function()]
+            if args.reward_weights is not None:
+                args.reward_weights = [*args.reward_weights, 1.0]
         if args.use_vllm and args.vllm_mode == "colocate":
             require_vllm()
         # A reward model loaded here may get a fresh score head: drawn from the run's seed, not from whatever the
@@ -172,6 +189,21 @@ class OnlineTrainer(TetherTrainer):
             if self.ref_model is not None:
                 cast_lm_head_to_fp32(self.ref_model)
         self._vllm = self._vllm_sampler(model) if args.use_vllm else None
+        if self.episodes is not None:
+            if self._vllm is not None:
+                raise ValueError("Multi-turn episodes (tools, environment_factory, rollout_func) are sampled by "
+                                 "tether's own sampler; set use_vllm=False.")
+            self.episodes.tokenizer = self.processing_class
+
+    def _episode_rollout(self, args: OnlineConfig, tools: list | None, environment_factory: Any, rollout_func: Any
+                         ) -> EpisodeRollout | None:
+        """Multi-turn episodes when the trainer is given tools, an environment or a rollout function (GRPO, RLOO)."""
+        if not tools and environment_factory is None and rollout_func is None:
+            return None
+        if not isinstance(args, EnvironmentFields):
+            raise TypeError(f"{type(self).__name__} does not take tools, environment_factory or rollout_func "
+                            "(GRPOTrainer and RLOOTrainer do).")
+        return EpisodeRollout(args, None, tools, environment_factory, rollout_func)
 
     def _vllm_sampler(self, model: nn.Module | str) -> Any:
         """The vLLM sampler of args.vllm_mode: an engine in this process ('colocate', needs CUDA here) or a client
@@ -198,7 +230,13 @@ class OnlineTrainer(TetherTrainer):
     def _prepare(self, dataset: Any, what: str) -> Any:
         return prepare_prompts(dataset, self.processing_class, max_prompt_length=self.args.max_prompt_length,
                                num_proc=self.args.dataset_num_proc, what=what,
-                               chat_template_kwargs=self.args.chat_template_kwargs)
+                               chat_template_kwargs=self._chat_template_kwargs)
+
+    @property
+    def _chat_template_kwargs(self) -> dict[str, Any]:
+        """The config's chat_template_kwargs, with the tools' schemas when the model is given tools."""
+        tools = self.episodes.template_tools if self.episodes is not None else []
+        return chat_template_with_tools(self.args.chat_template_kwargs, tools)
 
     def _default_collator(self) -> Any:
         return collate_columns
@@ -259,13 +297,17 @@ class OnlineTrainer(TetherTrainer):
         """Stages 1-3 for this process's prompts in `batch`: sample, score, advantages (see the module doc)."""
         args, k = self.args, self._group_size(training)
         started = time.perf_counter()
+        prompt_ids = [ids for ids in batch["prompt_input_ids"] for _ in range(k)]
         with self._generation_model() as policy:  # 1. rollout
-            sampled = self._sample(policy, batch["prompt_input_ids"], k)
+            if self.episodes is None:
+                sampled = self._sample(policy, batch["prompt_input_ids"], k)
+            else:  # multi-turn: an environment may add to each episode's prompt
+                prompt_ids, sampled = self._sample_episodes(policy, batch, k)
         generation_s, started = time.perf_counter() - started, time.perf_counter()
         prompts, completions, rewards, per_function = self._score(batch, sampled, k)  # 2. score
         scoring_s = time.perf_counter() - started
 
-        prompt_ids = [ids for ids in batch["prompt_input_ids"] for _ in range(k)]  # 3. advantages
+        # 3. advantages
         mask = sampled.completion_mask
         ref_logps = self._frozen_logps(prompt_ids, sampled, reference=True) if args.beta != 0.0 else None
         # Off-policy micro-batches (replayed, or after an optimizer step within the round) need the sampling
@@ -318,6 +360,21 @@ class OnlineTrainer(TetherTrainer):
         return sample_groups(policy, prompt_ids, k, pad_token_id=pad_id, logprob_temperature=self.logprob_temperature,
                              **settings)
 
+    def _sample_episodes(self, policy: nn.Module, batch: dict[str, list[Any]], k: int
+                         ) -> tuple[list[list[int]], SampledEpisodes]:
+        """k multi-turn episodes per prompt (trainers/episodes.py); their loss mask covers the model's tokens only.
+        The sampler's log-probs are dropped: when the round needs the sampling policy's log-probs they are
+        recomputed by the same pass (and micro-batching) as training's, so the first ratio is exactly 1."""
+        args = self.args
+        settings = sampling_settings(args.generation_kwargs, temperature=args.temperature, top_k=args.top_k,
+                                     top_p=args.top_p, min_p=args.min_p or 0.0, max_new_tokens=args.max_completion_length,
+                                     eos_token_ids=self._eos_ids)
+        settings.update(pad_token_id=self.processing_class.pad_token_id, logprob_temperature=self.logprob_temperature)
+        prompt_ids, episodes = self.episodes.sample(policy, batch, k, settings, self._chat_template_kwargs, self)
+        episodes.logps = None
+        self.record_metrics(**episode_metrics(episodes))
+        return prompt_ids, episodes
+
     def _score(self, batch: dict[str, list[Any]], sampled: Any, k: int
                ) -> tuple[list[Any], list[Any], torch.Tensor, dict]:
         """Reward functions on the decoded completions, each group's prompt and dataset columns repeated for
@@ -325,8 +382,17 @@ class OnlineTrainer(TetherTrainer):
         columns = {key: [v for v in values for _ in range(k)] for key, values in batch.items()
                    if key not in ("prompt", "prompt_input_ids")}
         prompts = [p for p in batch["prompt"] for _ in range(k)]
-        completion_ids = [ids[m].tolist() for ids, m in zip(sampled.completion_ids, sampled.completion_mask)]
+        # An episode's text is all of it after the prompt: the model's turns and the observations between them.
+        shown = sampled.episode_mask if isinstance(sampled, SampledEpisodes) else sampled.completion_mask
+        completion_ids = [ids[m].tolist() for ids, m in zip(sampled.completion_ids, shown)]
         texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        if isinstance(sampled, SampledEpisodes):
+            columns.update(sampled.extra_columns)
+            if sampled.rewards is not None:
+                columns[ENVIRONMENT_REWARD_COLUMN] = sampled.rewards.tolist()
+            # Tool-call markers may be special tokens: keep them in an episode's text, drop only EOS.
+            eos = set(self._eos_ids)
+            texts = self.processing_class.batch_decode([[t for t in ids if t not in eos] for ids in completion_ids])
         # Conversational prompts get conversational completions, as TRL passes them to reward functions.
         completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(prompts[0], list) else texts
         self._extra_columns = collections.defaultdict(list)  # this round's log_extra columns
@@ -388,9 +454,11 @@ class OnlineTrainer(TetherTrainer):
         differentiable (an entropy bonus), else detached; without `with_stats` (a pass that needs only the
         log-probs) there is no entropy grid unless entropy_gradient asks for it."""
         device = self.accelerator.device
-        lengths = mask.sum(-1).tolist()
-        rows = [{"input_ids": p + ids[:m].tolist(), "loss_mask": [False] * len(p) + [True] * m}
-                for p, ids, m in zip(prompt_ids, completion_ids, lengths)]
+        # Up to each row's last masked token; a multi-turn episode's mask has holes (observations), which stay in
+        # the sequence as context but get no log-prob.
+        lengths = (mask.shape[-1] - mask.flip(-1).int().argmax(-1)).masked_fill(~mask.any(-1), 0).tolist()
+        rows = [{"input_ids": p + ids[:m].tolist(), "loss_mask": [False] * len(p) + row_mask[:m].tolist()}
+                for p, ids, m, row_mask in zip(prompt_ids, completion_ids, lengths, mask.bool().cpu())]
         pack = self.args.padding_free if self.args.padding_free is not None else supports_packed_rows(model)
         longest = max(len(r["input_ids"]) for r in rows)
         if pack and isinstance(self.args.pad_to_multiple_of, int):  # room for the rounded-up width

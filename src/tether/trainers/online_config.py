@@ -10,6 +10,7 @@ from ..models.loading import parse_json_kwargs
 from ..rollout.reward_limits import RewardCallFields, check_reward_call_fields
 from ..rollout.sampling import sampling_settings
 from .base import TetherConfig
+from .episodes import EnvironmentFields
 from .ref_sync import ReferenceSyncFields
 from .vllm_fields import VLLMFields, check_vllm_fields
 
@@ -108,6 +109,8 @@ class OnlineConfig(TetherConfig, ReferenceSyncFields, RewardCallFields, VLLMFiel
         return self.per_device_train_batch_size * self.completions_per_batch_row
 
     def __post_init__(self) -> None:
+        if isinstance(self, EnvironmentFields):  # GRPO, RLOO: multi-turn fields
+            self.check_environment_fields()
         super().__post_init__()
         check_sampling_and_clipping(self)
         if self.num_generations < 2:

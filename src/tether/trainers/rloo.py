@@ -11,12 +11,13 @@ import torch
 
 from ..losses.advantages import leave_one_out_advantages
 from ..losses.group import GroupPolicyLossOutput, sequence_level_policy_loss
+from .episodes import EnvironmentFields
 from .online import OnlineTrainer, PolicyLossExtras
 from .online_config import OnlineConfig
 
 
 @dataclass
-class RLOOConfig(OnlineConfig):
+class RLOOConfig(OnlineConfig, EnvironmentFields):
     """Configuration of `RLOOTrainer` (TRL's names and defaults, except max_completion_length=256)."""
 
     num_generations: int = field(default=2, metadata={"help": "Completions sampled per prompt (k in RLOO)."})
