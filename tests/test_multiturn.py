@@ -368,3 +368,34 @@ def test_tools_demo_learns_to_call_the_calculator(tmp_path):
     assert story["tool_call_rate_last"] >= story["tool_call_rate_first"] + 0.25, story
     assert story["success_last"] >= story["success_first"] + 0.2, story
     assert story["success_last"] >= 0.7, story
+
+
+def test_ppo_train_with_an_environment(tiny_decoder_dir, tokenizer, tmp_path, monkeypatch):
+    """PPOTrainer.train() runs multi-turn episodes too: step() gets each episode as the response with a mask that
+    is 1 at the model's tokens and 0 at the observations (TRL 0.7's response_masks); the environment's reward
+    is logged as a reward function."""
+    from tether import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+    calls = []
+    original = PPOTrainer.step
+
+    def spy(self, queries, responses, scores, masks=None):
+        calls.append((queries, responses, masks))
+        return original(self, queries, responses, scores, masks)
+
+    monkeypatch.setattr(PPOTrainer, "step", spy)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_decoder_dir)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-3, ppo_epochs=1, output_dir=str(tmp_path),
+                       steps=8, max_new_tokens=16, max_turn_length=5)
+    trainer = PPOTrainer(config, model, None, tokenizer, dataset=_prompt_data(), environment_factory=CountingEnv)
+    trainer.train()
+    observation = tokenizer.encode(" and", add_special_tokens=False)
+    queries, responses, masks = calls[0]
+    prompts = {tuple(tokenizer.encode(p + " then")) for p in _prompt_data()["prompt"]}
+    assert all(tuple(q.tolist()) in prompts for q in queries)  # reset's text joined each prompt
+    for response, mask in zip(responses, masks):
+        assert len(response) == len(mask)
+        masked = response[mask == 0].tolist()
+        assert masked in ([], observation)  # the one observation between the two turns (none if turn 1 was cut)
+    assert any((m == 0).any() for m in masks)
+    assert "rewards/CountingEnv" in (tmp_path / "metrics.jsonl").read_text()

@@ -70,6 +70,7 @@ from ..reports.trackers import log_to_trackers
 from ..rollout.generation import generate_responses
 from ..rollout.rewards import RewardFunctions
 from .checkpoints import reporting_write_failures
+from .episodes import EpisodeRollout
 from .finite_guard import NonFiniteGuard, check_finite_weights
 from .hub_tags import tag_model, trainer_tags
 from .ppo_config import PPOConfig
@@ -114,6 +115,8 @@ class PPOTrainer(PPOTrainLoop):
         reward_weights: Sequence[float] | None = None,
         ptx_dataset: Any = None,
         critic: nn.Module | str | None = None,
+        tools: list[Callable[..., Any]] | None = None,
+        environment_factory: Callable[[], Any] | None = None,
     ) -> None:
         config = PPOConfig() if config is None else config
         if not isinstance(config, PPOConfig):
@@ -196,6 +199,13 @@ class PPOTrainer(PPOTrainLoop):
         self.running = RunningMoments(self.accelerator)  # score statistics for use_score_scaling
         self.highest_reward = -math.inf  # for push_to_hub_if_best_kwargs
         self.current_step = 0
+        # Multi-turn episodes in train(): the environment's reward is one more reward function (see episodes.py).
+        self.episodes = (EpisodeRollout(config, tokenizer, tools, environment_factory)
+                         if tools or environment_factory is not None else None)
+        if self.episodes is not None and self.episodes.has_reward:
+            reward_funcs = [*(reward_funcs if isinstance(reward_funcs, (list, tuple)) else
+                              [reward_funcs] if reward_funcs is not None else []), self.episodes.reward_function()]
+            reward_weights = [*reward_weights, 1.0] if reward_weights is not None else None
         self.rewards = RewardFunctions(reward_funcs, reward_weights) if reward_funcs is not None else None
         if self.rewards is not None:
             prepare_reward_models(self.rewards, self.accelerator)

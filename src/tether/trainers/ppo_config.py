@@ -19,6 +19,7 @@ from typing import Any, Literal
 from ..models.loading import parse_json_kwargs
 from ..ops.dicts import flatten_dict
 from ..rollout.reward_limits import RewardCallFields, check_reward_call_fields
+from .episodes import EnvironmentFields
 
 # The per-token estimates of losses/kl.py that TRL's classic PPO offered.
 KL_PENALTIES = ("kl", "abs", "mse", "full")
@@ -39,7 +40,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass
-class PPOConfig(RewardCallFields):
+class PPOConfig(RewardCallFields, EnvironmentFields):
     """Configuration of `PPOTrainer`. Each field has a help string; validation runs in __post_init__."""
 
     # ----- experiment and tracking -----------------------------------------------------------------------
@@ -148,6 +149,7 @@ class PPOConfig(RewardCallFields):
         "'none', 'tensorboard' or 'wandb': the tracker of `train()` (same as log_with)."))
 
     def __post_init__(self) -> None:
+        self.check_environment_fields()
         for old, new in LEGACY_FIELDS.items():
             value = getattr(self, old)
             if value is not None:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data import LanguageModelingCollator, collate_columns, prepare_language_modeling, prepare_prompts
 from ..data.rounds import ShuffledBatches
+from ..distributed import unwrap_model_for_generation
 from ..models.value_head import VALUE_HEAD_FILE
 from ..reports.page import write_report
 from ..reports.runfiles import METRICS_FILE, SAMPLES_FILE, read_jsonl, save_run_config, write_jsonl
@@ -37,6 +38,7 @@ from .checkpoints import (
     rng_file,
     save_rng_state,
 )
+from .episodes import ENVIRONMENT_REWARD_COLUMN
 from .run_identity import check_fresh_output_dir, check_resume, describe_run, new_run_id, write_run_file
 
 
@@ -98,13 +100,17 @@ class PPOTrainLoop:
         while self.current_step < config.train_steps:
             rows = next(self._prompts)
             queries = [torch.tensor(ids) for ids in rows["prompt_input_ids"]]
-            t = time.perf_counter()
-            responses = self.generate(queries, batch_size=len(queries), return_prompt=False,
-                                      max_new_tokens=config.max_new_tokens, do_sample=True,
-                                      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
-            generation_s, t = time.perf_counter() - t, time.perf_counter()
-            completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             columns = {k: v for k, v in rows.items() if k not in ("prompt", "prompt_input_ids")}
+            t = time.perf_counter()
+            if self.episodes is None:
+                masks = None
+                responses = self.generate(queries, batch_size=len(queries), return_prompt=False,
+                                          max_new_tokens=config.max_new_tokens, do_sample=True,
+                                          temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+                completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            else:
+                queries, responses, masks, completions = self._episodes(rows, columns)
+            generation_s, t = time.perf_counter() - t, time.perf_counter()
             # TRL's reward-function contract: functions may read the run's progress from trainer_state.
             state = TrainerState(global_step=self.current_step, max_steps=config.train_steps)
             scores, per_function = self.rewards.score(rows["prompt"], completions, trainer_state=state,
@@ -114,7 +120,7 @@ class PPOTrainLoop:
                 ended = torch.tensor([r[-1].item() == self.tokenizer.eos_token_id for r in responses])
                 scores = scores - config.missing_eos_penalty * (~ended).float()
             scoring_s = time.perf_counter() - t
-            stats = self.step(queries, responses, list(scores))
+            stats = self.step(queries, responses, list(scores), masks)
             logs = {k: float(v) for k, v in stats.items() if np.ndim(v) == 0}
             logs.update({"step": self.current_step, "env/reward_mean": float(self.accelerator.reduce(
                 scores.to(self.accelerator.device), "mean").mean()), "time/generation": generation_s,
@@ -143,6 +149,25 @@ class PPOTrainLoop:
             save_run_config(config.output_dir, "ppo", dataclasses.asdict(config))
             write_report(config.output_dir)
         return history
+
+    def _episodes(self, rows: dict[str, list[Any]], columns: dict[str, list[Any]]
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[str]]:
+        """One multi-turn episode per prompt (trainers/episodes.py): (queries, responses, masks, texts) for step(),
+        a response being everything after the query and its mask 1 at the model's own tokens (TRL 0.7's
+        response_masks). The environment's reward joins `columns` for its reward function."""
+        config, eos = self.config, self.tokenizer.eos_token_id
+        settings = dict(max_new_tokens=config.max_new_tokens, eos_token_ids=[eos], pad_token_id=self.tokenizer.pad_token_id,
+                        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, min_p=0.0,
+                        logprob_temperature=None)
+        with unwrap_model_for_generation(self.model, self.accelerator) as policy:
+            prompt_ids, episodes = self.episodes.sample(policy, rows, 1, settings, {}, self)
+        lengths = episodes.episode_mask.sum(-1).tolist()
+        responses = [episodes.completion_ids[i, :n].to(self.accelerator.device) for i, n in enumerate(lengths)]
+        masks = [episodes.completion_mask[i, :n].long().to(self.accelerator.device) for i, n in enumerate(lengths)]
+        if episodes.rewards is not None:
+            columns[ENVIRONMENT_REWARD_COLUMN] = episodes.rewards.tolist()
+        texts = self.tokenizer.batch_decode([[t for t in r.tolist() if t != eos] for r in responses])
+        return [torch.tensor(p, device=self.accelerator.device) for p in prompt_ids], responses, masks, texts
 
     # ----- checkpoints: written to a temporary folder, then renamed, so none is ever half-written -------
     def _save_checkpoint(self) -> str:
