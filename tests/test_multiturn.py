@@ -399,3 +399,30 @@ def test_ppo_train_with_an_environment(tiny_decoder_dir, tokenizer, tmp_path, mo
         assert masked in ([], observation)  # the one observation between the two turns (none if turn 1 was cut)
     assert any((m == 0).any() for m in masks)
     assert "rewards/CountingEnv" in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_conversational_prompts_get_the_tools_schemas_and_chat_syntax(tiny_decoder, tokenizer, tmp_path):
+    """tools= with conversational prompts: the chat template is rendered with the tools' JSON schemas, calls are
+    read in the chat syntax, and a round trains."""
+    def add(a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: the first
+            b: the second
+        """
+        return a + b
+
+    tokenizer.chat_template = ("{% if tools %}{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% endif %}"
+                               + tokenizer.chat_template)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in ["add two", "sum", "go", "hi"]])
+    trainer = GRPOTrainer(tiny_decoder, reward_funcs=lambda completions, **kw: [1.0] * len(completions),
+                          args=_config(tmp_path, max_steps=1), train_dataset=data, processing_class=tokenizer,
+                          tools=[add])
+    rendered = tokenizer.decode(trainer.train_dataset[0]["prompt_input_ids"])
+    assert rendered.startswith("[add]")
+    assert trainer.episodes.syntax(conversational=True) == "chat"
+    env = trainer.episodes._environment(conversational=True)
+    observation, _, done = env.step('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>')
+    assert "3" in observation and not done
+    trainer.train()

@@ -350,8 +350,8 @@ class _EpisodeLoop:
         logits, cache, self.gather = _shared_prompt_cache(self.fwd, input_ids, attention_mask, 1)
         if cache is None:  # a cache that cannot be gathered by rows: plain prefill (no row drops needed here)
             logits, cache = self.fwd.prefill(input_ids, attention_mask)
-        else:
-            _preallocate(cache, self.budget + 64)
+        else:  # room for the longest remaining budget (holes beyond it make the cache grow)
+            _preallocate(cache, self.budget - min(len(self.episodes[e].ids) for e in running) + 16)
         return logits, cache, attention_mask
 
     def _feed(self, feeds: list[list[int]], cache: Any, attention_mask: torch.Tensor, next_position: torch.Tensor
