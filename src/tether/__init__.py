@@ -51,6 +51,13 @@ _EXPORTS = {
     # issues 16 and 17.
     "TextEnvironment": "tether.rollout.text_environment",
     "TextHistory": "tether.rollout.text_history",
+    # DDPO: the trainer and pipelines need diffusers (pip install "tether[diffusion]"); the config does not.
+    "DDPOConfig": "tether.trainers.ddpo_config",
+    "DDPOTrainer": "tether.trainers.ddpo",
+    "DDPOPipelineOutput": "tether.models.diffusion",
+    "DDPOSchedulerOutput": "tether.models.diffusion",
+    "DDPOStableDiffusionPipeline": "tether.models.diffusion",
+    "DefaultDDPOStableDiffusionPipeline": "tether.models.diffusion",
     "ModelConfig": "tether.models.config",
     "get_peft_config": "tether.models.config",
     "get_quantization_config": "tether.models.config",

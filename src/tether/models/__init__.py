@@ -1,7 +1,8 @@
 """Loading models and tokenizers, and running them for per-token log-probs.
 
 Also TRL 0.7's `trl.models` names, imported on first use so that `import tether.models.<module>` stays
-light. The DDPO pipeline names are issue 17.
+light. The DDPO pipeline names need diffusers (`pip install "tether[diffusion]"`): without it, using one
+raises an ImportError saying so.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ _EXPORTS = {
     "create_reference_model": "tether.models.reference",
     "setup_chat_format": "tether.data.chat_format",
     "is_diffusers_available": "tether.import_utils",
+    "DDPOPipelineOutput": "tether.models.diffusion",
+    "DDPOSchedulerOutput": "tether.models.diffusion",
+    "DDPOStableDiffusionPipeline": "tether.models.diffusion",
+    "DefaultDDPOStableDiffusionPipeline": "tether.models.diffusion",
 }
 
 __all__ = sorted([*_EXPORTS, "SUPPORTED_ARCHITECTURES"])

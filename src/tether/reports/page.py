@@ -149,7 +149,7 @@ def _run_section(root: Path, run_dir: Path, title: str | None, can_plot: bool, r
                         for name, (steps, values) in sorted(series.items()))
         out.append(f"<details><summary>Last logged values ({len(series)} metrics)</summary><table>"
                    f"<tr><th>metric</th><th>value</th><th>step</th></tr>{cells}</table></details>")
-    out.append(_samples_html(read_jsonl(run_dir / SAMPLES_FILE)))
+    out.append(_samples_html(read_jsonl(run_dir / SAMPLES_FILE), run_dir))
     if config_name:
         out.append(f"<details><summary>Config ({html.escape(config_name)})</summary>"
                    f"<pre>{html.escape(config_text)}</pre></details>")
@@ -165,7 +165,17 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _samples_html(rows: list[dict[str, Any]]) -> str:
+def _sample_cell(row: dict[str, Any], run_dir: Path | None) -> str:
+    """The completion of a sample row as a table cell: its text, or the PNG its `image` names (a path relative
+    to the run's folder, as DDPO writes them), embedded."""
+    image = row.get("image")
+    if image and run_dir is not None and (run_dir / image).is_file():
+        return (f'<td><img src="{_png_data_uri(run_dir / image)}" alt="{html.escape(str(image))}" width="128" '
+                f'style="image-rendering: pixelated"></td>')
+    return f'<td class="text">{html.escape(_text(row.get("completion", "")))}</td>'
+
+
+def _samples_html(rows: list[dict[str, Any]], run_dir: Path | None = None) -> str:
     """A table of sample generations: those of the first and the last logged step, a few each."""
     if not rows:
         return ""
@@ -175,13 +185,13 @@ def _samples_html(rows: list[dict[str, Any]]) -> str:
     shown = ([r for s in shown_steps for r in [r for r in rows if r.get("step") == s][-SAMPLES_PER_STEP:]]
              if shown_steps else rows[:SAMPLES_PER_STEP])
     has_reward = any("reward" in r for r in shown)
-    header = ("<th>step</th>" if steps else "") + "<th>prompt</th><th>completion</th>" + (
+    header = ("<th>step</th>" if steps else "") + "<th>prompt</th>" + (
+        "<th>image</th>" if any("image" in r for r in shown) else "<th>completion</th>") + (
         "<th>reward</th>" if has_reward else "")
     lines = []
     for row in shown:
         cells = f"<td>{html.escape(str(row.get('step', '')))}</td>" if steps else ""
-        cells += (f'<td class="text">{html.escape(_text(row.get("prompt", "")))}</td>'
-                  f'<td class="text">{html.escape(_text(row.get("completion", "")))}</td>')
+        cells += f'<td class="text">{html.escape(_text(row.get("prompt", "")))}</td>' + _sample_cell(row, run_dir)
         if has_reward:
             reward = row.get("reward")
             cells += f"<td>{reward:.4g}</td>" if isinstance(reward, (int, float)) else "<td></td>"

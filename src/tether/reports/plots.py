@@ -61,6 +61,9 @@ GROUPS: dict[str, MetricGroup] = {
     "completion_length": MetricGroup("Completion length (tokens)",
                                      ("completions/mean_length", "completions/min_length", "completions/max_length")),
     "clip_ratio": MetricGroup("Clip ratio", ("clip_ratio/*",)),
+    # DDPO (TRL's names), one row per epoch
+    "ddpo_reward": MetricGroup("Mean reward of the epoch's images", ("reward_mean",)),
+    "ddpo_policy": MetricGroup("Policy update: clip fraction and approximate KL", ("clipfrac", "approx_kl")),
 }
 
 _TRAINING = ("learning_rate", "grad_norm")
@@ -79,6 +82,7 @@ METHOD_GROUPS: dict[str, tuple[str, ...]] = {
     "onlinedpo": ("loss", "reward", "ppo_kl", "preference_accuracy", "preference_margin", "preference_rewards",
                   "logps", "completion_length", *_TRAINING),
     "gkd": ("loss", *_TRAINING),
+    "ddpo": ("ddpo_reward", "reward_std", "loss", "ddpo_policy"),
 }
 
 # For runs that did not record their method: a metric only that method logs, checked in this order.

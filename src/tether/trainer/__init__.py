@@ -3,7 +3,7 @@
     from tether.trainer import PPOConfig, PPOTrainer, RunningMoments, ConstantLengthDataset
 
 The trainers themselves live in `tether.trainers` (one file per method); `tether.trainer.utils` holds
-the names of TRL's `trl/trainer/utils.py`. DDPOConfig / DDPOTrainer are issue 17.
+the names of TRL's `trl/trainer/utils.py`. DDPOTrainer needs diffusers (`pip install "tether[diffusion]"`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ _EXPORTS = {
     **_JUDGES,
     "DistillationConfig": "tether.trainers.gkd_config",
     "DistillationTrainer": "tether.trainers.gkd",
+    "DDPOConfig": "tether.trainers.ddpo_config",
+    "DDPOTrainer": "tether.trainers.ddpo",
 }
 
 __all__ = sorted(_EXPORTS)

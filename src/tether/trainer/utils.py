@@ -2,7 +2,7 @@
 
     from tether.trainer.utils import RunningMoments, get_peft_config, DataCollatorForCompletionOnlyLM
 
-`PerPromptStatTracker` (DDPO's per-prompt reward normaliser) is issue 17.
+`PerPromptStatTracker` is DDPO's per-prompt reward normaliser (tether.losses.ddpo).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ _EXPORTS = {
     "DPODataCollatorWithPadding": "tether.data.keyed_collate",
     "RewardDataCollatorWithPadding": "tether.data.keyed_collate",
     "RunningMoments": "tether.ops.stats",
+    "PerPromptStatTracker": "tether.losses.ddpo",
     "get_global_statistics": "tether.ops.stats",
     "compute_accuracy": "tether.trainers.reward",
     "disable_dropout_in_model": "tether.models.dropout:disable_dropout",
