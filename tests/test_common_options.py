@@ -394,3 +394,15 @@ def test_model_config_rslora_scaling_reaches_the_adapter(tiny_decoder_dir):
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_decoder_dir), config)
         layer = model.base_model.model.model.layers[0].self_attn.q_proj
         assert layer.scaling["default"] == pytest.approx(scale)
+
+
+def test_use_auth_token_is_token(tiny_decoder_dir):
+    """TRL 0.7's scripts pass use_auth_token=True, which transformers 5's from_pretrained rejects: it is token."""
+    from tether import AutoModelForCausalLMWithValueHead
+    from tether.models.loading import model_init_kwargs
+
+    with pytest.warns(FutureWarning, match="use_auth_token"):
+        assert model_init_kwargs({"use_auth_token": "hf_x"})["token"] == "hf_x"
+    with pytest.warns(FutureWarning):
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_decoder_dir, use_auth_token=True)
+    assert hasattr(model, "v_head")

@@ -82,7 +82,6 @@ ENVIRONMENT_PATCHES: dict[str, list[tuple]] = {
             "from transformers import AutoTokenizer, HfArgumentParser\nfrom tether.environment import load_tool",
             LOAD_TOOL,
         ),
-        ("use_auth_token=True,\n    load_in_4bit", "load_in_4bit", "transformers 5's from_pretrained no longer accepts use_auth_token"),
     ],
     "research_projects/tools/triviaqa.py": [
         (
@@ -90,7 +89,6 @@ ENVIRONMENT_PATCHES: dict[str, list[tuple]] = {
             "from transformers import AutoTokenizer, HfArgumentParser\nfrom tether.environment import load_tool",
             LOAD_TOOL,
         ),
-        ("use_auth_token=True,\n    trust_remote_code", "trust_remote_code", "transformers 5's from_pretrained no longer accepts use_auth_token"),
         (
             'tool = load_tool("vwxyzjn/pyserini-wikipedia-kilt-doc")',
             'tool = lambda query: f"{query}\\n{query} is an entry of an offline stand-in encyclopedia."',

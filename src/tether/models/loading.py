@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ def _storage_dtype(value: Any) -> Any:
 
 def model_init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """Normalise `model_init_kwargs`: remote code stays off unless asked for, `torch_dtype` becomes `dtype`,
+    `use_auth_token` becomes `token`,
     and the quantization keys (`load_in_4bit`, `bnb_4bit_quant_type`, ...) become one `quantization_config`
     (see `resolve_quantization`). Normalising twice gives the same result.
 
@@ -54,6 +56,10 @@ def model_init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     kwargs = dict(kwargs or {})
     if "torch_dtype" in kwargs:
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+    if "use_auth_token" in kwargs:  # transformers 4's name, which transformers 5's from_pretrained rejects
+        warnings.warn("use_auth_token is deprecated: pass token= (it is used as token here).", FutureWarning,
+                      stacklevel=3)
+        kwargs.setdefault("token", kwargs.pop("use_auth_token"))
     kwargs["dtype"] = _resolve_dtype(kwargs.get("dtype", torch.float32))
     kwargs.setdefault("trust_remote_code", False)
     return resolve_quantization(kwargs)
