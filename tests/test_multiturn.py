@@ -426,3 +426,14 @@ def test_conversational_prompts_get_the_tools_schemas_and_chat_syntax(tiny_decod
     observation, _, done = env.step('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>')
     assert "3" in observation and not done
     trainer.train()
+
+
+def test_a_flooding_tool_is_cut_before_tokenizing(tiny_decoder, tokenizer, tmp_path):
+    def flood(text):
+        return "x" * 10_000_000
+
+    trainer = GRPOTrainer(tiny_decoder, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                          args=_config(tmp_path, max_tool_response_length=8, tool_call_format="classic"),
+                          train_dataset=_prompt_data(), processing_class=tokenizer, tools=[flood])
+    observation, _, done = trainer.episodes._environment(conversational=False).step("<request><flood>a<call>")
+    assert len(observation) <= 32 * 8 + len("<response>") and "truncated" in observation and not done

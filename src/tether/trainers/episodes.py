@@ -123,7 +123,10 @@ class EpisodeRollout:
         return "chat" if conversational and getattr(self.tokenizer, "chat_template", None) else "classic"
 
     def _environment(self, conversational: bool) -> Any:
-        timeout, chars = self.config.tool_timeout, None  # observations are cut in tokens by the sampler
+        # Observations are cut in tokens by the sampler; the character cap only keeps a flooding tool's text from
+        # being tokenized whole first.
+        tokens = self.config.max_tool_response_length
+        timeout, chars = self.config.tool_timeout, None if tokens is None else 32 * tokens
         if self.factory is None:
             return ToolEnvironment(self.tools, self.tokenizer, self.syntax(conversational), timeout=timeout,
                                    max_chars=chars)
