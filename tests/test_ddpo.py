@@ -251,6 +251,32 @@ def test_config_defaults_and_json_fields():
     assert "project_kwargs/project_dir" in config.to_dict()
 
 
+# TRL 0.7.11's DDPOConfig fields and defaults (trl/trainer/ddpo_config.py at v0.7.11; exp_name is the script name)
+TRL_DDPO_DEFAULTS = dict(
+    run_name="", seed=0, log_with=None, tracker_kwargs={}, accelerator_kwargs={}, project_kwargs={},
+    tracker_project_name="trl", logdir="logs", num_epochs=100, save_freq=1, num_checkpoint_limit=5,
+    mixed_precision="fp16", allow_tf32=True, resume_from="", sample_num_steps=50, sample_eta=1.0,
+    sample_guidance_scale=5.0, sample_batch_size=1, sample_num_batches_per_epoch=2, train_batch_size=1,
+    train_use_8bit_adam=False, train_learning_rate=3e-4, train_adam_beta1=0.9, train_adam_beta2=0.999,
+    train_adam_weight_decay=1e-4, train_adam_epsilon=1e-8, train_gradient_accumulation_steps=1,
+    train_max_grad_norm=1.0, train_num_inner_epochs=1, train_cfg=True, train_adv_clip_max=5, train_clip_range=1e-4,
+    train_timestep_fraction=1.0, per_prompt_stat_tracking=False, per_prompt_stat_tracking_buffer_size=16,
+    per_prompt_stat_tracking_min_count=16, async_reward_computation=False, max_workers=2, negative_prompts="")
+
+
+def test_config_has_trl_0_7_fields_and_defaults():
+    import dataclasses
+
+    from tether.trainers.ddpo_config import DDPOConfig
+
+    config = DDPOConfig()
+    assert "exp_name" in {f.name for f in dataclasses.fields(DDPOConfig)}
+    for name, default in TRL_DDPO_DEFAULTS.items():
+        assert getattr(config, name) == default, name
+        assert dataclasses.fields(DDPOConfig)[[f.name for f in dataclasses.fields(DDPOConfig)].index(name)].metadata[
+            "help"], name
+
+
 # ----- the pipeline: LoRA save/load, sampling --------------------------------------------------------------
 def _sample(pipeline, seed: int = 0):
     return pipeline(prompt=["cat", "dog"], num_inference_steps=4, guidance_scale=3.0, eta=1.0, output_type="pt",
@@ -424,16 +450,39 @@ except ImportError as error:
 # ----- learning (slow) --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ddpo_raises_jpeg_incompressibility(tmp_path):
-    """A tiny pipeline pre-trained as a denoiser for 150 steps; 10 epochs of 16 samples. The epoch-mean reward
-    has a standard error of about 0.016 kB (per-image std about 0.065), so the mean of the last two epochs
-    beating the first two by 0.08 kB (5 standard errors of the difference) does not happen without learning."""
+    """A tiny pipeline pre-trained as a denoiser for 150 steps, then 16 epochs of 16 images (about 40 s). An
+    epoch's mean reward has a standard error of about 0.016 kB (per-image std about 0.065 kB), so the mean of
+    three epochs about 0.01 and a difference of two such means about 0.013: a non-learning run beats the 0.1
+    margin with odds below 1e-13. Seeds 0, 1 and 4 gave 0.24, 0.19 and (10 epochs, seeds 2, 3) 0.14, 0.18."""
     from tether.demo.tiny_diffusion import build_tiny_sd_pipeline
 
     path = build_tiny_sd_pipeline(tmp_path / "pretrained", seed=0, pretrain_steps=150)
-    config = _config(tmp_path, num_epochs=10, sample_num_steps=10, sample_batch_size=8, sample_num_batches_per_epoch=2,
+    config = _config(tmp_path, num_epochs=16, sample_num_steps=10, sample_batch_size=8, sample_num_batches_per_epoch=2,
                      train_batch_size=4, sample_guidance_scale=1.0, train_cfg=False, save_freq=100, seed=0)
     trainer = _trainer(path, config)
     trainer.train()
     rewards = [json.loads(line)["reward_mean"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    first, last = np.mean(rewards[:2]), np.mean(rewards[-2:])
-    assert last - first > 0.08, rewards
+    first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
+    print(f"JPEG size (kB) per epoch: {' '.join(f'{r:.3f}' for r in rewards)}; first 3 {first:.3f} -> last 3 {last:.3f}")
+    assert last - first > 0.1, rewards
+    assert trainer.nonfinite_guard.skipped == 0
+
+
+@pytest.mark.slow
+def test_demo_ddpo_quick(tmp_path):
+    """`tether demo --method ddpo --quick` (about 30 s): the story printed, the trained pipeline loadable, and one
+    self-contained report with the reward curve and the images of both runs (training, fixed-noise evaluation)."""
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "tether.cli", "demo", "--method", "ddpo", "--quick", "--output_dir",
+                           str(out)], capture_output=True, text=True, env=OFFLINE_ENV, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "before DDPO ->" in done.stdout and "Summary (--quick)" in done.stdout
+    story = json.loads((out / "story.json").read_text())
+    assert story["reward_before"] > 0 and story["reward_after"] > 0 and len(story["epochs"]) == 2
+    for name in ("before.png", "after.png", "ddpo-sd/pytorch_lora_weights.safetensors", "ddpo/metrics.jsonl",
+                 "eval/samples.jsonl", "report.html"):
+        assert (out / name).is_file(), name
+    page = (out / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') >= 2 + 8 + 8  # plots, training and evaluation images
+    assert "The same fixed noise before and after DDPO" in page
+    assert _pipeline(str(out / "ddpo-sd")).use_lora

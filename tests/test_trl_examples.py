@@ -5,7 +5,7 @@ tiny local stand-ins, nothing else), runs it in a subprocess with its own flags 
 it exits 0 and left behind what it should (a saved model, training stats, a CSV...). Scripts that cannot
 run on this stack whatever tether does (transformers 5 removed a keyword they pass, they require CUDA...)
 are asserted to stop exactly there, so everything before that line is still exercised.
-DDPO (issue 17) is not here; research_projects/tools (issue 16) is in test_trl_tool_examples.py.
+scripts/ddpo.py (issue 17) is in test_trl_example_ddpo.py; research_projects/tools (issue 16) in test_trl_tool_examples.py.
 """
 
 from __future__ import annotations

@@ -403,9 +403,10 @@ def demo(argv: Sequence[str]) -> int:
     parser.add_argument("--output_dir", default="./tether-demo", help="Where every file is written.")
     parser.add_argument("--quick", action="store_true", help="A ~20 s smoke version (tiny sizes, few steps).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the corpus, the model and sampling.")
-    parser.add_argument("--method", choices=["ppo", "grpo", "rloo", "tools"], default="ppo",
+    parser.add_argument("--method", choices=["ppo", "grpo", "rloo", "tools", "ddpo"], default="ppo",
                         help="RL stage after SFT and the reward model: PPO then DPO (default), or GRPO / RLOO; "
-                             "`tools`: a separate demo where GRPO teaches a tiny model to call a calculator.")
+                             "`tools`: a separate demo where GRPO teaches a tiny model to call a calculator; "
+                             "`ddpo`: DDPO on a tiny Stable Diffusion pipeline (needs diffusers).")
     parser.add_argument("--print-config", "--print_config", action="store_true", dest="print_config",
                         help="Print the pipeline YAML these options run (for `tether pipeline`) and stop.")
     args = make_strict(parser).parse_args(argv)
@@ -419,6 +420,15 @@ def demo(argv: Sequence[str]) -> int:
 
         output_dir = args.output_dir if args.output_dir != "./tether-demo" else "./tether-demo-tools"
         run_tools_demo(output_dir, quick=args.quick, seed=args.seed)
+        return 0
+    if args.method == "ddpo":  # a diffusion model: its own demo (tether/demo/ddpo.py)
+        if args.print_config:
+            raise SystemExit("error: --method ddpo is a Python demo (DDPOTrainer), not a pipeline YAML: see "
+                             "tether/demo/ddpo.py.")
+        from tether.demo.ddpo import run_ddpo_demo
+
+        run_ddpo_demo(args.output_dir if args.output_dir != "./tether-demo" else "./tether-demo-ddpo",
+                      quick=args.quick, seed=args.seed)
         return 0
     options = dict(quick=args.quick, seed=args.seed, method=args.method)
     if args.print_config:

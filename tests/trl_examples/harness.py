@@ -35,6 +35,7 @@ HUB_IDS: dict[str, str] = {
     "lvwerra/distilbert-imdb": "distilbert-sentiment",
     "facebook/roberta-hate-speech-dynabench-r4-target": "roberta-toxicity",
     "DaNLP/da-electra-hatespeech-detection": "electra-hatespeech",
+    "openai/clip-vit-large-patch14": "clip-aesthetic",  # scripts/ddpo.py's aesthetic scorer (tests/test_trl_example_ddpo.py)
     # evaluate modules
     "ybelkada/toxicity": "toxicity-measurement",
     "accuracy": "accuracy-metric",
@@ -94,6 +95,14 @@ ENVIRONMENT_PATCHES: dict[str, list[tuple]] = {
             'tool = lambda query: f"{query}\\n{query} is an entry of an offline stand-in encyclopedia."',
             "the hub Space searched a 40 GB pyserini (Java Lucene) Wikipedia index; a stand-in answers as it did: "
             "a title line, then the text",
+        ),
+    ],
+    "scripts/ddpo.py": [
+        ("scorer = scorer.cuda()", "scorer = scorer", "the aesthetic scorer goes to CUDA unless an NPU/XPU is there"),
+        (
+            "embed = self.clip.get_image_features(**inputs)",
+            "embed = self.clip.get_image_features(**inputs).pooler_output",
+            "transformers 5's get_image_features returns an output object (the projected embeddings in pooler_output)",
         ),
     ],
     "scripts/ppo.py": [
