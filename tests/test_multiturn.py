@@ -437,3 +437,10 @@ def test_a_flooding_tool_is_cut_before_tokenizing(tiny_decoder, tokenizer, tmp_p
                           train_dataset=_prompt_data(), processing_class=tokenizer, tools=[flood])
     observation, _, done = trainer.episodes._environment(conversational=False).step("<request><flood>a<call>")
     assert len(observation) <= 32 * 8 + len("<response>") and "truncated" in observation and not done
+
+
+def test_sampling_settings_episodes_cannot_honour_are_named(tiny_decoder, tokenizer, tmp_path):
+    trainer = GRPOTrainer(tiny_decoder, args=_config(tmp_path, repetition_penalty=1.2), train_dataset=_prompt_data(),
+                          processing_class=tokenizer, environment_factory=CountingEnv)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        trainer.train()

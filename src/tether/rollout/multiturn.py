@@ -298,8 +298,9 @@ class _EpisodeLoop:
         self.sampling = sampling
         self.episodes = [_Episode() for _ in prompts]
 
-    # A step's feed per running row: the tokens after its last fed one.
     def run(self, reuse_cache: bool) -> SampledEpisodes:
+        """Decode all running episodes a token at a time; each step feeds every row what came after its last fed
+        token (its sampled token, plus the observation when its turn just ended)."""
         running = list(range(len(self.prompts)))
         logits, cache, attention_mask = self._prefill(running)
         kv = reuse_cache and self.gather is not None and _plain_cache(cache)

@@ -163,6 +163,12 @@ class EpisodeRollout:
         """The round's episodes: (prompt ids of each of the n episodes, the episodes)."""
         if self.rollout_func is not None:
             return self._from_rollout_func(batch, k, trainer)
+        unsupported = {key: settings[key] for key in ("repetition_penalty", "suppress_tokens", "min_new_tokens")
+                       if settings.get(key) not in (None, 1.0, 0, [], ())}
+        if unsupported:
+            raise ValueError(f"Multi-turn episodes sample with temperature, top_k, top_p and min_p only; got "
+                             f"{unsupported}. Fix: leave them at their defaults when training with tools or an "
+                             "environment.")
         prompt_ids, environments = self.episode_prompts(batch, k, chat_template_kwargs)
         cfg = self.config
         stop_strings = sorted({s for env in environments for s in getattr(env, "stop_strings", [])})

@@ -368,7 +368,7 @@ class OnlineTrainer(TetherTrainer):
         args = self.args
         settings = sampling_settings(args.generation_kwargs, temperature=args.temperature, top_k=args.top_k,
                                      top_p=args.top_p, min_p=args.min_p or 0.0, max_new_tokens=args.max_completion_length,
-                                     eos_token_ids=self._eos_ids)
+                                     eos_token_ids=self._eos_ids, repetition_penalty=args.repetition_penalty)
         settings.update(pad_token_id=self.processing_class.pad_token_id, logprob_temperature=self.logprob_temperature)
         prompt_ids, episodes = self.episodes.sample(policy, batch, k, settings, self._chat_template_kwargs, self)
         episodes.logps = None
