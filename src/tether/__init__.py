@@ -47,8 +47,7 @@ _EXPORTS = {
     "respond_to_batch": "tether.rollout.generation",
     "create_reference_model": "tether.models.reference",
     "DatasetError": "tether.data.formats",
-    # TRL 0.7.11's top-level names (trl/__init__.py); TextEnvironment/TextHistory and the DDPO names are
-    # issues 16 and 17.
+    # TRL 0.7.11's top-level names (trl/__init__.py)
     "TextEnvironment": "tether.rollout.text_environment",
     "TextHistory": "tether.rollout.text_history",
     # DDPO: the trainer and pipelines need diffusers (pip install "tether[diffusion]"); the config does not.
