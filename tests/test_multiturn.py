@@ -398,7 +398,9 @@ def test_ppo_train_with_an_environment(tiny_decoder_dir, tokenizer, tmp_path, mo
         masked = response[mask == 0].tolist()
         assert masked in ([], observation)  # the one observation between the two turns (none if turn 1 was cut)
     assert any((m == 0).any() for m in masks)
-    assert "rewards/CountingEnv" in (tmp_path / "metrics.jsonl").read_text()
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    assert "rewards/CountingEnv" in logged and "episodes/turn_1/reward_mean" in logged
+    assert (tmp_path / "plots" / "turn_reward.png").exists()  # the report plots the per-turn metrics
 
 
 def test_conversational_prompts_get_the_tools_schemas_and_chat_syntax(tiny_decoder, tokenizer, tmp_path):

@@ -61,6 +61,11 @@ GROUPS: dict[str, MetricGroup] = {
     "completion_length": MetricGroup("Completion length (tokens)",
                                      ("completions/mean_length", "completions/min_length", "completions/max_length")),
     "clip_ratio": MetricGroup("Clip ratio", ("clip_ratio/*",)),
+    # multi-turn episodes (tools, environments), any online method
+    "tool_call_rate": MetricGroup("Tool-call rate per turn (share of episodes at that turn calling a tool)",
+                                  ("episodes/turn_*/tool_call_rate",)),
+    "turn_reward": MetricGroup("Reward per turn", ("episodes/turn_*/reward_mean",)),
+    "episode_turns": MetricGroup("Turns and tool calls per episode", ("episodes/turns_mean", "episodes/tool_calls_mean")),
     # DDPO (TRL's names), one row per epoch
     "ddpo_reward": MetricGroup("Mean reward of the epoch's images", ("reward_mean",)),
     "ddpo_policy": MetricGroup("Policy update: clip fraction and approximate KL", ("clipfrac", "approx_kl")),
@@ -68,7 +73,9 @@ GROUPS: dict[str, MetricGroup] = {
 
 _TRAINING = ("learning_rate", "grad_norm")
 _PAIRWISE = ("loss", "preference_accuracy", "preference_margin", "preference_rewards", "logps")
-_GROUP_RELATIVE = ("loss", "reward", "reward_std", "kl", "entropy", "completion_length", "clip_ratio", *_TRAINING)
+_EPISODES = ("tool_call_rate", "turn_reward", "episode_turns")
+_GROUP_RELATIVE = ("loss", "reward", "reward_std", "kl", "entropy", "completion_length", "clip_ratio", *_EPISODES,
+                   *_TRAINING)
 METHOD_GROUPS: dict[str, tuple[str, ...]] = {
     "sft": ("loss", "token_accuracy", "entropy", *_TRAINING),
     "reward": ("loss", "reward_accuracy", "reward_margin", "reward_scores", *_TRAINING),
@@ -76,7 +83,7 @@ METHOD_GROUPS: dict[str, tuple[str, ...]] = {
     "cpo": (*_PAIRWISE, "nll_loss", *_TRAINING),
     "orpo": (*_PAIRWISE, "nll_loss", "log_odds", *_TRAINING),
     "kto": ("loss", "preference_margin", "preference_rewards", "kl", "logps", *_TRAINING),
-    "ppo": ("ppo_reward", "ppo_kl", "ppo_kl_coef", "ppo_losses", "ppo_policy", "ppo_response_length"),
+    "ppo": ("ppo_reward", "ppo_kl", "ppo_kl_coef", "ppo_losses", "ppo_policy", "ppo_response_length", *_EPISODES),
     "grpo": _GROUP_RELATIVE,
     "rloo": _GROUP_RELATIVE,
     "onlinedpo": ("loss", "reward", "ppo_kl", "preference_accuracy", "preference_margin", "preference_rewards",

@@ -38,7 +38,7 @@ from .checkpoints import (
     rng_file,
     save_rng_state,
 )
-from .episodes import ENVIRONMENT_REWARD_COLUMN
+from .episodes import ENVIRONMENT_REWARD_COLUMN, episode_metrics
 from .run_identity import check_fresh_output_dir, check_resume, describe_run, new_run_id, write_run_file
 
 
@@ -102,6 +102,7 @@ class PPOTrainLoop:
             queries = [torch.tensor(ids) for ids in rows["prompt_input_ids"]]
             columns = {k: v for k, v in rows.items() if k not in ("prompt", "prompt_input_ids")}
             t = time.perf_counter()
+            episode_logs: dict[str, float] = {}
             if self.episodes is None:
                 masks = None
                 responses = self.generate(queries, batch_size=len(queries), return_prompt=False,
@@ -109,7 +110,7 @@ class PPOTrainLoop:
                                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
                 completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             else:
-                queries, responses, masks, completions = self._episodes(rows, columns)
+                queries, responses, masks, completions, episode_logs = self._episodes(rows, columns)
             generation_s, t = time.perf_counter() - t, time.perf_counter()
             # TRL's reward-function contract: functions may read the run's progress from trainer_state.
             state = TrainerState(global_step=self.current_step, max_steps=config.train_steps)
@@ -125,7 +126,7 @@ class PPOTrainLoop:
             logs.update({"step": self.current_step, "env/reward_mean": float(self.accelerator.reduce(
                 scores.to(self.accelerator.device), "mean").mean()), "time/generation": generation_s,
                 "time/scoring": scoring_s})
-            logs.update({f"rewards/{name}": float(v.nanmean()) for name, v in per_function.items()})
+            logs.update({f"rewards/{name}": float(v.nanmean()) for name, v in per_function.items()}, **episode_logs)
             history.append(logs)
             if config.log_with is not None:
                 self.log_stats(stats, {"query": rows["prompt"], "response": completions}, list(scores))
@@ -151,8 +152,9 @@ class PPOTrainLoop:
         return history
 
     def _episodes(self, rows: dict[str, list[Any]], columns: dict[str, list[Any]]
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[str]]:
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[str], dict[str, float]]:
         """One multi-turn episode per prompt (trainers/episodes.py): (queries, responses, masks, texts) for step(),
+        and the episodes' per-turn metrics,
         a response being everything after the query and its mask 1 at the model's own tokens (TRL 0.7's
         response_masks). The environment's reward joins `columns` for its reward function."""
         config, eos = self.config, self.tokenizer.eos_token_id
@@ -167,7 +169,8 @@ class PPOTrainLoop:
         if episodes.rewards is not None:
             columns[ENVIRONMENT_REWARD_COLUMN] = episodes.rewards.tolist()
         texts = self.tokenizer.batch_decode([[t for t in r.tolist() if t != eos] for r in responses])
-        return [torch.tensor(p, device=self.accelerator.device) for p in prompt_ids], responses, masks, texts
+        queries = [torch.tensor(p, device=self.accelerator.device) for p in prompt_ids]
+        return queries, responses, masks, texts, episode_metrics(episodes)
 
     # ----- checkpoints: written to a temporary folder, then renamed, so none is ever half-written -------
     def _save_checkpoint(self) -> str:
