@@ -487,3 +487,21 @@ def test_demo_ddpo_quick(tmp_path):
     assert page.count('<img src="data:image/png;base64,') >= 2 + 8 + 8  # plots, training and evaluation images
     assert "The same fixed noise before and after DDPO" in page
     assert _pipeline(str(out / "ddpo-sd")).use_lora
+
+
+def test_an_unfinished_dataloader_elsewhere_does_not_change_accumulation(tiny_sd, tmp_path):
+    """accelerate's gradient state is process-wide: a prepared dataloader left at its last batch by an earlier run
+    (an interrupted Trainer in a notebook) must not turn every DDPO micro-step into an optimizer step."""
+    from accelerate import Accelerator
+
+    other = Accelerator()
+    loader = other.prepare_data_loader(torch.utils.data.DataLoader(list(range(4)), batch_size=2))
+    batches = iter(loader)
+    next(batches), next(batches)  # at its end, never finished: still registered as the active dataloader
+    try:
+        trainer = _trainer(tiny_sd, _config(tmp_path, num_epochs=1, save_freq=100))
+        trainer.train()
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["global_step"] == 2  # 4 samples / train_batch_size 2, all 3 timesteps accumulated
+    finally:
+        other.gradient_state._remove_dataloader(loader)

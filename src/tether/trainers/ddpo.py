@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
 from ..distributed import destroy_process_group_at_exit
 from ..losses.ddpo import DDPO_LOSSES, PerPromptStatTracker, batch_advantages
@@ -91,10 +91,15 @@ class DDPOTrainer:
         self.output_dir = config.output_dir or config.project_kwargs.get("project_dir") or config.logdir
         self.num_train_timesteps = config.num_train_timesteps
         # Gradients accumulate over every trained timestep of `train_gradient_accumulation_steps` batches.
+        # sync_with_dataloader=False: there is no prepared dataloader here, and accelerate's gradient state is
+        # process-wide, so a dataloader some earlier run left unfinished (an interrupted Trainer in a notebook)
+        # would otherwise make every micro-step an optimizer step.
         self.accelerator = Accelerator(
             log_with=config.log_with, mixed_precision=config.mixed_precision,
             project_config=ProjectConfiguration(**config.project_kwargs),
-            gradient_accumulation_steps=config.train_gradient_accumulation_steps * self.num_train_timesteps,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=config.train_gradient_accumulation_steps * self.num_train_timesteps,
+                sync_with_dataloader=False),
             **config.accelerator_kwargs)
         destroy_process_group_at_exit(self.accelerator)
         ok, message = self._config_check()
