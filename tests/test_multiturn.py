@@ -349,6 +349,20 @@ def test_cli_environment_and_tools(tmp_path, tiny_decoder_dir):
     assert "rewards/Env/mean" in logged and "episodes/turn_2/reward_mean" in logged
 
 
+def test_demo_method_tools_dispatches(tmp_path, monkeypatch):
+    """`tether demo --method tools` runs the tools demo (the real one: the slow tests below)."""
+    from tether import cli
+    from tether.demo import tools_task
+
+    called = []
+    monkeypatch.setattr(tools_task, "run_tools_demo", lambda *a, **kw: called.append((a, kw)))
+    assert cli.main(["demo", "--method", "tools", "--quick", "--output_dir", str(tmp_path)]) == 0
+    assert called == [((str(tmp_path),), {"quick": True, "seed": 0})]
+    with pytest.raises(SystemExit, match="not a pipeline YAML"):
+        cli.main(["demo", "--method", "tools", "--print-config"])
+
+
+@pytest.mark.slow
 def test_tools_demo_quick(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tether.cli", "demo", "--method", "tools", "--quick",
                              "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
