@@ -2,7 +2,7 @@
 rows stopping at EOS at different steps and finished rows dropped from the cache; the returned log-probs
 equal a full forward pass's log_softmax(logits / T); the completion mask / truncated / padding
 semantics; the group layout; reproducibility with a torch.Generator; `filter_logits` against a slow
-reference; and `_sample`'s empirical frequencies against softmax(logits / T).
+reference; and `sample_next_tokens`'s empirical frequencies against softmax(logits / T).
 
 Shapes: p = prompts, k = generations per prompt, n = p * k, c = completion tokens, v = vocabulary.
 """
@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tether.rollout import sampling
-from tether.rollout.sampling import _sample, filter_logits, sample_groups
+from tether.rollout.sampling import filter_logits, sample_groups, sample_next_tokens
 
 PAD = 0
 MAX_NEW = 10
@@ -80,13 +80,13 @@ def check_row_semantics(sampled, eos: list[int], max_new_tokens: int) -> list[in
 def count_compactions(monkeypatch):
     """Counts the calls that drop finished rows from the preallocated cache layers."""
     calls = []
-    original = sampling._PreallocatedLayer._gather
+    original = sampling.PreallocatedLayer._gather
 
     def counting(self, indices):
         calls.append(len(indices))
         return original(self, indices)
 
-    monkeypatch.setattr(sampling._PreallocatedLayer, "_gather", counting)
+    monkeypatch.setattr(sampling.PreallocatedLayer, "_gather", counting)
     return calls
 
 
@@ -180,8 +180,8 @@ def sampler_path(request, monkeypatch):
     if request.param == "re-encoded":
         monkeypatch.setattr(sampling, "_GATHERERS", ())
     if request.param == "no-cache":
-        original = sampling._Forward.prefill
-        monkeypatch.setattr(sampling._Forward, "prefill",
+        original = sampling.CachedForward.prefill
+        monkeypatch.setattr(sampling.CachedForward, "prefill",
                             lambda self, ids, mask, use_cache=True: original(self, ids, mask, use_cache=False))
     return request.param
 
@@ -306,7 +306,7 @@ def test_filter_logits_hand_cases():
     assert keep(filter_logits(ties, top_k=1)) == [1, 2]  # ties at the k-th value are kept
 
 
-# ----- _sample follows softmax(logits / T) ----------------------------------------------------------------------
+# ----- sample_next_tokens follows softmax(logits / T) ----------------------------------------------------------------------
 LOGITS = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -2.0, 1.5, 0.7])
 DRAWS = 20000
 
@@ -330,7 +330,7 @@ def test_sample_frequencies_follow_the_filtered_softmax(temperature, top_k, top_
     standard errors; filtered tokens never appear; the log-probs returned are the unfiltered
     log_softmax(logits / T) of the drawn tokens."""
     logits = LOGITS.expand(DRAWS, -1)  # [N, v]
-    tokens, logps = _sample(logits, temperature, top_k, top_p, min_p, torch.Generator().manual_seed(0))
+    tokens, logps = sample_next_tokens(logits, temperature, top_k, top_p, min_p, torch.Generator().manual_seed(0))
     scaled = (LOGITS.double() / temperature).tolist()
     kept = ref_kept(scaled, top_k, top_p, min_p)
     kept_probs = softmax({j: scaled[j] for j in kept})
@@ -349,7 +349,7 @@ def test_sample_frequencies_follow_the_filtered_softmax(temperature, top_k, top_
 
 def test_sample_greedy_takes_the_argmax_and_logps_at_t1():
     logits = torch.stack([LOGITS, LOGITS.flip(0), -LOGITS])  # [3, v]
-    tokens, logps = _sample(logits, 0.0, 0, 1.0, 0.0, None)
+    tokens, logps = sample_next_tokens(logits, 0.0, 0, 1.0, 0.0, None)
     assert tokens.tolist() == logits.argmax(-1).tolist()
     torch.testing.assert_close(logps, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1),
                                rtol=0, atol=0)

@@ -127,14 +127,14 @@ def generate_greedy(model, prompt: list[int], eos: list[int] | None, name: str =
 def path_taken(monkeypatch):
     """Records whether each call shared the prompt encoding (the fast path) or re-encoded it."""
     taken = []
-    original = sampling._shared_prompt_cache
+    original = sampling.shared_prompt_cache
 
     def spy(*args, **kwargs):
         result = original(*args, **kwargs)
         taken.append("shared" if result[2] is not None else "re-encoded")
         return result
 
-    monkeypatch.setattr(sampling, "_shared_prompt_cache", spy)
+    monkeypatch.setattr(sampling, "shared_prompt_cache", spy)
     return taken
 
 

@@ -45,13 +45,13 @@ from torch import nn
 from ..models.forward import unwrap_model
 from .generation import StopStrings
 from .sampling import (
+    CachedForward,
+    PreallocatedLayer,
     SampledGroups,
-    _Forward,
-    _preallocate,
-    _PreallocatedLayer,
-    _sample,
-    _shared_prompt_cache,
     left_pad,
+    preallocate_cache,
+    sample_next_tokens,
+    shared_prompt_cache,
 )
 from .tools import call_tool, tool_name
 
@@ -220,7 +220,7 @@ class _TurnStops:
 
 def _plain_cache(cache: Any) -> bool:
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(isinstance(layer, _PreallocatedLayer) for layer in layers)
+    return bool(layers) and all(isinstance(layer, PreallocatedLayer) for layer in layers)
 
 
 def _repack(cache: Any, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -289,7 +289,7 @@ class _EpisodeLoop:
                  environments: Sequence[Environment], budget: int, max_turns: int, eos_ids: list[int],
                  pad_id: int, max_turn_tokens: int, max_observation_tokens: int | None, stop_strings: Sequence[str],
                  sampling: dict[str, Any], device: torch.device) -> None:
-        self.fwd, self.tokenizer, self.device = _Forward(model), tokenizer, device
+        self.fwd, self.tokenizer, self.device = CachedForward(model), tokenizer, device
         self.prompts, self.envs = [list(p) for p in prompts], list(environments)
         self.budget, self.max_turns, self.pad_id = budget, max_turns, pad_id
         self.max_turn_tokens, self.max_observation_tokens = max_turn_tokens, max_observation_tokens
@@ -307,7 +307,7 @@ class _EpisodeLoop:
         next_position = attention_mask.sum(-1)  # [r]
         with ThreadPoolExecutor(max_workers=min(8, len(self.envs))) as pool:
             while running:
-                tokens, logps = _sample(logits, self.sampling["temperature"], self.sampling["top_k"],
+                tokens, logps = sample_next_tokens(logits, self.sampling["temperature"], self.sampling["top_k"],
                                         self.sampling["top_p"], self.sampling["min_p"], self.sampling["generator"],
                                         self.sampling["logprob_temperature"])  # [r], [r]
                 feeds, ending = [], []
@@ -348,11 +348,11 @@ class _EpisodeLoop:
         for the rest of the budget."""
         sequences = [self.prompts[e] + self.episodes[e].ids for e in running]
         input_ids, attention_mask = left_pad(sequences, self.pad_id, self.device)
-        logits, cache, self.gather = _shared_prompt_cache(self.fwd, input_ids, attention_mask, 1)
+        logits, cache, self.gather = shared_prompt_cache(self.fwd, input_ids, attention_mask, 1)
         if cache is None:  # a cache that cannot be gathered by rows: plain prefill (no row drops needed here)
             logits, cache = self.fwd.prefill(input_ids, attention_mask)
         else:  # room for the longest remaining budget (holes beyond it make the cache grow)
-            _preallocate(cache, self.budget - min(len(self.episodes[e].ids) for e in running) + 16)
+            preallocate_cache(cache, self.budget - min(len(self.episodes[e].ids) for e in running) + 16)
         return logits, cache, attention_mask
 
     def _feed(self, feeds: list[list[int]], cache: Any, attention_mask: torch.Tensor, next_position: torch.Tensor

@@ -55,7 +55,7 @@ from ..models.forward import position_ids_from_mask, unwrap_model
 _COMPACT_WHEN_FINISHED = 0.25
 
 
-class _PreallocatedLayer(DynamicLayer):
+class PreallocatedLayer(DynamicLayer):
     """A DynamicLayer whose keys and values live in a buffer with room for the whole completion.
 
     DynamicLayer appends a token with torch.cat, which copies the layer's whole cache at every step
@@ -64,7 +64,7 @@ class _PreallocatedLayer(DynamicLayer):
     """
 
     @classmethod
-    def wrap(cls, layer: DynamicLayer, extra_tokens: int) -> _PreallocatedLayer:
+    def wrap(cls, layer: DynamicLayer, extra_tokens: int) -> PreallocatedLayer:
         new = cls.__new__(cls)
         new.__dict__.update(layer.__dict__)
         b, h, t, d = layer.keys.shape
@@ -115,13 +115,13 @@ class _PreallocatedLayer(DynamicLayer):
         self._gather(torch.arange(self.key_buffer.shape[0], device=self.key_buffer.device).repeat_interleave(repeats))
 
 
-def _preallocate(cache: object, extra_tokens: int) -> None:
+def preallocate_cache(cache: object, extra_tokens: int) -> None:
     """Give the cache's plain dynamic layers room for `extra_tokens` more (other layer kinds, e.g.
     sliding-window, linear-attention or hybrid ones, keep their own behaviour)."""
     layers = getattr(cache, "layers", None) or []
     for i, layer in enumerate(layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
-            layers[i] = _PreallocatedLayer.wrap(layer, extra_tokens)
+            layers[i] = PreallocatedLayer.wrap(layer, extra_tokens)
 
 
 # ----- cache row gathering ---------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def penalize_repetitions(logits: torch.Tensor, seen: torch.Tensor, penalty: floa
     return torch.where(seen, penalized, logits)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float,
+def sample_next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float,
             generator: torch.Generator | None, logprob_temperature: float | None = None,
             seen: torch.Tensor | None = None, repetition_penalty: float = 1.0,
             banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,7 +329,7 @@ class _Processors:
     stop_check: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-class _Forward:
+class CachedForward:
     """Calls of the transformers model with the argument names its forward takes: the cache is `cache` in
     transformers 5.x (`past_key_values` before); MoE models get output_router_logits=False, because their
     load-balancing loss cannot be computed on a one-token decoding step with the full attention mask (and
@@ -366,7 +366,7 @@ class _Forward:
         return out.logits[:, -1], cache if returned is None else returned
 
 
-def _shared_prompt_cache(fwd: _Forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
+def shared_prompt_cache(fwd: CachedForward, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
                          ) -> tuple[torch.Tensor, Any, Any]:
     """Encode the p unique prompts [p, q] once and gather the cache to [p * k] rows.
 
@@ -392,9 +392,9 @@ def _shared_prompt_cache(fwd: _Forward, input_ids: torch.Tensor, attention_mask:
 def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max_new_tokens: int,
                  pad_token_id: int, eos_token_ids: list[int], settings: _Processors,
                  generator: torch.Generator | None, device: torch.device) -> SampledGroups:
-    fwd = _Forward(model)
+    fwd = CachedForward(model)
     input_ids, attention_mask = left_pad(prompts, pad_token_id, device)  # [p, q]
-    logits, cache, gather = _shared_prompt_cache(fwd, input_ids, attention_mask, k)
+    logits, cache, gather = shared_prompt_cache(fwd, input_ids, attention_mask, k)
     input_ids = input_ids.repeat_interleave(k, dim=0)  # [n, q]
     attention_mask = attention_mask.repeat_interleave(k, dim=0)  # [n, q]
     if gather is not None:  # fast path: each group shares its prompt's encoding
@@ -406,7 +406,7 @@ def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max
         logits, cache = fwd.prefill(input_ids, attention_mask)  # [n, v]; cache None if the model keeps none
     sequence = input_ids if cache is None else None  # [r, q + step]: only without a cache
     if cache is not None:
-        _preallocate(cache, max_new_tokens)
+        preallocate_cache(cache, max_new_tokens)
     can_compact = gather is not None or cache is None
     next_position = attention_mask.sum(-1)  # [n]: position of the first completion token
 
@@ -430,7 +430,7 @@ def _sample_loop(model: nn.Module, prompts: Sequence[Sequence[int]], k: int, max
     banned_before_min[eos[eos < vocab]] = True
 
     for step in range(max_new_tokens):
-        tokens, token_logps = _sample(
+        tokens, token_logps = sample_next_tokens(
             logits, settings.temperature, settings.top_k, settings.top_p, settings.min_p, generator,
             settings.logprob_temperature, None if seen is None else seen[running], settings.repetition_penalty,
             banned_before_min if step < settings.min_new_tokens else (banned if settings.suppress_tokens else None),
