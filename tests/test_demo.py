@@ -106,6 +106,7 @@ def test_demo_quick(tmp_path):
         assert len(story[stage]["samples"]) == len(HELD_OUT_OPENINGS) * QUICK.eval_samples
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget; the quick demo stays in it
 def test_demo_is_reproducible_and_a_rerun_skips_every_stage(tmp_path, capsys):
     """Same seed, same run: identical samples and bit-identical fine-tuned weights (in process, --quick). Run
     again into the same folder, the demo rewrites no input, so the pipeline skips every stage, and the story
@@ -146,6 +147,7 @@ def test_print_config_is_the_pipeline_the_demo_runs(method, tmp_path, capsys):
     assert spec.stage("sft").dataset.name == f"{out}/data/reviews" and spec.stage("sft").dataset.test_split == "test"
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget; the quick demo stays in it
 def test_demo_method_grpo_quick(tmp_path, capsys):
     """`tether demo --method grpo --quick` (in process): setup, SFT, reward model, then GRPO, one report."""
     from tether.cli import main
