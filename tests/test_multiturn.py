@@ -460,3 +460,19 @@ def test_sampling_settings_episodes_cannot_honour_are_named(tiny_decoder, tokeni
                           processing_class=tokenizer, environment_factory=CountingEnv)
     with pytest.raises(ValueError, match="repetition_penalty"):
         trainer.train()
+
+
+def test_the_environment_reward_joins_the_reward_functions_with_weight_one():
+    from tether.trainers.episodes import EpisodeRollout
+
+    rollout = EpisodeRollout(GRPOConfig(output_dir="unused"), None, environment_factory=CountingEnv)
+
+    def length(completions, **kw):
+        return [float(len(c)) for c in completions]
+
+    funcs, weights = rollout.with_environment_reward(length, [0.5])
+    assert funcs[0] is length and funcs[1].__name__ == "CountingEnv" and weights == [0.5, 1.0]
+    assert funcs[1](["p"], ["c"], environment_reward=[2.0]) == [2.0]
+    assert rollout.with_environment_reward(None, None)[1] is None
+    tools_only = EpisodeRollout(GRPOConfig(output_dir="unused"), None, tools=[len])
+    assert tools_only.with_environment_reward([length], None) == ([length], None)  # tools alone give no reward

@@ -109,6 +109,15 @@ class EpisodeRollout:
         # Whether episodes carry a reward of their own: a step-based environment's, or a TRL-style get_reward.
         self.has_reward = self.step_based or callable(getattr(probe, "get_reward", None))
 
+    def with_environment_reward(self, reward_funcs: Any, reward_weights: list[float] | None
+                                ) -> tuple[list[Any] | Any, list[float] | None]:
+        """The trainer's reward functions and weights, plus the environment's reward (weight 1) when it has one."""
+        if not self.has_reward:
+            return reward_funcs, reward_weights
+        funcs = (list(reward_funcs) if isinstance(reward_funcs, (list, tuple))
+                 else [reward_funcs] if reward_funcs is not None else [])
+        return [*funcs, self.reward_function()], None if reward_weights is None else [*reward_weights, 1.0]
+
     def reward_function(self) -> Callable[..., list[float]]:
         """The environment's reward as a reward function reading this module's column (summed turn rewards)."""
         def environment_reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:

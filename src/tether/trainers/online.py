@@ -143,11 +143,8 @@ class OnlineTrainer(TetherTrainer):
     ) -> None:
         args = as_config(self.config_class, args, model, self.config_suffix)
         self.episodes = self._episode_rollout(args, tools, environment_factory, rollout_func)
-        if self.episodes is not None and self.episodes.has_reward:  # the environment's reward: one more function
-            reward_funcs = [*(reward_funcs if isinstance(reward_funcs, (list, tuple)) else
-                              [reward_funcs] if reward_funcs is not None else []), self.episodes.reward_function()]
-            if args.reward_weights is not None:
-                args.reward_weights = [*args.reward_weights, 1.0]
+        if self.episodes is not None:  # the environment's reward: one more reward function
+            reward_funcs, args.reward_weights = self.episodes.with_environment_reward(reward_funcs, args.reward_weights)
         if args.use_vllm and args.vllm_mode == "colocate":
             require_vllm()
         # A reward model loaded here may get a fresh score head: drawn from the run's seed, not from whatever the

@@ -202,10 +202,8 @@ class PPOTrainer(PPOTrainLoop):
         # Multi-turn episodes in train(): the environment's reward is one more reward function (see episodes.py).
         self.episodes = (EpisodeRollout(config, tokenizer, tools, environment_factory)
                          if tools or environment_factory is not None else None)
-        if self.episodes is not None and self.episodes.has_reward:
-            reward_funcs = [*(reward_funcs if isinstance(reward_funcs, (list, tuple)) else
-                              [reward_funcs] if reward_funcs is not None else []), self.episodes.reward_function()]
-            reward_weights = [*reward_weights, 1.0] if reward_weights is not None else None
+        if self.episodes is not None:
+            reward_funcs, reward_weights = self.episodes.with_environment_reward(reward_funcs, reward_weights)
         self.rewards = RewardFunctions(reward_funcs, reward_weights) if reward_funcs is not None else None
         if self.rewards is not None:
             prepare_reward_models(self.rewards, self.accelerator)
