@@ -105,6 +105,7 @@ def run_ddpo_demo(output_dir: str | os.PathLike = "./tether-demo-ddpo", quick: b
 
     from ..models.diffusion import DefaultDDPOStableDiffusionPipeline
     from ..reports.page import write_report
+    from ..reports.runfiles import METRICS_FILE, read_jsonl
     from ..rollout.image_rewards import jpeg_incompressibility
     from ..trainers.ddpo import DDPOTrainer
     from .tiny_diffusion import PROMPTS, build_tiny_sd_pipeline
@@ -137,8 +138,7 @@ def run_ddpo_demo(output_dir: str | os.PathLike = "./tether-demo-ddpo", quick: b
                                   lambda: (PROMPTS[next(draws) % len(PROMPTS)], {}), pipeline)
         pipeline.set_progress_bar_config(disable=True)
         trainer.train()
-        rows = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
-                if line.strip()][-sizes.num_epochs:]
+        rows = read_jsonl(Path(config.output_dir) / METRICS_FILE)[-sizes.num_epochs:]
         for row in rows:
             print(f"  epoch {row['step']:3d}  reward {row['reward_mean']:.3f} +- {row['reward_std']:.3f}  "
                   f"approx_kl {row.get('approx_kl', 0):.2e}  clipfrac {row.get('clipfrac', 0):.2f}", flush=True)

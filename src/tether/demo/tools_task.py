@@ -98,11 +98,9 @@ SIZES = {
 
 
 def _read_metric(run_dir: Path, key: str) -> list[float]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [float(r[key]) for r in rows if key in r and r[key] is not None]
+    from ..reports.runfiles import METRICS_FILE, read_jsonl
+
+    return [float(r[key]) for r in read_jsonl(run_dir / METRICS_FILE) if r.get(key) is not None]
 
 
 def run_tools_demo(output_dir: str | os.PathLike = "./tether-demo-tools", quick: bool = False, seed: int = 0,

@@ -48,21 +48,29 @@ class StopStrings:
     """Ends a response once its text contains one of `strings` (a stop string may span several tokens, so the
     text is decoded). Called with the sampled ids of running rows [r, s], it returns which end at their last
     token (bool [r]): only the last few tokens are decoded, enough to hold the longest string, since a
-    string that completed earlier would have ended the row then. `cut` trims a finished response instead."""
+    string that completed earlier would have ended the row then. A string that is one of the tokenizer's added
+    tokens (e.g. a special `<call>`) is split out of any text before tokenizing, so it is always that one token:
+    it is matched by id, with no decoding. `cut` trims a finished response instead."""
 
     def __init__(self, tokenizer: Any, strings: Sequence[str]) -> None:
         if tokenizer is None or not strings or not all(strings):
             raise ValueError("stop strings need the tokenizer and non-empty strings.")
         self.tokenizer, self.strings = tokenizer, list(strings)
+        added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+        self.token_ids = torch.tensor(sorted({added[s] for s in self.strings if s in added}), dtype=torch.long)
+        self.decoded = [s for s in self.strings if s not in added]
         # Every token decodes to at least one character; one more for a string that starts inside a token.
-        self.window = max(len(text) for text in self.strings) + 1
+        self.window = max((len(text) for text in self.decoded), default=0) + 1
 
     def _contains(self, text: str) -> bool:
         return any(stop in text for stop in self.strings)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        tails = self.tokenizer.batch_decode(ids[:, -self.window:].tolist())
-        return torch.tensor([self._contains(tail) for tail in tails], dtype=torch.bool)
+        hits = torch.isin(ids[:, -1].cpu(), self.token_ids)  # [r]
+        if self.decoded:
+            tails = self.tokenizer.batch_decode(ids[:, -self.window:].tolist())
+            hits |= torch.tensor([any(stop in tail for stop in self.decoded) for tail in tails], dtype=torch.bool)
+        return hits
 
     def cut(self, response: torch.Tensor) -> torch.Tensor:
         """response [r] cut after the token that completes the first stop string (kept), if any."""

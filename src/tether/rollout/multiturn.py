@@ -53,9 +53,10 @@ from .sampling import (
     sample_next_tokens,
     shared_prompt_cache,
 )
-from .tools import call_tool, tool_name
+from .tools import CALL, REQUEST, RESPONSE, call_tool, parse_classic_call, tool_name
 
 REPACK_WHEN_HOLES = 1 / 3  # repack the cache once this share of its slots are masked holes
+ENVIRONMENT_REWARD_COLUMN = "environment_reward"  # the column an episode's summed turn rewards reach reward functions in
 
 
 class Environment(Protocol):
@@ -78,9 +79,26 @@ class SampledEpisodes(SampledGroups):
     tool_calls: list[list[int]] = field(default_factory=list)
     extra_columns: dict[str, list[Any]] = field(default_factory=dict)  # a rollout_func's fields for reward functions
 
+    def texts(self, tokenizer: Any, eos_token_ids: Sequence[int]) -> list[str]:
+        """Each episode's text after the prompt (model turns and observations), see `episode_text`."""
+        return [episode_text(tokenizer, ids[mask].tolist(), eos_token_ids)
+                for ids, mask in zip(self.completion_ids, self.episode_mask)]
+
+    def reward_columns(self) -> dict[str, list[Any]]:
+        """What reward functions get besides the texts: a rollout_func's fields and the environment's reward (the
+        column the environment's reward function reads)."""
+        rewards = {} if self.rewards is None else {ENVIRONMENT_REWARD_COLUMN: self.rewards.tolist()}
+        return {**self.extra_columns, **rewards}
+
+
+def episode_text(tokenizer: Any, ids: Sequence[int], eos_token_ids: Sequence[int]) -> str:
+    """Text of episode tokens as the model and the environment see it: special tokens (tool-call markers) kept,
+    EOS dropped."""
+    eos = set(eos_token_ids)
+    return tokenizer.decode([t for t in ids if t not in eos])
+
 
 # ----- tool calls ------------------------------------------------------------------------------------------------
-_CLASSIC_CALL = re.compile(r"<request><([^<>]+)>(.*?)<call>", re.DOTALL)
 _JSON_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
@@ -112,7 +130,7 @@ class ToolEnvironment:
 
     @property
     def stop_strings(self) -> list[str]:
-        return ["<call>"] if self.syntax == "classic" else []
+        return [CALL] if self.syntax == "classic" else []
 
     def reset(self, prompt: Any = None, **row: Any) -> str | None:
         self.tool_calls = self.tool_failures = 0
@@ -142,8 +160,10 @@ class ToolEnvironment:
 
     def _parse(self, text: str) -> list[tuple[str, str | dict[str, Any]]]:
         if self.syntax == "classic":
-            found = _CLASSIC_CALL.findall(text)
-            return [(name.strip(), argument) for name, argument in found[-1:]]  # the call that ended the turn
+            name, query = parse_classic_call(text)
+            if name is None:  # a malformed call is reported back as an unknown tool; no call ends the episode
+                return [("<unparsable>", "")] if REQUEST in text and CALL in text else []
+            return [(name, query)]
         if getattr(self.tokenizer, "response_schema", None):
             parsed = self.tokenizer.parse_response(text) or {}
             return [(c["function"]["name"], c["function"].get("arguments") or {})
@@ -159,7 +179,7 @@ class ToolEnvironment:
 
     def _observation(self, results: list[tuple[str, str]]) -> str:
         if self.syntax == "classic":
-            return results[-1][1] + "<response>"
+            return results[-1][1] + RESPONSE
         return chat_tool_observation(self.tokenizer, results)
 
 
@@ -195,27 +215,6 @@ class _Episode:
     rewards: list[float] = field(default_factory=list)
     tool_calls: list[int] = field(default_factory=list)
     truncated: bool = False
-
-
-class _TurnStops:
-    """Whether a turn ends with a stop string: one that is a single token (e.g. a special `<call>`) is matched by
-    id, with no decoding; others by `generation.StopStrings` on the turn's own tokens."""
-
-    def __init__(self, tokenizer: Any, stop_strings: Sequence[str]) -> None:
-        self.ids, texts = set(), []
-        unk = getattr(tokenizer, "unk_token_id", None)
-        for text in stop_strings:
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) == 1 and ids[0] != unk:
-                self.ids.add(ids[0])
-            else:
-                texts.append(text)
-        self.texts = StopStrings(tokenizer, texts) if texts else None
-
-    def ended(self, turn: list[int]) -> bool:
-        if turn[-1] in self.ids:
-            return True
-        return self.texts is not None and bool(self.texts(torch.tensor([turn]))[0])
 
 
 def _plain_cache(cache: Any) -> bool:
@@ -294,7 +293,7 @@ class _EpisodeLoop:
         self.budget, self.max_turns, self.pad_id = budget, max_turns, pad_id
         self.max_turn_tokens, self.max_observation_tokens = max_turn_tokens, max_observation_tokens
         self.eos = set(eos_ids)
-        self.stop = _TurnStops(tokenizer, stop_strings)
+        self.stop = StopStrings(tokenizer, stop_strings) if stop_strings else None
         self.sampling = sampling
         self.episodes = [_Episode() for _ in prompts]
 
@@ -317,7 +316,7 @@ class _EpisodeLoop:
                     episode.model.append(True)
                     episode.logps.append(logp)
                     feeds.append([token])
-                    if (token in self.eos or self.stop.ended(episode.ids[episode.turn_start:])
+                    if (token in self.eos or self._stopped(episode)
                             or len(episode.ids) >= self.budget
                             or len(episode.ids) - episode.turn_start >= self.max_turn_tokens):
                         ending.append(row)
@@ -342,6 +341,11 @@ class _EpisodeLoop:
                 if kv and 1.0 - float(attention_mask.float().mean()) > REPACK_WHEN_HOLES:
                     attention_mask = _repack(cache, attention_mask)
         return self._result()
+
+    def _stopped(self, episode: _Episode) -> bool:
+        """Whether the current turn ends with a stop string (its own tokens only: an earlier turn's `<call>` is not
+        this one's)."""
+        return self.stop is not None and bool(self.stop(torch.tensor([episode.ids[episode.turn_start:]]))[0])
 
     def _prefill(self, running: list[int]) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """Encode the running episodes whole (prompt and everything after it), left-padded; the cache gets room
@@ -383,8 +387,8 @@ class _EpisodeLoop:
         the episodes and to their rows' feeds. Returns the episodes that are over."""
         if not ended:
             return set()
-        texts = [self.tokenizer.decode([t for t in self.episodes[e].ids[self.episodes[e].turn_start:]
-                                        if t not in self.eos]) for e in ended]
+        texts = [episode_text(self.tokenizer, self.episodes[e].ids[self.episodes[e].turn_start:], self.eos)
+                 for e in ended]
         calls_before = [getattr(self.envs[e], "tool_calls", 0) for e in ended]
         answers = list(pool.map(lambda pair: self.envs[pair[0]].step(pair[1]), zip(ended, texts)))
         finished = set()

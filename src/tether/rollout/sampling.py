@@ -227,9 +227,9 @@ def penalize_repetitions(logits: torch.Tensor, seen: torch.Tensor, penalty: floa
 
 
 def sample_next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float,
-            generator: torch.Generator | None, logprob_temperature: float | None = None,
-            seen: torch.Tensor | None = None, repetition_penalty: float = 1.0,
-            banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       generator: torch.Generator | None, logprob_temperature: float | None = None,
+                       seen: torch.Tensor | None = None, repetition_penalty: float = 1.0,
+                       banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [b, v] -> (tokens [b], their log-probs [b] under softmax(logits / T_logprob)).
 
     T_logprob = logprob_temperature, default the sampling temperature (1 when greedy). The token is drawn
@@ -367,7 +367,7 @@ class CachedForward:
 
 
 def shared_prompt_cache(fwd: CachedForward, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
-                         ) -> tuple[torch.Tensor, Any, Any]:
+                        ) -> tuple[torch.Tensor, Any, Any]:
     """Encode the p unique prompts [p, q] once and gather the cache to [p * k] rows.
 
     Returns (logits [p, v], cache with p * k rows, gatherer) or (logits, None, None) when the cache cannot

@@ -31,7 +31,6 @@ Shapes: q = query tokens, r = response tokens.
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,7 +40,7 @@ import torch
 from ..models.forward import unwrap_model
 from .generation import generate_responses
 from .text_history import TextHistory
-from .tools import call_tool, tool_name, truncate_text
+from .tools import CALL, REQUEST, RESPONSE, SUBMIT, call_tool, parse_classic_call, tool_name, truncate_text
 
 _UNSET = object()
 
@@ -76,10 +75,7 @@ class TextEnvironment:
         self.tools = resolve_tools(tools)
         self.reward_fn = reward_fn
         self.max_length = max_length
-        self.request_token = "<request>"
-        self.call_token = "<call>"
-        self.response_token = "<response>"
-        self.submit_token = "<submit>"
+        self.request_token, self.call_token, self.response_token, self.submit_token = REQUEST, CALL, RESPONSE, SUBMIT
         self.max_turns = max_turns
         self.max_tool_response = max_tool_response
         self.tool_timeout = tool_timeout
@@ -130,15 +126,9 @@ class TextEnvironment:
         return truncate_text(answer, self.max_tool_response)[0]
 
     def parse_tool_call(self, text: str) -> tuple[str | None, str | None]:
-        """(tool name, query) of the first `<request><name>query<call>` in text, or (None, None). Anything
-        between <request> and the name is skipped; the query is everything after the name's `>`."""
-        call = re.search(re.escape(self.request_token) + "(.*?)" + re.escape(self.call_token), text, re.DOTALL)
-        if call is None:
-            return None, None
-        name = re.search(r"<(.*?)>", call.group(1))
-        if name is None:
-            return None, None
-        return name.group(1), call.group(1).split(">", 1)[1]
+        """(tool name, query) of the first `<request><name>query<call>` in text, or (None, None) (see
+        `rollout.tools.parse_classic_call`)."""
+        return parse_classic_call(text, self.request_token, self.call_token)
 
     def compute_reward(self, histories: list[TextHistory], **reward_kwargs: Any) -> list[TextHistory]:
         """Set each history's reward: reward_fn(last text segments, **reward_kwargs), one per history."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import operator
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,22 @@ def truncate_text(text: str, max_chars: int | None) -> tuple[str, bool]:
     if max_chars <= len(TRUNCATION_MARKER):
         return text[:max_chars], True
     return text[: max_chars - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER, True
+
+
+# TRL 0.7's call syntax: <request><ToolName>query<call>answer<response> (<submit> ends an episode).
+REQUEST, CALL, RESPONSE, SUBMIT = "<request>", "<call>", "<response>", "<submit>"
+
+
+def parse_classic_call(text: str, request: str = REQUEST, call: str = CALL) -> tuple[str | None, str | None]:
+    """(tool name, query) of the first `<request><name>query<call>` in text, or (None, None). Anything between
+    <request> and the name is skipped; the query is everything after the name's `>`."""
+    found = re.search(re.escape(request) + "(.*?)" + re.escape(call), text, re.DOTALL)
+    if found is None:
+        return None, None
+    name = re.search(r"<(.*?)>", found.group(1))
+    if name is None:
+        return None, None
+    return name.group(1), found.group(1).split(">", 1)[1]
 
 
 def tool_name(tool: Callable[..., Any]) -> str:

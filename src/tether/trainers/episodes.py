@@ -18,9 +18,7 @@ from typing import Any
 import torch
 
 from ..data.tokenize import tokenize_prompt
-from ..rollout.multiturn import SampledEpisodes, ToolEnvironment, sample_episodes
-
-ENVIRONMENT_REWARD_COLUMN = "environment_reward"
+from ..rollout.multiturn import ENVIRONMENT_REWARD_COLUMN, SampledEpisodes, ToolEnvironment, sample_episodes
 
 
 @dataclass

@@ -62,7 +62,6 @@ from ..rollout.vllm_generation import require_vllm, vllm_sampler
 from .base import TetherTrainer, as_config
 from .completion_log import completions_table
 from .episodes import (
-    ENVIRONMENT_REWARD_COLUMN,
     EnvironmentFields,
     EpisodeRollout,
     chat_template_with_tools,
@@ -344,30 +343,34 @@ class OnlineTrainer(TetherTrainer):
         """k completions per prompt from the policy: tether's sampler, or vLLM when use_vllm. The settings are
         the config's sampling fields with generation_kwargs over them (see rollout.sampling.sampling_settings)."""
         args = self.args
-        named = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p or 0.0,
-                     repetition_penalty=args.repetition_penalty)
-        pad_id = self.processing_class.pad_token_id
         if self._vllm is not None:  # vLLM takes generation_kwargs as SamplingParams, as TRL passes them
             self._vllm.sync(policy, self.state.global_step)
-            return self._vllm(prompt_ids, k, args.max_completion_length, pad_id, self._eos_ids, **named,
-                              generation_kwargs=args.generation_kwargs)
-        settings = sampling_settings(args.generation_kwargs, **named, max_new_tokens=args.max_completion_length,
-                                     eos_token_ids=self._eos_ids)
-        # Log-probs at the training temperature, as the loss computes them, whatever temperature samples.
-        return sample_groups(policy, prompt_ids, k, pad_token_id=pad_id, logprob_temperature=self.logprob_temperature,
-                             **settings)
+            return self._vllm(prompt_ids, k, args.max_completion_length, self.processing_class.pad_token_id,
+                              self._eos_ids, **self._sampling_fields, generation_kwargs=args.generation_kwargs)
+        return sample_groups(policy, prompt_ids, k, **self._sampler_settings())
+
+    @property
+    def _sampling_fields(self) -> dict[str, Any]:
+        args = self.args
+        return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p or 0.0,
+                    repetition_penalty=args.repetition_penalty)
+
+    def _sampler_settings(self) -> dict[str, Any]:
+        """tether's sampler's settings: the config's sampling fields with generation_kwargs over them, and the
+        log-prob temperature the loss uses (whatever temperature samples)."""
+        args = self.args
+        settings = sampling_settings(args.generation_kwargs, **self._sampling_fields,
+                                     max_new_tokens=args.max_completion_length, eos_token_ids=self._eos_ids)
+        return {**settings, "pad_token_id": self.processing_class.pad_token_id,
+                "logprob_temperature": self.logprob_temperature}
 
     def _sample_episodes(self, policy: nn.Module, batch: dict[str, list[Any]], k: int
                          ) -> tuple[list[list[int]], SampledEpisodes]:
         """k multi-turn episodes per prompt (trainers/episodes.py); their loss mask covers the model's tokens only.
         The sampler's log-probs are dropped: when the round needs the sampling policy's log-probs they are
         recomputed by the same pass (and micro-batching) as training's, so the first ratio is exactly 1."""
-        args = self.args
-        settings = sampling_settings(args.generation_kwargs, temperature=args.temperature, top_k=args.top_k,
-                                     top_p=args.top_p, min_p=args.min_p or 0.0, max_new_tokens=args.max_completion_length,
-                                     eos_token_ids=self._eos_ids, repetition_penalty=args.repetition_penalty)
-        settings.update(pad_token_id=self.processing_class.pad_token_id, logprob_temperature=self.logprob_temperature)
-        prompt_ids, episodes = self.episodes.sample(policy, batch, k, settings, self._chat_template_kwargs, self)
+        prompt_ids, episodes = self.episodes.sample(policy, batch, k, self._sampler_settings(),
+                                                    self._chat_template_kwargs, self)
         episodes.logps = None
         self.record_metrics(**episode_metrics(episodes))
         return prompt_ids, episodes
@@ -379,17 +382,13 @@ class OnlineTrainer(TetherTrainer):
         columns = {key: [v for v in values for _ in range(k)] for key, values in batch.items()
                    if key not in ("prompt", "prompt_input_ids")}
         prompts = [p for p in batch["prompt"] for _ in range(k)]
-        # An episode's text is all of it after the prompt: the model's turns and the observations between them.
-        shown = sampled.episode_mask if isinstance(sampled, SampledEpisodes) else sampled.completion_mask
-        completion_ids = [ids[m].tolist() for ids, m in zip(sampled.completion_ids, shown)]
-        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        if isinstance(sampled, SampledEpisodes):
-            columns.update(sampled.extra_columns)
-            if sampled.rewards is not None:
-                columns[ENVIRONMENT_REWARD_COLUMN] = sampled.rewards.tolist()
-            # Tool-call markers may be special tokens: keep them in an episode's text, drop only EOS.
-            eos = set(self._eos_ids)
-            texts = self.processing_class.batch_decode([[t for t in ids if t not in eos] for ids in completion_ids])
+        if isinstance(sampled, SampledEpisodes):  # all of it after the prompt: model turns and observations
+            completion_ids = [ids[m].tolist() for ids, m in zip(sampled.completion_ids, sampled.episode_mask)]
+            texts = sampled.texts(self.processing_class, self._eos_ids)
+            columns.update(sampled.reward_columns())
+        else:
+            completion_ids = [ids[m].tolist() for ids, m in zip(sampled.completion_ids, sampled.completion_mask)]
+            texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         # Conversational prompts get conversational completions, as TRL passes them to reward functions.
         completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(prompts[0], list) else texts
         self._extra_columns = collections.defaultdict(list)  # this round's log_extra columns

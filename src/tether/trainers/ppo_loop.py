@@ -38,7 +38,7 @@ from .checkpoints import (
     rng_file,
     save_rng_state,
 )
-from .episodes import ENVIRONMENT_REWARD_COLUMN, episode_metrics
+from .episodes import episode_metrics
 from .run_identity import check_fresh_output_dir, check_resume, describe_run, new_run_id, write_run_file
 
 
@@ -166,9 +166,8 @@ class PPOTrainLoop:
         lengths = episodes.episode_mask.sum(-1).tolist()
         responses = [episodes.completion_ids[i, :n].to(self.accelerator.device) for i, n in enumerate(lengths)]
         masks = [episodes.completion_mask[i, :n].long().to(self.accelerator.device) for i, n in enumerate(lengths)]
-        if episodes.rewards is not None:
-            columns[ENVIRONMENT_REWARD_COLUMN] = episodes.rewards.tolist()
-        texts = self.tokenizer.batch_decode([[t for t in r.tolist() if t != eos] for r in responses])
+        columns.update(episodes.reward_columns())
+        texts = episodes.texts(self.tokenizer, [eos])
         queries = [torch.tensor(p, device=self.accelerator.device) for p in prompt_ids]
         return queries, responses, masks, texts, episode_metrics(episodes)
 
