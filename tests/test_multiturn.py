@@ -106,6 +106,25 @@ def test_kv_reuse_across_turns_equals_reencoding(tiny_decoder, tokenizer, monkey
         torch.testing.assert_close(kept.logps[i, :length][model_tokens], reference[model_tokens], atol=2e-5, rtol=0)
 
 
+def test_a_group_of_episodes_encodes_its_prompt_once(tiny_decoder, tokenizer, monkeypatch):
+    """GRPO's k episodes of one prompt share its encoding (as single-turn sampling does); their log-probs are still
+    the teacher-forced ones."""
+    groups = []
+    original = multiturn.shared_prompt_cache
+    monkeypatch.setattr(multiturn, "shared_prompt_cache",
+                        lambda fwd, ids, mask, k: groups.append((len(ids), k)) or original(fwd, ids, mask, k))
+    prompts = [p for p in _prompts(tokenizer)[:3] for _ in range(2)]  # 3 prompts x 2 episodes
+    out, _ = _episodes(tiny_decoder, tokenizer, prompts, max_turn_tokens=4)
+    assert groups == [(3, 2)]
+    for i, prompt in enumerate(prompts):
+        length = int(out.episode_mask[i].sum())
+        reference = _teacher_forced(tiny_decoder, prompt, out.completion_ids[i, :length].tolist())
+        model_tokens = out.completion_mask[i, :length]
+        torch.testing.assert_close(out.logps[i, :length][model_tokens], reference[model_tokens], atol=2e-5, rtol=0)
+    assert multiturn._group_size([[1], [1], [2], [2]]) == 2
+    assert multiturn._group_size([[1], [1], [2], [3]]) == 1 and multiturn._group_size([[1], [2]]) == 1
+
+
 def test_cache_grows_past_its_preallocation(tiny_decoder, tokenizer, monkeypatch):
     """Observations can push the cache past the room preallocated for the budget: it grows, same numbers."""
     monkeypatch.setattr(multiturn, "REPACK_WHEN_HOLES", 2.0)  # never repack: holes pile up

@@ -217,6 +217,16 @@ class _Episode:
     truncated: bool = False
 
 
+def _group_size(sequences: list[list[int]]) -> int:
+    """g when the sequences are consecutive runs of g identical ones (the k episodes of each prompt), else 1."""
+    g = 1
+    while g < len(sequences) and sequences[g] == sequences[0]:
+        g += 1
+    if len(sequences) % g or any(sequences[i] != sequences[i - i % g] for i in range(len(sequences))):
+        return 1
+    return g
+
+
 def _plain_cache(cache: Any) -> bool:
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(isinstance(layer, PreallocatedLayer) for layer in layers)
@@ -326,8 +336,8 @@ class _EpisodeLoop:
                     break
                 running = [running[row] for row in keep]
                 feeds = [feeds[row] for row in keep]
-                if not kv:  # re-encode the running episodes whenever a turn ended, else one cached step
-                    if ending:
+                if not kv:  # re-encode the running episodes whenever a turn ended (every step without a cache)
+                    if ending or cache is None:
                         logits, cache, attention_mask = self._prefill(running)
                         next_position = attention_mask.sum(-1)
                         continue
@@ -351,13 +361,16 @@ class _EpisodeLoop:
         """Encode the running episodes whole (prompt and everything after it), left-padded; the cache gets room
         for the rest of the budget."""
         sequences = [self.prompts[e] + self.episodes[e].ids for e in running]
-        input_ids, attention_mask = left_pad(sequences, self.pad_id, self.device)
-        logits, cache, self.gather = shared_prompt_cache(self.fwd, input_ids, attention_mask, 1)
-        if cache is None:  # a cache that cannot be gathered by rows: plain prefill (no row drops needed here)
+        group = _group_size(sequences)  # a group's episodes start alike (GRPO's k per prompt): encoded once
+        input_ids, attention_mask = left_pad(sequences[::group], self.pad_id, self.device)
+        logits, cache, self.gather = shared_prompt_cache(self.fwd, input_ids, attention_mask, group)
+        if cache is None:  # no cache, or one that cannot be gathered by rows: every sequence prefilled
+            input_ids, attention_mask = left_pad(sequences, self.pad_id, self.device)
             logits, cache = self.fwd.prefill(input_ids, attention_mask)
-        else:  # room for the longest remaining budget (holes beyond it make the cache grow)
-            preallocate_cache(cache, self.budget - min(len(self.episodes[e].ids) for e in running) + 16)
-        return logits, cache, attention_mask
+            return logits, cache, attention_mask
+        # room for the longest remaining budget (holes beyond it make the cache grow)
+        preallocate_cache(cache, self.budget - min(len(self.episodes[e].ids) for e in running) + 16)
+        return logits.repeat_interleave(group, 0), cache, attention_mask.repeat_interleave(group, 0)
 
     def _feed(self, feeds: list[list[int]], cache: Any, attention_mask: torch.Tensor, next_position: torch.Tensor
               ) -> tuple[torch.Tensor, Any, torch.Tensor]:

@@ -151,17 +151,17 @@ class EpisodeRollout:
         prompt_ids, environments = [], []
         for i, prompt in enumerate(batch["prompt"]):
             row = {key: values[i] for key, values in batch.items() if key != "prompt_input_ids"}
+            tokenized = {None: list(batch["prompt_input_ids"][i])}  # by what reset added: a group's often agree
             for _ in range(k):
                 env = self._environment(isinstance(prompt, list))
-                observation = _call_accepting(env.reset, row)
-                ids = batch["prompt_input_ids"][i]
-                if observation:
+                observation = _call_accepting(env.reset, row) or None
+                if observation not in tokenized:
                     if isinstance(prompt, list):
                         extended = prompt[:-1] + [{**prompt[-1], "content": prompt[-1]["content"] + observation}]
                     else:
                         extended = prompt + observation
-                    ids = tokenize_prompt(self.tokenizer, extended, **chat_template_kwargs)
-                prompt_ids.append(list(ids))
+                    tokenized[observation] = tokenize_prompt(self.tokenizer, extended, **chat_template_kwargs)
+                prompt_ids.append(list(tokenized[observation]))
                 environments.append(env)
         return prompt_ids, environments
 
