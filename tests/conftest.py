@@ -79,3 +79,17 @@ def tiny_seq2seq_dir(tmp_path_factory, tokenizer_dir):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def standins(tmp_path_factory):
+    """Local stand-ins for the hub models and datasets TRL 0.7.11's example scripts load (trl_examples/)."""
+    from trl_examples.standins import Standins
+
+    return Standins(tmp_path_factory.mktemp("trl-standins"))
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory):
+    """An empty HF_HOME for the example scripts' runs."""
+    return tmp_path_factory.mktemp("hf-home")

@@ -17,20 +17,9 @@ from pathlib import Path
 import pytest
 
 from trl_examples.harness import HUB_IDS, examples_dir, prepare, rewrite_source, run_script
-from trl_examples.standins import Standins
 
 # The shared examples sit next to the repository, in CI too.
 SHARED_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "trl-0.7.11-examples"
-
-
-@pytest.fixture(scope="session")
-def standins(tmp_path_factory) -> Standins:
-    return Standins(tmp_path_factory.mktemp("trl-standins"))
-
-
-@pytest.fixture(scope="session")
-def hf_home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("hf-home")
 
 
 def run_example(

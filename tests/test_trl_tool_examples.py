@@ -18,26 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from test_trl_examples import assert_saved_model
-from trl_examples.harness import prepare, run_script
-from trl_examples.standins import Standins
+from test_trl_examples import assert_saved_model, run_example
 
 TOOLS = "research_projects/tools/"
 
 
-@pytest.fixture(scope="session")
-def standins(tmp_path_factory) -> Standins:
-    return Standins(tmp_path_factory.mktemp("trl-tool-standins"))
-
-
-@pytest.fixture(scope="session")
-def hf_home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("hf-home")
-
-
 def run_tool_script(standins, hf_home, tmp_path, name, replace, args=(), dump=(), replay=False):
-    source = prepare(standins, TOOLS + name, tuple(replace), None, replay)
-    return run_script(source, name, [str(a) for a in args], tmp_path / "run", hf_home, tuple(dump))
+    return run_example(standins, hf_home, tmp_path, TOOLS + name, replace, args, dump, replay=replay)
 
 
 def assert_ppo_step_stats(stats: dict) -> None:
